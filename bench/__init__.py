@@ -1,0 +1,1 @@
+"""memk.bench: benchmark cases shared by `memk bench` and pytest-benchmark."""

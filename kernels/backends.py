@@ -1,0 +1,87 @@
+"""Backend registry: the seam between models and kernel implementations.
+
+A model asks for ops by backend name ("reference", "sdpa", later "fused", "triton")
+and never imports an implementation. Backends register a loader, so a backend that
+needs compiling (CUDA/C++) or Triton is only built when someone asks for it, and a
+failure to build is an error that names the alternatives, never a silent switch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import reference
+
+
+@dataclass(frozen=True)
+class LogprobOps:
+    """The three log-prob ops one backend provides (signatures as in memk.kernels.reference)."""
+
+    token_logprobs: Callable[..., torch.Tensor]
+    cross_entropy: Callable[..., torch.Tensor]
+    sequence_bits: Callable[..., torch.Tensor]
+
+
+# packed attention: (qkv: (batch, seq, 3·d_model), n_head) -> (batch, seq, d_model), causal.
+PackedAttention = Callable[[torch.Tensor, int], torch.Tensor]
+
+_LOGPROB_LOADERS: dict[str, Callable[[], LogprobOps]] = {
+    "reference": lambda: LogprobOps(reference.token_logprobs, reference.cross_entropy, reference.sequence_bits),
+}
+_ATTENTION_LOADERS: dict[str, Callable[[], PackedAttention]] = {
+    "reference": lambda: reference.packed_causal_attention,
+    "sdpa": lambda: reference.packed_causal_attention_sdpa,
+}
+_loaded: dict[tuple[str, str], object] = {}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend exists but cannot run here (no compiler, no CUDA, ...)."""
+
+
+def register_logprob_backend(name: str, loader: Callable[[], LogprobOps]) -> None:
+    _LOGPROB_LOADERS[name] = loader
+
+
+def register_attention_backend(name: str, loader: Callable[[], PackedAttention]) -> None:
+    _ATTENTION_LOADERS[name] = loader
+
+
+def logprob_backends() -> list[str]:
+    return sorted(_LOGPROB_LOADERS)
+
+
+def attention_backends() -> list[str]:
+    return sorted(_ATTENTION_LOADERS)
+
+
+def _load(kind: str, loaders: dict, name: str):
+    if name not in loaders:
+        raise ValueError(f"unknown {kind} backend {name!r}; choose one of {', '.join(sorted(loaders))}")
+    key = (kind, name)
+    if key not in _loaded:
+        _loaded[key] = loaders[name]()
+    return _loaded[key]
+
+
+def logprob_ops(name: str) -> LogprobOps:
+    """The log-prob ops of backend `name`; raises ValueError (unknown) or BackendUnavailable."""
+    return _load("log-prob", _LOGPROB_LOADERS, name)
+
+
+def packed_attention(name: str) -> PackedAttention:
+    """The packed causal attention of backend `name`; raises ValueError or BackendUnavailable."""
+    return _load("attention", _ATTENTION_LOADERS, name)
+
+
+def default_logprob_backend(device: torch.device | str) -> str:
+    """The log-prob backend a model gets when it names none."""
+    return "reference"
+
+
+def default_attention_backend(device: torch.device | str) -> str:
+    """The attention backend a model gets when it names none: torch SDPA on every device for now."""
+    return "sdpa"
