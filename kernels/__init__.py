@@ -21,6 +21,8 @@ from .backends import (
 __all__ = [
     "BackendUnavailable",
     "LogprobOps",
+    "attention",
+    "attention_packed",
     "attention_backends",
     "default_attention_backend",
     "default_logprob_backend",
@@ -30,3 +32,15 @@ __all__ = [
     "register_attention_backend",
     "register_logprob_backend",
 ]
+
+
+def __getattr__(name: str):
+    # The Triton ops load on first use, so importing memk.kernels does not import triton.
+    if name in ("attention", "attention_packed"):
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.attention")
+        # Importing binds the submodule memk.kernels.attention under the name `attention`; that
+        # module is callable as attention(q, k, v, ...), so both spellings behave the same.
+        return module if name == "attention" else module.attention_packed
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

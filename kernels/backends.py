@@ -8,6 +8,7 @@ failure to build is an error that names the alternatives, never a silent switch.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,9 +32,23 @@ PackedAttention = Callable[[torch.Tensor, int], torch.Tensor]
 _LOGPROB_LOADERS: dict[str, Callable[[], LogprobOps]] = {
     "reference": lambda: LogprobOps(reference.token_logprobs, reference.cross_entropy, reference.sequence_bits),
 }
+
+
+def _load_triton_attention() -> PackedAttention:
+    # Imported here, not at the top: importing memk.kernels must not import triton.
+    try:
+        from .attention import load_backend
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"the 'triton' attention backend needs triton ({e}); use 'sdpa' or 'reference' instead"
+        ) from e
+    return load_backend()
+
+
 _ATTENTION_LOADERS: dict[str, Callable[[], PackedAttention]] = {
     "reference": lambda: reference.packed_causal_attention,
     "sdpa": lambda: reference.packed_causal_attention_sdpa,
+    "triton": _load_triton_attention,
 }
 _loaded: dict[tuple[str, str], object] = {}
 
@@ -83,5 +98,7 @@ def default_logprob_backend(device: torch.device | str) -> str:
 
 
 def default_attention_backend(device: torch.device | str) -> str:
-    """The attention backend a model gets when it names none: torch SDPA on every device for now."""
+    """The attention backend a model gets when it names none: the Triton kernel on CUDA, torch SDPA elsewhere."""
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
     return "sdpa"
