@@ -1,0 +1,97 @@
+// Thin torch layer over the CPU log-prob kernel: defines the memk::logprob_fwd / logprob_bwd
+// operators and their CPU implementations. The CUDA implementations live in
+// logprob_binding_cuda.cpp (built only where torch has CUDA); autograd and the fake
+// (meta) implementations are registered from Python, in memk/kernels/cross_entropy.py.
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "logprob_binding.h"
+#include "logprob_cpu.h"
+
+namespace memk {
+
+RowsArgs check_rows(const at::Tensor& logits, const at::Tensor& targets, std::optional<int64_t> ignore_index,
+                    const char* op) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D (rows, V), got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, op, ": the vocabulary axis of logits is empty (V = 0)");
+  TORCH_CHECK_VALUE(logits.stride(1) == 1 || logits.size(1) == 1, op,
+                    ": logits must be contiguous along V (stride 1); call .contiguous() first");
+  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, op, ": targets must be int64, got ", targets.scalar_type());
+  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == logits.size(0), op, ": targets must have shape (",
+                    logits.size(0), ",) to match logits ", logits.sizes(), ", got ", targets.sizes());
+  TORCH_CHECK_VALUE(targets.is_contiguous(), op, ": targets must be contiguous");
+  TORCH_CHECK_VALUE(targets.device() == logits.device(), op, ": logits are on ", logits.device(),
+                    " but targets on ", targets.device(), "; move both to one device");
+  DType dtype;
+  switch (logits.scalar_type()) {
+    case at::kFloat: dtype = kFloat32; break;
+    case at::kHalf: dtype = kFloat16; break;
+    case at::kBFloat16: dtype = kBFloat16; break;
+    case at::kDouble: dtype = kFloat64; break;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": logits must be float32, bfloat16, float16 or float64, got ",
+                       logits.scalar_type());
+  }
+  return RowsArgs{logits.data_ptr(), dtype,          logits.size(0), logits.size(1), logits.stride(0),
+                  targets.data_ptr<int64_t>(), ignore_index.value_or(0), ignore_index.has_value()};
+}
+
+at::ScalarType acc_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_row_values(const at::Tensor& values, const at::Tensor& logits, const char* name, const char* op) {
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.size(0) == logits.size(0), op, ": ", name, " must have shape (",
+                    logits.size(0), ",), got ", values.sizes());
+  TORCH_CHECK_TYPE(values.scalar_type() == acc_dtype(logits), op, ": ", name, " must be ", acc_dtype(logits),
+                   ", got ", values.scalar_type());
+  TORCH_CHECK_VALUE(values.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(values.device() == logits.device(), op, ": ", name, " is on ", values.device(),
+                    " but logits on ", logits.device());
+}
+
+void raise_bad_targets(int64_t count, int64_t example, const RowsArgs& rows) {
+  TORCH_CHECK_VALUE(false, "targets must lie in [0, ", rows.vocab, ")",
+                    rows.has_ignore ? " or equal ignore_index=" + std::to_string(rows.ignore_index) : std::string(),
+                    ": found ", count, " that do not, e.g. ", example,
+                    ". (This check can be turned off with check_targets=False; then such rows give NaN.)");
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> logprob_fwd_cpu(const at::Tensor& logits, const at::Tensor& targets,
+                                                   std::optional<int64_t> ignore_index, bool check_targets) {
+  const RowsArgs rows = check_rows(logits, targets, ignore_index, "memk::logprob_fwd");
+  const auto options = logits.options().dtype(acc_dtype(logits));
+  at::Tensor logp = at::empty({rows.n_rows}, options);
+  at::Tensor lse = at::empty({rows.n_rows}, options);
+  BadTargets bad{0, 0};
+  if (rows.n_rows > 0) logprob_forward_cpu(rows, logp.data_ptr(), lse.data_ptr(), &bad);
+  if (check_targets && bad.count > 0) raise_bad_targets(bad.count, bad.example, rows);
+  return {logp, lse};
+}
+
+at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& targets,
+                           const at::Tensor& lse, std::optional<int64_t> ignore_index) {
+  const RowsArgs rows = check_rows(logits, targets, ignore_index, "memk::logprob_bwd");
+  check_row_values(grad_logp, logits, "grad_logp", "memk::logprob_bwd");
+  check_row_values(lse, logits, "lse", "memk::logprob_bwd");
+  at::Tensor grad = at::empty({rows.n_rows, rows.vocab}, logits.options());
+  if (rows.n_rows > 0) logprob_backward_cpu(rows, grad_logp.data_ptr(), lse.data_ptr(), grad.data_ptr());
+  return grad;
+}
+
+}  // namespace
+}  // namespace memk
+
+TORCH_LIBRARY(memk, m) {
+  // (log p(target), log-sum-exp) per row of 2-D logits; lse is what the backward needs.
+  m.def("logprob_fwd(Tensor logits, Tensor targets, int? ignore_index, bool check_targets) -> (Tensor, Tensor)");
+  // d(sum_i grad_logp[i] * logp[i]) / d logits, from the forward's lse.
+  m.def("logprob_bwd(Tensor grad_logp, Tensor logits, Tensor targets, Tensor lse, int? ignore_index) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(memk, CPU, m) {
+  m.impl("logprob_fwd", &memk::logprob_fwd_cpu);
+  m.impl("logprob_bwd", &memk::logprob_bwd_cpu);
+}

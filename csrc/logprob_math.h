@@ -1,0 +1,277 @@
+// Per-row math of the fused log-prob kernels, shared by the CUDA kernels (logprob_cuda.cu)
+// and the C++ CPU kernel (logprob_cpu.cpp). Includes no torch header, so nvcc compiles it
+// anywhere and the CPU kernel's row loops can be tested without torch.
+//
+// One row is V logits x_j and a target t. The kernels compute, in float32 (float64 for
+// float64 logits) whatever the storage dtype:
+//   lse        = log sum_j exp(x_j)          single pass, online: (max m, sum s of exp(x - m))
+//   logp       = x_t - lse                   log p(target)
+//   d logp/dx_j = [j == t] - exp(x_j - lse)   the backward, from the saved lse alone
+// Non-finite inputs: NaN or +inf anywhere in a row makes lse (and so logp and the row's
+// gradient) NaN; -inf is an ordinary logit of probability zero, as in torch.log_softmax.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#include <cfloat>
+#include <cmath>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#define MEMK_HD __host__ __device__ __forceinline__
+#else
+#define MEMK_HD inline __attribute__((always_inline))
+#endif
+
+// Loop unrolling hint for the device pass (host compilers would warn about the pragma).
+#if defined(__CUDA_ARCH__)
+#define MEMK_UNROLL _Pragma("unroll")
+#else
+#define MEMK_UNROLL
+#endif
+
+namespace memk {
+
+// Storage dtype of the logits (and of their gradient), as the launchers receive it.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// 16-bit storage types as raw bits: layout-compatible with at::BFloat16 / at::Half and
+// __nv_bfloat16 / __half, and nameable without either library.
+struct bf16_t {
+  uint16_t bits;
+};
+struct f16_t {
+  uint16_t bits;
+};
+
+// ---------------------------------------------------------------------------------------
+// Bit casts and dtype conversions
+// ---------------------------------------------------------------------------------------
+MEMK_HD float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+
+MEMK_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+// Branch-free (vectorizable) conversions for the CPU; the GPU uses its conversion units.
+MEMK_HD float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+MEMK_HD uint16_t float_to_bf16(float f) {
+#if defined(__CUDA_ARCH__)
+  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+#else
+  const uint32_t u = float_to_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  const uint32_t quiet_nan = (u >> 16) | 0x0040u;                    // keep NaN a NaN
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+#endif
+}
+
+MEMK_HD float f16_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#else
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  const uint32_t normal = ((exp + 112u) << 23) | (mant << 13);             // rebias 15 -> 127
+  const uint32_t inf_nan = 0x7f800000u | (mant << 13);
+  const uint32_t subnormal = float_to_bits(static_cast<float>(mant) * 5.9604644775390625e-8f);  // mant * 2^-24
+  const uint32_t mag = exp == 0 ? subnormal : (exp == 31 ? inf_nan : normal);
+  return bits_to_float(sign | mag);
+#endif
+}
+
+MEMK_HD uint16_t float_to_f16(float f) {
+#if defined(__CUDA_ARCH__)
+  return __half_as_ushort(__float2half_rn(f));
+#else
+  const uint32_t u = float_to_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  // Below 2^-14 the half is subnormal: adding 0.5 puts its last bit (2^-24) at the float's
+  // last bit, so the float adder rounds to nearest even for us.
+  const uint32_t subnormal = float_to_bits(bits_to_float(a) + 0.5f) - 0x3f000000u;
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;  // rebias 127 -> 15, round
+  const uint32_t mag = a > 0x7f800000u   ? 0x7e00u                       // NaN
+                       : a >= 0x477ff000u ? 0x7c00u                      // rounds past 65504: inf
+                       : a < 0x38800000u  ? subnormal
+                                          : normal;
+  return static_cast<uint16_t>(sign | mag);
+#endif
+}
+
+// Storage <-> arithmetic type. Acc<T> is float for every 16- and 32-bit dtype, double for double.
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  using Acc = float;
+  MEMK_HD static float load(float v) { return v; }
+  MEMK_HD static float store(float v) { return v; }
+};
+template <>
+struct Elem<double> {
+  using Acc = double;
+  MEMK_HD static double load(double v) { return v; }
+  MEMK_HD static double store(double v) { return v; }
+};
+template <>
+struct Elem<bf16_t> {
+  using Acc = float;
+  MEMK_HD static float load(bf16_t v) { return bf16_to_float(v.bits); }
+  MEMK_HD static bf16_t store(float v) { return bf16_t{float_to_bf16(v)}; }
+};
+template <>
+struct Elem<f16_t> {
+  using Acc = float;
+  MEMK_HD static float load(f16_t v) { return f16_to_float(v.bits); }
+  MEMK_HD static f16_t store(float v) { return f16_t{float_to_f16(v)}; }
+};
+
+// ---------------------------------------------------------------------------------------
+// exp, max and the lowest finite value, per arithmetic type
+// ---------------------------------------------------------------------------------------
+// exp(x) for x <= 88 (the kernels pass x <= 0: a logit minus a running max or the lse). On
+// the GPU the hardware exp2 unit; on the CPU a branch-free polynomial the compiler vectorizes
+// (std::exp calls do not): x = n ln2 + r, |r| <= ln2/2, exp(r) by its Taylor series to r^7
+// (truncation < 1e-8 relative). exp(-inf) = 0, exp(NaN) = NaN.
+MEMK_HD float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return exp2f(x * 1.4426950408889634f);
+#else
+  const float xc = x < -87.5f ? -87.5f : (x > 88.0f ? 88.0f : x);  // NaN passes through
+  const float xn = xc == xc ? xc : 0.0f;  // no NaN into the float -> int conversion below
+  const float n = (xn * 1.4426950408889634f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
+  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-6f;  // ln2 in two parts
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  const float e = p * scale;
+  return x < -87.5f ? 0.0f : (x > 88.0f ? HUGE_VALF : e);
+#endif
+}
+MEMK_HD double fast_exp(double x) { return exp(x); }
+
+MEMK_HD float acc_log(float x) { return logf(x); }
+MEMK_HD double acc_log(double x) { return log(x); }
+
+// max that ignores a NaN in b (a NaN logit poisons the sum of exps instead, see LseState).
+template <typename A>
+MEMK_HD A max_of(A a, A b) {
+  return b > a ? b : a;
+}
+
+template <typename A>
+MEMK_HD A lowest() {
+  return -FLT_MAX;
+}
+template <>
+MEMK_HD double lowest<double>() {
+  return -DBL_MAX;
+}
+
+// ---------------------------------------------------------------------------------------
+// Online log-sum-exp
+// ---------------------------------------------------------------------------------------
+// State (m, s) stands for log(s) + m = log sum exp over the elements seen. m starts at the
+// lowest finite value, not -inf, so that exp(m_old - m_new) is never exp(-inf - -inf) = NaN
+// for rows or lanes that have seen only -inf. NaN and +inf propagate: a NaN x makes
+// exp(x - m) NaN; +inf makes m = inf and exp(inf - inf) NaN.
+template <typename A>
+struct LseState {
+  A m;
+  A s;
+
+  MEMK_HD static LseState empty() { return LseState{lowest<A>(), A(0)}; }
+
+  // Add one element (two exps; the vector paths use add_block).
+  MEMK_HD void add(A x) {
+    const A m_new = max_of(m, x);
+    s = s * fast_exp(m - m_new) + fast_exp(x - m_new);
+    m = m_new;
+  }
+
+  // Add n elements with one rescale: the block max first, then one exp per element.
+  template <int N>
+  MEMK_HD void add_block(const A (&x)[N]) {
+    A bm = x[0];
+MEMK_UNROLL
+    for (int k = 1; k < N; ++k) bm = max_of(bm, x[k]);
+    const A m_new = max_of(m, bm);
+    A sum = s * fast_exp(m - m_new);
+MEMK_UNROLL
+    for (int k = 0; k < N; ++k) sum += fast_exp(x[k] - m_new);
+    s = sum;
+    m = m_new;
+  }
+
+  MEMK_HD void merge(const LseState& o) {
+    const A m_new = max_of(m, o.m);
+    s = s * fast_exp(m - m_new) + o.s * fast_exp(o.m - m_new);
+    m = m_new;
+  }
+
+  // log sum exp; -inf for a row of all -inf (then logp = -inf - -inf = NaN, as torch).
+  MEMK_HD A lse() const { return m + acc_log(s); }
+};
+
+// ---------------------------------------------------------------------------------------
+// Targets
+// ---------------------------------------------------------------------------------------
+enum TargetKind : int { kTargetValid = 0, kTargetIgnored = 1, kTargetOutOfRange = 2 };
+
+// A target equal to ignore_index is ignored even when it lies in [0, V), as in
+// torch.nn.functional.cross_entropy; other targets outside [0, V) are errors.
+MEMK_HD int classify_target(int64_t t, int64_t vocab, int64_t ignore_index, bool has_ignore) {
+  if (has_ignore && t == ignore_index) return kTargetIgnored;
+  return (t < 0 || t >= vocab) ? kTargetOutOfRange : kTargetValid;
+}
+
+// d(g * logp)/dx_j = g * ([j == t] - p_j), p_j = exp(x_j - lse).
+template <typename A>
+MEMK_HD A logprob_grad(A g, A x, A lse, bool is_target) {
+  const A p = fast_exp(x - lse);
+  return is_target ? g * (A(1) - p) : -g * p;
+}
+
+// ---------------------------------------------------------------------------------------
+// Launcher arguments (raw pointers; shared by the CPU and CUDA launchers)
+// ---------------------------------------------------------------------------------------
+// Logits are n_rows rows of `vocab` elements, row i at logits + i * row_stride (elements).
+// Targets: n_rows int64. Per-row outputs (logp, lse, grad_logp) are float for every dtype
+// but float64, whose are double. grad_logits is contiguous (n_rows, vocab) of the logits' dtype.
+struct RowsArgs {
+  const void* logits;
+  DType dtype;
+  int64_t n_rows;
+  int64_t vocab;
+  int64_t row_stride;
+  const int64_t* targets;
+  int64_t ignore_index;
+  bool has_ignore;
+};
+
+}  // namespace memk
