@@ -1,0 +1,237 @@
+"""Regenerate the README's benchmark section and the PNG plots from bench/results/*.json.
+
+    python -m memk.bench.report [--results bench/results] [--readme README.md]
+
+Only the text between `<!-- bench:start -->` and `<!-- bench:end -->` in the README is
+rewritten. Every number comes from a committed JSON file; each row names its device,
+versions and date. The section is also written to bench/results/SUMMARY.md.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from collections import defaultdict
+
+import click
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def load_reports(results_dir: str) -> list[tuple[str, dict]]:
+    reports = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        with open(path) as f:
+            data = json.load(f)
+        if isinstance(data, dict) and str(data.get("schema", "")).startswith("memk-bench/"):
+            reports.append((path, data))
+    return reports
+
+
+def slug(report: dict) -> str:
+    env = report["env"]
+    name = env["device_name"] if env["device_type"] == "cuda" else f"cpu-{env.get('cpu_count', '')}core"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# ---- plots --------------------------------------------------------------------------------
+
+
+def _series(report: dict, suite: str):
+    """{family: {variant: [(size, throughput)]}} of the ok results of a suite."""
+    out: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for r in report["results"]:
+        if r["suite"] == suite and r["status"] == "ok":
+            out[r["family"]][r["variant"]].append((r["sweep"]["value"], r["throughput"]["value"]))
+    return out
+
+
+def plot_suite(report: dict, suite: str, path: str, xlabel: str) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = _series(report, suite)
+    families = [f for f, v in series.items() if any(len(p) > 1 for p in v.values())]
+    if not families:
+        return None
+    cols = min(3, len(families))
+    rows = -(-len(families) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    unit = next(r["throughput"]["unit"] for r in report["results"] if r["suite"] == suite and r["status"] == "ok")
+    for ax, family in zip(axes.flat, families):
+        for variant, points in sorted(series[family].items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                    linestyle="-" if variant.startswith("memk") or "fused" in variant or "triton" in variant else "--",
+                    label=variant)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(family, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(unit)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(families):]:
+        ax.axis("off")
+    env = report["env"]
+    fig.suptitle(f"memk bench {suite}: {env['device_name']}, {env['torch_threads']} threads, torch {env['torch']}, "
+                 f"{env['date'][:10]}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- the headline table -------------------------------------------------------------------
+
+
+def _fmt_time(s: float) -> str:
+    return f"{s:.3g} s" if s >= 1 else (f"{s * 1e3:.3g} ms" if s >= 1e-3 else f"{s * 1e6:.3g} µs")
+
+
+def _fmt_rate(value: float, unit: str) -> str:
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "–"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+
+
+def _headline_groups(results: list[dict]) -> list[str]:
+    """The groups the README shows: per family, one representative size."""
+    by_family: dict[tuple[str, str], set] = defaultdict(set)
+    for r in results:
+        by_family[(r["suite"], r["family"])].add(r["sweep"]["value"])
+    chosen = []
+    for (suite, family), sizes in by_family.items():
+        sizes = sorted(sizes)
+        if suite == "logprob":
+            size = 16384 if 16384 in sizes else sizes[-1]
+        elif suite == "attention":
+            if " D32 " in family or " D128 " in family:  # D64 stands for the head sizes in the README
+                continue
+            for size in sizes:
+                chosen.append((suite, family, size))
+            continue
+        else:
+            size = sizes[-1]  # the largest model measured
+        chosen.append((suite, family, size))
+    keys = []
+    for suite, family, size in chosen:
+        key = next(r["group"] for r in results if r["family"] == family and r["sweep"]["value"] == size)
+        keys.append(key)
+    return keys
+
+
+def headline_rows(path: str, report: dict) -> list[list[str]]:
+    results = report["results"]
+    env = report["env"]
+    device = f"{env['device_name']} ({env['torch_threads']} threads)" if env["device_type"] == "cpu" else env["device_name"]
+    versions = f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda'] or '–'}"
+    rows = []
+    for key in _headline_groups(results):
+        group = [r for r in results if r["group"] == key]
+        ok_baselines = [r for r in group if r["status"] == "ok" and not r["compare_to"]]
+        best = min(ok_baselines, key=lambda r: r["time"]["median_s"], default=None)
+        shown = [r for r in group if r["compare_to"] or r is best]
+        for r in shown:
+            if r["status"] == "ok":
+                ratios = ", ".join(f"**{x:.2f}×** vs {name}" for name, x in r["ratios"].items()) or "baseline"
+                cells = [_fmt_time(r["time"]["median_s"]), _fmt_rate(r["throughput"]["value"], r["throughput"]["unit"]),
+                         ratios, _fmt_bytes(r["memory"]["peak_bytes"])]
+                if r["mfu"]:
+                    cells[1] += f", {r['tflops']:.1f} TFLOP/s, MFU {100 * r['mfu']['value']:.1f}% ({r['mfu']['peak_source']})"
+            else:
+                reason = (r["reason"] or "").replace("|", "/")
+                cells = [r["status"], "", reason[:90] + ("…" if len(reason) > 90 else ""), ""]
+            rows.append([r["suite"], f"{r['family']}, {r['sweep']['axis']} {r['sweep']['value']}", r["variant"], *cells,
+                         device, versions, r["date"][:10], f"[json]({os.path.relpath(path)})"])
+    return rows
+
+
+def render_section(reports: list[tuple[str, dict]], plots: list[str], readme_dir: str) -> str:
+    lines = [
+        "",
+        "Generated by `python -m memk.bench.report` from the JSON in [bench/results/](bench/results/); rerun "
+        "`memk bench --json bench/results/<machine>.json` and the report to refresh. Speed-up = the baseline's median "
+        "time / memk's, measured in the same run on the same machine; every case is checked against a float64 "
+        "reference before it is timed. Peak memory: the CUDA allocator's peak on GPU, the resident-set "
+        "high-water mark on CPU, above what the inputs already hold.",
+        "",
+    ]
+    if not reports:
+        lines += ["No results yet.", ""]
+    header = ["suite", "case", "variant", "median", "throughput", "speed-up", "peak mem", "device", "versions", "date", "data"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for path, report in reports:
+        for row in headline_rows(path, report):
+            lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    if not any(r["env"]["device_type"] == "cuda" for _, r in reports):
+        lines.append("GPU rows are owed: no GPU has measured this suite yet (`memk bench --device cuda --json "
+                     "bench/results/<gpu>.json` on one, then rerun the report).")
+        lines.append("")
+    if plots:
+        lines.append("Throughput against size: " + ", ".join(
+            f"[{os.path.basename(p)}]({os.path.relpath(p, readme_dir)})" for p in plots) + ".")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def replace_section(text: str, section: str) -> str:
+    if START not in text or END not in text or text.index(START) > text.index(END):
+        raise ValueError(f"README has no {START} ... {END} markers; add them where the section belongs")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return head + START + "\n" + section + "\n" + END + tail
+
+
+@click.command()
+@click.option("--results", "results_dir", default=None, help="Folder of result JSON (default: bench/results beside this file).")
+@click.option("--readme", default=None, help="README to update between the bench markers (default: the repository's README.md).")
+def main(results_dir, readme):
+    """Rewrite the plots and the README's benchmark section from the result JSON."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    results_dir = results_dir or os.path.join(here, "results")
+    readme = readme or os.path.join(os.path.dirname(here), "README.md")
+    reports = load_reports(results_dir)
+    plots = []
+    for _, report in reports:
+        for suite, xlabel in (("logprob", "tokens"), ("train", "parameters"), ("bits", "parameters")):
+            p = plot_suite(report, suite, os.path.join(results_dir, f"{suite}_{slug(report)}.png"), xlabel)
+            if p:
+                plots.append(p)
+    readme_dir = os.path.dirname(os.path.abspath(readme))
+    cwd = os.getcwd()
+    os.chdir(readme_dir)  # links in the table are relative to the README
+    try:
+        section = render_section(reports, plots, readme_dir)
+    finally:
+        os.chdir(cwd)
+    with open(os.path.join(results_dir, "SUMMARY.md"), "w") as f:
+        f.write("# memk bench results\n\n(the README's section, regenerated by `python -m memk.bench.report`; links are relative to the repository root)\n"
+                + section + "\n")
+    if os.path.exists(readme):
+        with open(readme) as f:
+            text = f.read()
+        with open(readme, "w") as f:
+            f.write(replace_section(text, section))
+        click.echo(f"updated {readme}")
+    else:
+        click.echo(f"no {readme}: wrote only {os.path.join(results_dir, 'SUMMARY.md')}")
+    for p in plots:
+        click.echo(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Running cases: build, check against float64 once, time, measure memory, compute ratios, write JSON.
+
+Both front ends use this: `memk bench` (bench/cli.py) calls run_groups; the pytest-benchmark
+test (bench/test_bench_cases.py) calls prepare for one case and lets pytest-benchmark time it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from memk import kernels
+
+from . import timing
+from .cases import Case, Group, Runner, Skip
+
+SCHEMA = "memk-bench/1"
+# The fields every result carries (tests/test_bench.py checks them).
+RESULT_FIELDS = (
+    "id", "suite", "family", "group", "variant", "role", "description", "compare_to", "dtype", "device",
+    "device_name", "torch", "triton", "cuda", "date", "params", "sweep", "status", "reason", "check",
+    "time", "throughput", "tflops", "mfu", "memory", "ratios", "ratio_vs_best_baseline",
+)
+
+
+class Refused(Exception):
+    """The variant's answer did not match the float64 reference: it gets no timing."""
+
+    def __init__(self, check: dict):
+        worst = ", ".join(f"{k}: error {e:.3g} > tolerance {t:.3g}" for k, (e, t) in check.items() if not e <= t)
+        super().__init__(f"wrong answer, refused before timing ({worst})")
+        self.check = check
+
+
+class InputCache:
+    """Holds one group's inputs at a time: the variants of a group run one after another on the same tensors."""
+
+    def __init__(self):
+        self.key, self.inputs = None, None
+
+    def get(self, group: Group, device: torch.device) -> dict:
+        if self.key != group.key:
+            self.clear()
+            torch.manual_seed(0)
+            self.inputs, self.key = group.make_inputs(device), group.key
+        return self.inputs
+
+    def clear(self) -> None:
+        self.key = self.inputs = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def check_outputs(group: Group, inputs: dict, runner: Runner) -> dict:
+    """{name: (error, tolerance)} of the variant's answer; raises Refused if any is out of tolerance or NaN."""
+    check = group.check(inputs, runner.outputs())
+    if not all(err <= tol for err, tol in check.values()):  # NaN compares False: refused
+        raise Refused(check)
+    return check
+
+
+def prepare(case: Case, inputs: dict, device: torch.device) -> tuple[Runner, dict]:
+    """Build the variant and check its answer. Raises Skip (cannot run here), Refused (wrong answer)."""
+    try:
+        runner = case.variant.build(inputs, device)
+    except kernels.BackendUnavailable as exc:
+        raise Skip(f"backend unavailable: {exc}") from exc
+    try:
+        check = check_outputs(case.group, inputs, runner)
+    except BaseException:
+        runner.close()
+        raise
+    return runner, check
+
+
+def _synced(fn: Callable, device: torch.device) -> Callable:
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        fn()
+        torch.cuda.synchronize(device)
+
+    return call
+
+
+def _check_json(check: dict | None) -> dict | None:
+    if check is None:
+        return None
+    return {k: {"error": (e if math.isfinite(e) else str(e)), "tolerance": t} for k, (e, t) in check.items()}
+
+
+def run_case(case: Case, inputs: dict, device: torch.device, env: dict, max_time: float) -> dict:
+    """One result record; never raises for a variant's own failure (that is the record's status)."""
+    g, v = case.group, case.variant
+    record = {
+        "id": case.id, "suite": g.suite, "family": g.family, "group": g.key, "variant": v.name, "role": v.role,
+        "description": v.description, "compare_to": list(v.compare_to), "dtype": g.dtype, "device": device.type,
+        "device_name": env["device_name"], "torch": env["torch"], "triton": env["triton"], "cuda": env["cuda"],
+        "date": env["date"], "params": g.params, "sweep": {"axis": g.sweep_axis, "value": g.sweep_value},
+        "status": None, "reason": None, "check": None, "time": None, "throughput": None, "tflops": None,
+        "mfu": None, "memory": None, "ratios": {}, "ratio_vs_best_baseline": None,
+    }
+    try:
+        runner, check = prepare(case, inputs, device)
+    except Skip as exc:
+        record.update(status="skipped", reason=str(exc))
+        return record
+    except Refused as exc:
+        record.update(status="refused", reason=str(exc), check=_check_json(exc.check))
+        return record
+    except Exception as exc:  # a variant that crashes is reported, and the suite goes on
+        record.update(status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+        traceback.print_exc(file=sys.stderr)
+        return record
+    try:
+        record["check"] = _check_json(check)
+        fn = _synced(runner.call, device)
+        if device.type == "cuda":
+            t = timing.time_cuda(runner.call)
+        else:
+            t = timing.time_cpu(fn, max_time=max_time, min_rounds=5 if max_time >= 0.5 else 3)
+        record["time"] = t.to_dict()
+        record["throughput"] = {"value": g.work / t.median_s, "unit": f"{g.work_unit}/s"}
+        if g.flops:
+            record["tflops"] = g.flops / t.median_s / 1e12
+            dtype = v.name.rsplit(" ", 1)[-1] if g.suite == "train" else g.dtype
+            peak = timing.peak_tflops(env["device_name"], dtype) if device.type == "cuda" else None
+            if peak:
+                record["mfu"] = {"value": record["tflops"] / peak[0], "peak_tflops": peak[0], "peak_source": peak[1]}
+        record["memory"] = timing.peak_memory(fn, device)
+        record["status"] = "ok"
+    except Exception as exc:
+        record.update(status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        runner.close()
+    return record
+
+
+def compute_ratios(records: list[dict]) -> None:
+    """Speed-ups (baseline median / this median) within each group, against each named baseline that ran."""
+    by_group: dict[str, dict[str, dict]] = {}
+    for r in records:
+        by_group.setdefault(r["group"], {})[r["variant"]] = r
+    for variants in by_group.values():
+        for r in variants.values():
+            if r["status"] != "ok":
+                continue
+            ratios = {}
+            for name in r["compare_to"]:
+                base = variants.get(name)
+                if base is not None and base["status"] == "ok":
+                    ratios[name] = base["time"]["median_s"] / r["time"]["median_s"]
+            r["ratios"] = ratios
+            r["ratio_vs_best_baseline"] = min(ratios.values()) if ratios else None
+
+
+def scaling(records: list[dict]) -> list[dict]:
+    """How time grows with the swept size: the least-squares slope of log(time) on log(size),
+    per family and variant (1.0 = linear)."""
+    series: dict[tuple[str, str, str], list[tuple[float, float]]] = {}
+    for r in records:
+        if r["status"] == "ok":
+            series.setdefault((r["suite"], r["family"], r["variant"]), []).append((r["sweep"]["value"], r["time"]["median_s"]))
+    out = []
+    for (suite, family, variant), points in series.items():
+        if len({x for x, _ in points}) < 2:
+            continue
+        xs = [math.log(x) for x, _ in points]
+        ys = [math.log(y) for _, y in points]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        axis = next(r["sweep"]["axis"] for r in records if r["family"] == family)
+        out.append({"suite": suite, "family": family, "variant": variant, "axis": axis,
+                    "points": sorted(points), "exponent": slope})
+    return out
+
+
+@dataclass
+class RunOptions:
+    max_time: float = 1.0  # CPU seconds of timed rounds per case
+    progress: Callable[[dict], None] | None = None
+
+
+def run_groups(groups: list[Group], device: torch.device, options: RunOptions | None = None,
+               case_filter: Callable[[Case], bool] | None = None) -> dict:
+    """Run every case of the groups; returns the JSON-ready report."""
+    options = options or RunOptions()
+    env = timing.environment(device)
+    cache = InputCache()
+    records = []
+    started = time.time()
+    try:
+        for group in groups:
+            cases = [Case(group, v) for v in group.variants]
+            cases = [c for c in cases if case_filter is None or case_filter(c)]
+            if not cases:
+                continue
+            inputs = cache.get(group, device)
+            for case in cases:
+                t0 = time.time()
+                record = run_case(case, inputs, device, env, options.max_time)
+                record["wall_s"] = time.time() - t0
+                records.append(record)
+                if options.progress:
+                    options.progress(record)
+    finally:
+        cache.clear()
+    compute_ratios(records)
+    return {
+        "schema": SCHEMA,
+        "env": env,
+        "command": " ".join(sys.argv),
+        "wall_s": time.time() - started,
+        "suites": sorted({g.suite for g in groups}),
+        "results": records,
+        "scaling": scaling(records),
+    }
+
+
+def write_json(report: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1, default=str)
+        f.write("\n")
+
+
+# ---- the table ----------------------------------------------------------------------------
+
+
+def _fmt_time(s: float) -> str:
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} us"
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _fmt_rate(value: float, unit: str) -> str:
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.2f} {prefix}{unit}"
+    return f"{value:.1f} {unit}"
+
+
+def format_record(r: dict) -> list[str]:
+    if r["status"] != "ok":
+        return [r["group"], r["variant"], r["status"], "", "", "", r["reason"] or ""]
+    ratios = ", ".join(f"x{x:.2f} vs {name}" for name, x in r["ratios"].items())
+    extra = ""
+    if r["tflops"] is not None and r["device"] == "cuda":
+        extra = f"  {r['tflops']:.1f} TFLOP/s" + (f", MFU {100 * r['mfu']['value']:.1f}%" if r["mfu"] else "")
+    return [r["group"], r["variant"], _fmt_time(r["time"]["median_s"]),
+            _fmt_rate(r["throughput"]["value"], r["throughput"]["unit"]), _fmt_bytes(r["memory"]["peak_bytes"]),
+            ratios or ("(baseline)" if r["role"] == "baseline" else ""), extra.strip()]
+
+
+def format_table(report: dict) -> str:
+    header = ["group", "variant", "median", "throughput", "peak mem", "speed-up", ""]
+    rows = [header] + [format_record(r) for r in report["results"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = []
+    for row in rows:
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+    env = report["env"]
+    lines.append("")
+    lines.append(f"{env['device_name']} ({env['device_type']}, {env['torch_threads']} threads), torch {env['torch']}, "
+                 f"triton {env['triton']}, CUDA {env['cuda']}, {env['date']}. speed-up = baseline median / this median.")
+    if report["scaling"]:
+        lines.append("time ~ size^k over the swept size:")
+        for s in report["scaling"]:
+            lines.append(f"  {s['suite']}/{s['family']} {s['variant']}: k = {s['exponent']:.2f} over {s['axis']}")
+    return "\n".join(lines)

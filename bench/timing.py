@@ -1,0 +1,281 @@
+"""Timing, peak memory and environment metadata for memk's benchmarks.
+
+CPU: pytest-benchmark's method (calibrate the number of calls per round until a round is
+long against the timer's resolution, then many rounds, report the median), with the thread
+count recorded. `pytest bench/ --benchmark-only` uses pytest-benchmark itself; `memk bench`
+uses `time_cpu` below, which follows the same recipe so the two agree.
+
+GPU: triton.testing.do_bench (warm-up, CUDA events, the L2 cache flushed before every
+repetition, median over the repetitions); the cases also rotate several copies of their
+inputs. Every timed call ends with a device synchronisation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as _dt
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_s: float
+    mean_s: float
+    stdev_s: float
+    min_s: float
+    max_s: float
+    iqr_s: float
+    rounds: int
+    iterations_per_round: int
+    method: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _summarise(per_call: list[float], iterations: int, method: str) -> Timing:
+    per_call = sorted(per_call)
+    quartiles = statistics.quantiles(per_call, n=4) if len(per_call) >= 2 else [per_call[0]] * 3
+    return Timing(
+        median_s=statistics.median(per_call),
+        mean_s=statistics.fmean(per_call),
+        stdev_s=statistics.stdev(per_call) if len(per_call) >= 2 else 0.0,
+        min_s=per_call[0],
+        max_s=per_call[-1],
+        iqr_s=quartiles[2] - quartiles[0],
+        rounds=len(per_call),
+        iterations_per_round=iterations,
+        method=method,
+    )
+
+
+def timer_precision(timer: Callable[[], float] = time.perf_counter) -> float:
+    """The smallest non-zero step the timer shows (as pytest-benchmark estimates it)."""
+    best = float("inf")
+    for _ in range(20):
+        t0 = timer()
+        t1 = timer()
+        while t1 == t0:
+            t1 = timer()
+        best = min(best, t1 - t0)
+    return best
+
+
+def time_cpu(
+    fn: Callable[[], object],
+    max_time: float = 1.0,
+    min_rounds: int = 5,
+    max_rounds: int = 1000,
+    warmup_time: float = 0.05,
+) -> Timing:
+    """Median seconds per call of `fn` on the CPU, pytest-benchmark style.
+
+    One call is made first (the caller has already made at least one: the correctness
+    check), then warm-up calls for `warmup_time`; calls per round grow until a round lasts
+    at least 100x the timer's resolution and 1 ms; rounds fill `max_time`, at least `min_rounds`.
+    """
+    precision = timer_precision()
+    t0 = time.perf_counter()
+    fn()
+    single = time.perf_counter() - t0
+    while time.perf_counter() - t0 < warmup_time:
+        fn()
+    min_round = max(100 * precision, 1e-3)
+    iterations = 1
+    while iterations * single < min_round:
+        iterations *= 2
+    rounds = int(min(max_rounds, max(min_rounds, max_time // max(iterations * single, 1e-9))))
+    per_call = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(iterations):
+            fn()
+        per_call.append((time.perf_counter() - t0) / iterations)
+    return _summarise(per_call, iterations, f"perf_counter, calibrated rounds (pytest-benchmark style), threads={torch.get_num_threads()}")
+
+
+def time_cuda(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100) -> Timing:
+    """Median seconds per call on the current CUDA device: triton.testing.do_bench, all repetitions kept."""
+    try:
+        import triton.testing
+
+        times_ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+        return _summarise([t / 1e3 for t in times_ms], 1, "triton.testing.do_bench (CUDA events, L2 flushed per rep)")
+    except (ImportError, TypeError, ValueError):
+        pass
+    # Older triton without return_mode="all" (or none at all): the same recipe by hand.
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        fn()
+    per_call = []
+    for _ in range(max(10, int(rep_ms / estimate_ms))):
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        per_call.append(start.elapsed_time(end) / 1e3)
+    return _summarise(per_call, 1, "CUDA events, L2 flushed per rep")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- memory -------------------------------------------------------------------------------
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_peak() -> bool:
+    # Writing 5 to clear_refs resets the process's resident high-water mark (Linux >= 4.0).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: the measurement is only less tight
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
+    """Peak memory one call of `fn` adds on top of what was already held.
+
+    CUDA: the caching allocator's peak (max_memory_allocated) minus what was allocated before.
+    CPU: the resident set's high-water mark (VmHWM, reset through /proc/self/clear_refs)
+    minus the resident set before; freed memory the allocator keeps for reuse is not counted,
+    so on CPU this can undercount a case that reuses buffers freed by the one before.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return {"peak_bytes": int(torch.cuda.max_memory_allocated(device) - base), "kind": "cuda allocator peak above baseline"}
+    _malloc_trim()  # hand freed heap pages back, so a reused free block cannot hide this call's peak
+    before = _proc_status_kib("VmRSS")
+    if before is not None and _reset_rss_peak():
+        fn()
+        hwm = _proc_status_kib("VmHWM")
+        return {"peak_bytes": max(0, (hwm - before) * 1024), "kind": "resident set high-water above baseline (VmHWM)"}
+    before_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    after_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_bytes": max(0, (after_max - before_max) * 1024), "kind": "growth of the process's lifetime peak RSS (ru_maxrss)"}
+
+
+# ---- environment ----------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """What a number needs next to it to be read: machine, versions, threads, date."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {
+        "device_type": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "memk_commit": _git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+    }
+    try:
+        env["load_average_1m"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu_memory_bytes"] = props.total_memory
+        env["compute_capability"] = f"{props.major}.{props.minor}"
+    return env
+
+
+# ---- peak throughput for MFU ---------------------------------------------------------------
+
+# Dense (no sparsity) peak TFLOP/s from NVIDIA's datasheets, by substring of the device name;
+# first match wins, so more specific names come first. float32 is the CUDA-core rate.
+GPU_PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
+    ("H100 PCIe", "H100 PCIe datasheet", {"bfloat16": 756.0, "float16": 756.0, "tf32": 378.0, "float32": 51.0}),
+    ("H100 NVL", "H100 NVL datasheet", {"bfloat16": 835.0, "float16": 835.0, "tf32": 418.0, "float32": 60.0}),
+    ("H200", "H200 SXM datasheet", {"bfloat16": 989.0, "float16": 989.0, "tf32": 494.0, "float32": 67.0}),
+    ("GH200", "GH200 datasheet", {"bfloat16": 989.0, "float16": 989.0, "tf32": 494.0, "float32": 67.0}),
+    ("H100", "H100 SXM datasheet", {"bfloat16": 989.0, "float16": 989.0, "tf32": 494.0, "float32": 67.0}),
+    ("A100", "A100 datasheet", {"bfloat16": 312.0, "float16": 312.0, "tf32": 156.0, "float32": 19.5}),
+    ("L40S", "L40S datasheet", {"bfloat16": 362.0, "float16": 362.0, "tf32": 183.0, "float32": 91.6}),
+    ("A10G", "A10G datasheet", {"bfloat16": 70.0, "float16": 70.0, "tf32": 35.0, "float32": 31.2}),
+    ("L4", "L4 datasheet", {"bfloat16": 121.0, "float16": 121.0, "tf32": 60.0, "float32": 30.3}),
+]
+
+
+def peak_tflops(device_name: str, dtype: str) -> tuple[float, str] | None:
+    """(peak dense TFLOP/s, source) for a device name and a compute dtype, or None if unknown."""
+    for key, source, peaks in GPU_PEAK_TFLOPS:
+        if key in device_name and dtype in peaks:
+            return peaks[dtype], f"{source}, dense {dtype}"
+    return None

@@ -1,0 +1,264 @@
+"""The benchmark suite's own checks: it runs, its JSON is complete, ratios use the right
+baseline, and a kernel with a wrong answer is refused before it is timed."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from memk import kernels
+from memk.bench import cases as C
+from memk.bench import report as R
+from memk.bench import run
+from memk.bench.cli import bench
+from memk.kernels import backends, reference
+
+CPU = torch.device("cpu")
+ENV_FIELDS = ("device_type", "device_name", "torch", "triton", "cuda", "torch_threads", "date")
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    """One `memk bench --quick` run over every suite, shared by the tests below."""
+    path = tmp_path_factory.mktemp("bench") / "quick.json"
+    result = CliRunner().invoke(bench, ["--quick", "--device", "cpu", "--max-time", "0.02", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    with open(path) as f:
+        return json.load(f), result.output
+
+
+def test_quick_run_completes_and_prints_a_table(quick_report):
+    report, output = quick_report
+    assert set(report["suites"]) == set(C.SUITES)
+    assert "speed-up" in output and "peak mem" in output
+    statuses = {r["status"] for r in report["results"]}
+    assert statuses <= {"ok", "skipped"}
+    for suite in C.SUITES:  # every suite measured its baseline
+        assert any(r["suite"] == suite and r["status"] == "ok" for r in report["results"]), suite
+
+
+def test_json_has_every_field(quick_report):
+    report, _ = quick_report
+    assert report["schema"] == run.SCHEMA
+    for field in ENV_FIELDS:
+        assert field in report["env"]
+    assert report["results"]
+    for r in report["results"]:
+        assert set(run.RESULT_FIELDS) <= set(r), set(run.RESULT_FIELDS) - set(r)
+        assert r["device"] == "cpu" and r["device_name"] and r["torch"] == torch.__version__ and r["date"]
+        assert r["dtype"] and r["params"] and r["sweep"]["axis"]
+        if r["status"] == "ok":
+            assert r["time"]["median_s"] > 0 and r["time"]["rounds"] >= 1
+            assert r["memory"]["peak_bytes"] >= 0 and r["memory"]["kind"]
+            assert all(e["error"] <= e["tolerance"] for e in r["check"].values())
+        else:
+            assert r["reason"] and r["time"] is None
+
+
+def _work(r):
+    p = r["params"]
+    return p.get("tokens") or p.get("sequences") or p.get("tokens_per_step") or p["batch"] * p["seq"]
+
+
+def test_throughput_is_work_over_median(quick_report):
+    report, _ = quick_report
+    for r in report["results"]:
+        if r["status"] == "ok":
+            assert r["throughput"]["value"] == pytest.approx(_work(r) / r["time"]["median_s"], rel=1e-9)
+
+
+def test_ratios_are_against_the_named_baselines(quick_report):
+    report, _ = quick_report
+    by_key = {(r["group"], r["variant"]): r for r in report["results"]}
+    checked = 0
+    for r in report["results"]:
+        if r["status"] != "ok":
+            continue
+        expected = {}
+        for name in r["compare_to"]:
+            base = by_key.get((r["group"], name))
+            if base is not None and base["status"] == "ok":
+                expected[name] = base["time"]["median_s"] / r["time"]["median_s"]
+        assert r["ratios"] == pytest.approx(expected)
+        checked += len(expected)
+    assert checked  # bf16 training is compared with the float32 reference model even without memk kernels
+    train = [r for r in report["results"] if r["suite"] == "train" and r["variant"] == "sdpa+reference bfloat16"]
+    assert train and train[0]["compare_to"] == ["sdpa+reference float32"]
+    for r in report["results"]:  # candidates of kernel suites are compared with every baseline of their group
+        if r["suite"] == "logprob" and r["role"] == "candidate":
+            assert set(r["compare_to"]) == {"log_softmax+gather", "log_softmax+gather (compile)"} or \
+                set(r["compare_to"]) == {"F.cross_entropy", "F.cross_entropy (compile)"} or \
+                set(r["compare_to"]) == {"log_softmax+gather+sum", "log_softmax+gather+sum (compile)"}
+
+
+def test_compute_ratios_divides_baseline_by_candidate():
+    def rec(variant, median, compare_to=(), status="ok"):
+        return {"group": "g", "variant": variant, "status": status, "compare_to": list(compare_to),
+                "time": {"median_s": median} if status == "ok" else None, "ratios": {}, "ratio_vs_best_baseline": None}
+
+    records = [rec("slow", 4.0), rec("fast", 1.0), rec("gone", None, status="skipped"),
+               rec("memk", 2.0, ("slow", "fast", "gone"))]
+    run.compute_ratios(records)
+    assert records[3]["ratios"] == {"slow": 2.0, "fast": 0.5}
+    assert records[3]["ratio_vs_best_baseline"] == 0.5
+    assert records[0]["ratios"] == {}
+
+
+def test_scaling_exponent_of_a_power_law():
+    recs = [{"status": "ok", "suite": "s", "family": "f", "variant": "v", "sweep": {"axis": "tokens", "value": n},
+             "time": {"median_s": 1e-9 * n ** 1.5}} for n in (1024, 4096, 16384)]
+    (s,) = run.scaling(recs)
+    assert s["exponent"] == pytest.approx(1.5)
+
+
+# ---- wrong, missing and unavailable kernels -----------------------------------------------
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """Register test-only backends for one test; the registry is restored afterwards."""
+    monkeypatch.setattr(backends, "_LOGPROB_LOADERS", dict(backends._LOGPROB_LOADERS))
+    monkeypatch.setattr(backends, "_ATTENTION_LOADERS", dict(backends._ATTENTION_LOADERS))
+    monkeypatch.setattr(backends, "_loaded", dict(backends._loaded))
+    return backends
+
+
+class _WrongGradient(torch.autograd.Function):
+    """Right forward, gradient 5% too large: only the backward check can catch it."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        ctx.save_for_backward(logits, targets)
+        return reference.token_logprobs(logits, targets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets = ctx.saved_tensors
+        probs = torch.softmax(logits.float(), -1)
+        onehot = torch.nn.functional.one_hot(targets.long(), logits.shape[-1]).float()
+        return (1.05 * grad.unsqueeze(-1) * (onehot - probs)).to(logits.dtype), None
+
+
+def _run_logprob(backends_, op, backward, with_baseline=False):
+    groups = [g for g in C.logprob_groups(CPU, ["float32"], quick=True, backends=backends_)
+              if g.params["op"] == op and (g.params["pass"] == "fwd+bwd") == backward]
+    wanted = None if with_baseline else (lambda c: c.variant.role == "candidate")
+    return run.run_groups(groups, CPU, run.RunOptions(max_time=0.01), case_filter=wanted)["results"]
+
+
+def test_wrong_forward_is_refused_before_timing(registry):
+    registry.register_logprob_backend("bench-wrong", lambda: kernels.LogprobOps(
+        lambda x, t: reference.token_logprobs(x, t) + 1e-3,  # off by a thousandth of a nat (~5e-5 relative)
+        reference.cross_entropy, reference.sequence_bits))
+    results = _run_logprob(["bench-wrong"], "token_logprobs", backward=False, with_baseline=True)
+    wrong = next(r for r in results if r["variant"] == "memk:bench-wrong")
+    assert wrong["status"] == "refused" and wrong["time"] is None and wrong["throughput"] is None
+    assert wrong["check"]["output"]["error"] > wrong["check"]["output"]["tolerance"]
+    assert "refused before timing" in wrong["reason"]
+    baseline = next(r for r in results if r["variant"] == "log_softmax+gather")
+    assert baseline["status"] == "ok"  # the rest of the group still runs
+
+
+def test_wrong_gradient_is_refused(registry):
+    registry.register_logprob_backend("bench-wrong-grad", lambda: kernels.LogprobOps(
+        _WrongGradient.apply, reference.cross_entropy, reference.sequence_bits))
+    fwd = next(r for r in _run_logprob(["bench-wrong-grad"], "token_logprobs", False) if r["role"] == "candidate")
+    bwd = next(r for r in _run_logprob(["bench-wrong-grad"], "token_logprobs", True) if r["role"] == "candidate")
+    assert fwd["status"] == "ok"  # its forward is right
+    assert bwd["status"] == "refused" and bwd["time"] is None
+    assert bwd["check"]["grad_logits"]["error"] > bwd["check"]["grad_logits"]["tolerance"]
+
+
+def test_nan_answer_is_refused(registry):
+    registry.register_logprob_backend("bench-nan", lambda: kernels.LogprobOps(
+        reference.token_logprobs, lambda x, t, **kw: reference.cross_entropy(x, t, **kw) * float("nan"),
+        reference.sequence_bits))
+    (r,) = [r for r in _run_logprob(["bench-nan"], "cross_entropy", False) if r["role"] == "candidate"]
+    assert r["status"] == "refused"
+
+
+def test_wrong_attention_is_refused(registry):
+    registry.register_attention_backend("bench-wrong", lambda: lambda qkv, n_head: reference.packed_causal_attention_sdpa(qkv, n_head) * 1.001)
+    groups = [g for g in C.attention_groups(CPU, ["float32"], quick=True, backends=["bench-wrong"])
+              if g.params["pass"] == "fwd" and g.params["head_dim"] == 32]
+    results = run.run_groups(groups, CPU, run.RunOptions(max_time=0.01),
+                             case_filter=lambda c: c.variant.role == "candidate")["results"]
+    wrong = next(r for r in results if r["variant"] == "memk:bench-wrong")
+    assert wrong["status"] == "refused" and wrong["time"] is None
+
+
+def test_missing_and_unavailable_backends_are_skipped_with_the_reason(registry):
+    def unavailable():
+        raise kernels.BackendUnavailable("no compiler here; use the reference backend")
+
+    registry.register_logprob_backend("bench-unavailable", unavailable)
+    results = _run_logprob(["bench-unavailable", "bench-not-registered"], "cross_entropy", False, with_baseline=True)
+    by_variant = {r["variant"]: r for r in results}
+    assert by_variant["memk:bench-unavailable"]["status"] == "skipped"
+    assert "no compiler here" in by_variant["memk:bench-unavailable"]["reason"]
+    assert by_variant["memk:bench-not-registered"]["status"] == "skipped"
+    assert "not registered" in by_variant["memk:bench-not-registered"]["reason"]
+    assert by_variant["F.cross_entropy"]["status"] == "ok"
+
+
+def test_memk_backends_are_benchmarked_when_they_run_here(quick_report):
+    """memk's fused log-prob backend is a candidate always; where it loads, its cases are timed."""
+    report, _ = quick_report
+    assert "fused" in C.candidate_logprob_backends() and "reference" not in C.candidate_logprob_backends()
+    assert "triton" in C.candidate_attention_backends()
+    fused = [r for r in report["results"] if r["variant"] in ("memk:fused", "sdpa+fused float32")]
+    assert fused
+    try:
+        kernels.logprob_ops("fused")
+    except (ValueError, kernels.BackendUnavailable) as exc:
+        assert all(r["status"] == "skipped" for r in fused), exc
+    else:
+        assert all(r["status"] == "ok" for r in fused), [(r["id"], r["reason"]) for r in fused if r["status"] != "ok"]
+
+
+# ---- the other front ends -----------------------------------------------------------------
+
+
+def test_cli_rejects_cuda_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = CliRunner().invoke(bench, ["--device", "cuda", "--quick"])
+    assert result.exit_code != 0 and "no CUDA device" in result.output
+
+
+def test_pytest_benchmark_collects_the_same_cases():
+    bench_dir = os.path.dirname(run.__file__)
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", bench_dir, "--collect-only", "-q", "--memk-quick", "--memk-device", "cpu",
+         "-p", "no:cacheprovider"],
+        capture_output=True, text=True, timeout=120, cwd=os.path.dirname(bench_dir),
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    collected = {line.split("[", 1)[1].rstrip("]") for line in out.stdout.splitlines() if "test_case[" in line}
+    expected = {c.id for c in C.cases_for(C.groups_for(list(C.SUITES), CPU, quick=True))}
+    assert collected == expected
+
+
+def test_report_rewrites_only_the_marked_section(quick_report, tmp_path):
+    report, _ = quick_report
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "cpu.json").write_text(json.dumps(report))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# memk\n\nintro\n\n{R.START}\nold table\n{R.END}\n\nafter\n")
+    result = CliRunner().invoke(R.main, ["--results", str(results), "--readme", str(readme)])
+    assert result.exit_code == 0, result.output
+    text = readme.read_text()
+    assert text.startswith("# memk\n\nintro\n\n" + R.START) and text.endswith(R.END + "\n\nafter\n")
+    assert "old table" not in text
+    section = text.split(R.START)[1].split(R.END)[0]
+    assert report["env"]["device_name"] in section and "torch " + torch.__version__ in section
+    assert "GPU rows are owed" in section
+    assert (results / "SUMMARY.md").exists()
+    with pytest.raises(ValueError, match="markers"):
+        R.replace_section("no markers", "x")
