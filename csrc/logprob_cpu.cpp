@@ -1,11 +1,11 @@
 // C++ CPU kernel of the fused log-prob ops (see logprob_math.h for the math).
 //
-// Parallel over rows with at::parallel_for. Vectorized by the compiler, not by intrinsics:
-// a row is read in chunks of 64 elements spread over 16 independent lanes (a plain loop
-// over a lane array, which GCC and Clang turn into SIMD without -ffast-math because no sum
-// is reordered), and exp is the branch-free polynomial of logprob_math.h. Each per-dtype
-// driver is compiled for AVX-512, AVX2+FMA and the baseline ISA, chosen when the library
-// loads (target_clones), so one build runs at full width on any x86-64 machine.
+// Parallel over rows with at::parallel_for. Vectorized without intrinsics: a row is read as
+// vectors of 8 floats (GCC/Clang vector extensions, which the compiler maps onto AVX2
+// or SSE registers), each lane keeping its own online log-sum-exp, and exp is the
+// branch-free polynomial of logprob_math.h applied to whole vectors. Each per-dtype
+// driver is compiled for AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3) and the baseline ISA, chosen when
+// the library loads (GCC target_clones), so one build runs at full width on any x86-64 machine.
 #include "logprob_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -15,8 +15,12 @@
 #include <limits>
 #include <type_traits>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define MEMK_CPU_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+// Dispatch is on ISA level (feature bits), never on CPU model: "arch=haswell" would be
+// skipped on AMD machines with AVX2.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define MEMK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define MEMK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define MEMK_CPU_CLONES
 #endif
@@ -24,44 +28,92 @@
 namespace memk {
 namespace {
 
-constexpr int kLanes = 16;
-constexpr int kChunk = 4 * kLanes;
+using cpu::f32x8;
+using cpu::u16x8;
+using cpu::u32x8;
 
-// Load 64 elements as float; past the end of the row, -inf (exp(-inf - m) adds 0).
+constexpr int kLanes = 8;           // floats per vector
+constexpr int kChunk = 4 * kLanes;  // elements per rescale of the running sums
+
+MEMK_HD f32x8 vmax(f32x8 a, f32x8 b) { return b > a ? b : a; }  // as max_of: a NaN b is dropped
+
+// 8 consecutive elements of a row <-> a vector of floats (unaligned loads and stores).
 template <typename T>
-MEMK_HD void load_chunk(const T* __restrict__ x, int64_t n, float (&v)[kChunk]) {
-  if (n >= kChunk) {
-    for (int k = 0; k < kChunk; ++k) v[k] = Elem<T>::load(x[k]);
-  } else {
-    for (int k = 0; k < kChunk; ++k) v[k] = k < n ? Elem<T>::load(x[k]) : -HUGE_VALF;
+struct Lanes;
+template <>
+struct Lanes<float> {
+  MEMK_HD static f32x8 load(const float* p) {
+    f32x8 v;
+    memcpy(&v, p, sizeof v);
+    return v;
   }
+  MEMK_HD static void store(float* p, f32x8 v) { memcpy(p, &v, sizeof v); }
+};
+template <>
+struct Lanes<bf16_t> {
+  MEMK_HD static f32x8 load(const bf16_t* p) {
+    u16x8 h;
+    memcpy(&h, p, sizeof h);
+    return reinterpret_cast<f32x8>(__builtin_convertvector(h, u32x8) << 16);
+  }
+  MEMK_HD static void store(bf16_t* p, f32x8 v) {  // as float_to_bf16: nearest even, NaN stays NaN
+    const u32x8 u = reinterpret_cast<u32x8>(v);
+    const u32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const u32x8 quiet_nan = (u >> 16) | 0x0040u;
+    const u16x8 h = __builtin_convertvector((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded, u16x8);
+    memcpy(p, &h, sizeof h);
+  }
+};
+template <>
+struct Lanes<f16_t> {  // through the scalar conversions (float16 on the CPU is rare)
+  MEMK_HD static f32x8 load(const f16_t* p) {
+    float f[kLanes];
+    for (int k = 0; k < kLanes; ++k) f[k] = f16_to_float(p[k].bits);
+    return Lanes<float>::load(f);
+  }
+  MEMK_HD static void store(f16_t* p, f32x8 v) {
+    float f[kLanes];
+    Lanes<float>::store(f, v);
+    for (int k = 0; k < kLanes; ++k) p[k].bits = float_to_f16(f[k]);
+  }
+};
+
+// One chunk of 4 vectors into the per-lane online state (m, s): one rescale, then one exp
+// per element.
+MEMK_HD void add_chunk(f32x8& m, f32x8& s, f32x8 v0, f32x8 v1, f32x8 v2, f32x8 v3) {
+  const f32x8 m_new = vmax(m, vmax(vmax(v0, v1), vmax(v2, v3)));
+  s = s * exp_poly(m - m_new) + exp_poly(v0 - m_new) + exp_poly(v1 - m_new) + exp_poly(v2 - m_new) +
+      exp_poly(v3 - m_new);
+  m = m_new;
 }
 
-// log sum exp of one row in float: per lane an online (max, sum) pair, rescaled once per
-// chunk, so one exp per element plus one per lane and chunk.
+// log sum exp of one row in float, 8 lanes at a time; the last partial chunk is padded
+// with -inf (exp(-inf - m) adds 0). The lanes' states merge at the end.
 template <typename T>
 MEMK_HD float row_lse_float(const T* __restrict__ x, int64_t vocab) {
-  float m[kLanes], s[kLanes];
-  for (int l = 0; l < kLanes; ++l) {
-    m[l] = -FLT_MAX;
-    s[l] = 0.0f;
-  }
-  for (int64_t j = 0; j < vocab; j += kChunk) {
-    float v[kChunk];
-    load_chunk(x + j, vocab - j, v);
-    float cm[kLanes];
-    for (int l = 0; l < kLanes; ++l) cm[l] = max_of(max_of(v[l], v[kLanes + l]), max_of(v[2 * kLanes + l], v[3 * kLanes + l]));
-    for (int l = 0; l < kLanes; ++l) {
-      const float m_new = max_of(m[l], cm[l]);
-      s[l] *= fast_exp(m[l] - m_new);
-      m[l] = m_new;
-    }
-    for (int k = 0; k < 4; ++k)
-      for (int l = 0; l < kLanes; ++l) s[l] += fast_exp(v[k * kLanes + l] - m[l]);
+  using L = Lanes<T>;
+  f32x8 m = splat<f32x8>(-FLT_MAX), s = splat<f32x8>(0.0f);
+  int64_t j = 0;
+  for (; j + kChunk <= vocab; j += kChunk)
+    add_chunk(m, s, L::load(x + j), L::load(x + j + kLanes), L::load(x + j + 2 * kLanes), L::load(x + j + 3 * kLanes));
+  if (j < vocab) {
+    float tail[kChunk];
+    for (int k = 0; k < kChunk; ++k) tail[k] = j + k < vocab ? Elem<T>::load(x[j + k]) : -HUGE_VALF;
+    using F = Lanes<float>;
+    add_chunk(m, s, F::load(tail), F::load(tail + kLanes), F::load(tail + 2 * kLanes), F::load(tail + 3 * kLanes));
   }
   LseState<float> st{m[0], s[0]};
   for (int l = 1; l < kLanes; ++l) st.merge(LseState<float>{m[l], s[l]});
   return st.lse();
+}
+
+// grad row = -g * exp(x - lse), 8 lanes at a time (the target's entry is fixed by the caller).
+template <typename T>
+MEMK_HD void row_grad_float(const T* __restrict__ x, int64_t vocab, float neg_g, float lse, T* __restrict__ out) {
+  using L = Lanes<T>;
+  int64_t j = 0;
+  for (; j + kLanes <= vocab; j += kLanes) L::store(out + j, exp_poly(L::load(x + j) - lse) * neg_g);
+  for (; j < vocab; ++j) out[j] = Elem<T>::store(neg_g * fast_exp(Elem<T>::load(x[j]) - lse));
 }
 
 // float64 logits (gradcheck, tests): plain double arithmetic, one element at a time.
@@ -124,8 +176,11 @@ MEMK_HD void backward_rows(const RowsArgs& a, int64_t begin, int64_t end, const 
     }
     const A g = kind == kTargetValid ? grad_logp[i] : std::numeric_limits<A>::quiet_NaN();
     const A row = lse[i];
-    const A neg_g = -g;
-    for (int64_t j = 0; j < vocab; ++j) out[j] = Elem<T>::store(neg_g * fast_exp(Elem<T>::load(x[j]) - row));
+    if constexpr (std::is_same<A, double>::value) {
+      for (int64_t j = 0; j < vocab; ++j) out[j] = Elem<T>::store(-g * fast_exp(Elem<T>::load(x[j]) - row));
+    } else {
+      row_grad_float(x, vocab, -g, row, out);
+    }
     if (kind == kTargetValid) out[t] = Elem<T>::store(logprob_grad(g, Elem<T>::load(x[t]), row, true));
   }
 }

@@ -148,19 +148,48 @@ struct Elem<f16_t> {
 // ---------------------------------------------------------------------------------------
 // exp, max and the lowest finite value, per arithmetic type
 // ---------------------------------------------------------------------------------------
-// exp(x) for x <= 88 (the kernels pass x <= 0: a logit minus a running max or the lse). On
-// the GPU the hardware exp2 unit; on the CPU a branch-free polynomial the compiler vectorizes
-// (std::exp calls do not): x = n ln2 + r, |r| <= ln2/2, exp(r) by its Taylor series to r^7
-// (truncation < 1e-8 relative). exp(-inf) = 0, exp(NaN) = NaN.
-MEMK_HD float fast_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return exp2f(x * 1.4426950408889634f);
-#else
-  const float xc = x < -87.5f ? -87.5f : (x > 88.0f ? 88.0f : x);  // NaN passes through
-  const float xn = xc == xc ? xc : 0.0f;  // no NaN into the float -> int conversion below
-  const float n = (xn * 1.4426950408889634f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
-  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-6f;  // ln2 in two parts
-  float p = 1.0f / 5040.0f;
+// exp(x) for x <= 88 (the kernels pass x <= 0: a logit minus a running max or the lse).
+// On the GPU the hardware exp2 unit. On the CPU a branch-free polynomial, written once for
+// float and for vectors of floats (GCC/Clang vector extensions), because calls to std::exp
+// do not vectorize: x = n ln2 + r, |r| <= ln2/2, exp(r) by its Taylor series to r^7
+// (truncation < 1e-8 relative), times 2^n built in the exponent field. exp(-inf) = 0 and
+// exp(NaN) = NaN.
+#if !defined(__CUDACC__)
+namespace cpu {
+// 8 floats: one AVX2 register (two SSE). Not wider: GCC turns compares and selects on
+// vectors wider than the target's registers into scalar code.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+}  // namespace cpu
+#endif
+
+template <typename F>
+MEMK_HD F splat(float c) {
+  return c;
+}
+MEMK_HD float pow2i(float n) {  // 2^n for integral n in [-126, 127]
+  return bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+}
+#if !defined(__CUDACC__)
+template <>
+MEMK_HD cpu::f32x8 splat<cpu::f32x8>(float c) {
+  return cpu::f32x8{} + c;
+}
+MEMK_HD cpu::f32x8 pow2i(cpu::f32x8 n) {
+  return reinterpret_cast<cpu::f32x8>((__builtin_convertvector(n, cpu::i32x8) + 127) << 23);
+}
+#endif
+
+template <typename F>
+MEMK_HD F exp_poly(F x) {
+  const F lo = splat<F>(-87.5f), hi = splat<F>(88.0f), zero = splat<F>(0.0f);
+  const F xc = x < lo ? lo : (x > hi ? hi : x);  // NaN passes through
+  const F xn = xc == xc ? xc : zero;              // no NaN into the float -> int conversion
+  const F n = (xn * 1.4426950408889634f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
+  const F r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-6f;  // ln2 in two parts
+  F p = splat<F>(1.0f / 5040.0f);
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
@@ -168,9 +197,15 @@ MEMK_HD float fast_exp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-  const float e = p * scale;
-  return x < -87.5f ? 0.0f : (x > 88.0f ? HUGE_VALF : e);
+  const F e = p * pow2i(n);
+  return x < lo ? zero : (x > hi ? splat<F>(HUGE_VALF) : e);
+}
+
+MEMK_HD float fast_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return exp2f(x * 1.4426950408889634f);
+#else
+  return exp_poly(x);
 #endif
 }
 MEMK_HD double fast_exp(double x) { return exp(x); }
