@@ -18,12 +18,18 @@ from .backends import (
     register_logprob_backend,
 )
 
+# The fused log-prob ops; importing them compiles nothing (the kernels build on first call).
+# This binds memk.kernels.cross_entropy to the function; the module is reached through
+# importlib.import_module("memk.kernels.cross_entropy").
+from .cross_entropy import cross_entropy, sequence_bits, token_logprobs
+
 __all__ = [
     "BackendUnavailable",
     "LogprobOps",
     "attention",
     "attention_packed",
     "attention_backends",
+    "cross_entropy",
     "default_attention_backend",
     "default_logprob_backend",
     "logprob_backends",
@@ -31,6 +37,8 @@ __all__ = [
     "packed_attention",
     "register_attention_backend",
     "register_logprob_backend",
+    "sequence_bits",
+    "token_logprobs",
 ]
 
 

@@ -29,8 +29,17 @@ class LogprobOps:
 # packed attention: (qkv: (batch, seq, 3·d_model), n_head) -> (batch, seq, d_model), causal.
 PackedAttention = Callable[[torch.Tensor, int], torch.Tensor]
 
+
+def _load_fused_logprob() -> LogprobOps:
+    # The C++/CUDA kernels compile here, on first use (cached), never at import.
+    from .cross_entropy import logprob_ops as fused_logprob_ops
+
+    return fused_logprob_ops()
+
+
 _LOGPROB_LOADERS: dict[str, Callable[[], LogprobOps]] = {
     "reference": lambda: LogprobOps(reference.token_logprobs, reference.cross_entropy, reference.sequence_bits),
+    "fused": _load_fused_logprob,
 }
 
 
@@ -93,8 +102,15 @@ def packed_attention(name: str) -> PackedAttention:
 
 
 def default_logprob_backend(device: torch.device | str) -> str:
-    """The log-prob backend a model gets when it names none."""
-    return "reference"
+    """The log-prob backend a model gets when it names none: `fused` where its kernels can be
+    compiled for `device` (a C++ compiler, and for CUDA the toolkit, are present), else `reference`.
+
+    Checks for the tools only and compiles nothing; asking for `fused` by name where it cannot be
+    built raises BackendUnavailable instead of switching silently.
+    """
+    from .cross_entropy import can_build
+
+    return "fused" if can_build(device) else "reference"
 
 
 def default_attention_backend(device: torch.device | str) -> str:
