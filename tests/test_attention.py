@@ -190,6 +190,22 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.memk.attention_packed.default, (qkv, 2, True, 0.25), test_utils=tests)
 
 
+@pytest.mark.cuda
+def test_torch_compile_traces_the_custom_ops():
+    # fullgraph: the custom ops and their autograd formula trace without graph breaks.
+    gen = torch.Generator().manual_seed(9)
+    qkv = torch.randn(8, 64, 3 * 128, generator=gen).to(DEVICE, torch.bfloat16)
+    grad_out = torch.randn(8, 64, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    results = []
+    for fn in (attention_packed, torch.compile(attention_packed, fullgraph=True)):
+        x = qkv.clone().requires_grad_()
+        out = fn(x, 4)
+        out.backward(grad_out)
+        results.append((out, x.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
 def test_bad_inputs_raise_clear_errors():
     q = torch.randn(1, 2, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="same shape|shape"):

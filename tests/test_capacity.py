@@ -1,0 +1,117 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+from memk.memorize import capacity
+from memk.memorize.bits import uniform_sequence_entropy_bits
+from memk.memorize.model import count_parameters
+
+
+def test_fit_on_an_exact_line_recovers_alpha():
+    params = [1e4, 2e4, 5e4, 1e5]
+    fit = capacity.fit_alpha(params, [3.6 * p for p in params])
+    assert fit["through_origin"]["alpha"] == pytest.approx(3.6)
+    assert fit["through_origin"]["r2"] == pytest.approx(1.0)
+    assert fit["through_origin"]["ci"] == pytest.approx([3.6, 3.6])
+    assert fit["with_intercept"]["alpha"] == pytest.approx(3.6)
+    assert fit["with_intercept"]["intercept"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fit_matches_textbook_formulas_on_noisy_points():
+    rng = np.random.default_rng(0)
+    x = np.array([2e3, 5e3, 1e4, 2e4, 4e4])
+    y = 3.3 * x + 500 + rng.normal(0, 2e3, size=x.size)
+    fit = capacity.fit_alpha(x, y)
+
+    # Through the origin: α = Σxy/Σx², se² = SSR/(n-1)/Σx², t interval with n-1 dof.
+    a = (x @ y) / (x @ x)
+    se = np.sqrt(((y - a * x) ** 2).sum() / (len(x) - 1) / (x @ x))
+    t = stats.t.ppf(0.975, len(x) - 1)
+    assert fit["through_origin"]["alpha"] == pytest.approx(a)
+    assert fit["through_origin"]["ci"] == pytest.approx([a - t * se, a + t * se])
+
+    # With an intercept: the polyfit line, slope interval with n-2 dof.
+    slope, intercept = np.polyfit(x, y, 1)
+    resid = y - (slope * x + intercept)
+    se = np.sqrt((resid**2).sum() / (len(x) - 2) / ((x - x.mean()) ** 2).sum())
+    t = stats.t.ppf(0.975, len(x) - 2)
+    w = fit["with_intercept"]
+    assert w["alpha"] == pytest.approx(slope) and w["intercept"] == pytest.approx(intercept)
+    assert w["ci"] == pytest.approx([slope - t * se, slope + t * se])
+    assert w["r2"] == pytest.approx(1 - (resid**2).sum() / ((y - y.mean()) ** 2).sum())
+
+
+def test_fit_with_too_few_models_gives_no_interval():
+    fit = capacity.fit_alpha([1000.0], [3000.0])
+    assert fit["through_origin"]["alpha"] == pytest.approx(3.0)
+    assert fit["through_origin"]["ci"] is None
+    assert fit["with_intercept"] is None
+    assert capacity.fit_alpha([1e3, 2e3], [3e3, 7e3])["with_intercept"]["ci"] is None
+
+
+@pytest.mark.parametrize("name", list(capacity.PRESETS))
+def test_dataset_grid_brackets_the_expected_capacity_on_both_sides(name):
+    exp = capacity.preset(name)
+    for model in exp.models:
+        expected = 3.6 * count_parameters(model)
+        bits = [n * uniform_sequence_entropy_bits(model.vocab_size, model.seq_len) for n in capacity.dataset_sizes_for(model, exp)]
+        assert min(bits) < expected < max(bits)
+
+
+def test_paper_preset_is_the_papers_grid():
+    exp = capacity.preset("paper")
+    assert {m.vocab_size for m in exp.models} == {2048} and {m.seq_len for m in exp.models} == {64}
+    assert {m.n_layer for m in exp.models} == {1, 2, 4, 8}
+    assert min(m.d_model for m in exp.models) == 32 and max(m.d_model for m in exp.models) == 512
+    assert exp.train.batch_size == 2048 and exp.precisions == ("bfloat16",)
+
+
+def test_run_id_changes_with_what_shapes_the_result():
+    exp = capacity.preset("smoke")
+    model = exp.models[0]
+    base = capacity.run_id(model, 10, "float32", exp)
+    assert base == capacity.run_id(model, 10, "float32", exp)
+    assert base != capacity.run_id(model, 11, "float32", exp)
+    assert base != capacity.run_id(model, 10, "bfloat16", exp)
+    stepped = capacity.experiment_from_options("smoke", max_steps=99)
+    assert base != capacity.run_id(model, 10, "float32", stepped)
+
+
+def _row(name, params, n, dataset_bits, mem, precision="float32"):
+    return dict(
+        run_id=f"{name}-{n}-{precision}", model_name=name, model={}, parameters=params, n_sequences=n,
+        precision=precision, dataset_bits=dataset_bits, memorized_bits=mem, fraction_memorized=mem / dataset_bits,
+        steps=1, stop_reason="plateau",
+    )
+
+
+def test_summary_takes_the_plateau_as_capacity_and_fits_per_precision():
+    rows = [
+        _row("a", 100, 1, 200, 190), _row("a", 100, 2, 400, 350), _row("a", 100, 4, 800, 360), _row("a", 100, 8, 1600, 340),
+        _row("b", 200, 2, 400, 395), _row("b", 200, 4, 800, 700), _row("b", 200, 8, 1600, 720),
+        _row("a", 100, 4, 800, 300, precision="bfloat16"),
+    ]
+    summary = capacity.summarize(rows)
+    models = {m["model_name"]: m for m in summary["precisions"]["float32"]["models"]}
+    assert models["a"]["capacity_bits"] == 360 and models["a"]["capacity_at_n_sequences"] == 4
+    assert models["b"]["capacity_bits"] == 720 and models["a"]["plateau_seen"] and models["b"]["plateau_seen"]
+    assert summary["precisions"]["float32"]["fit"]["through_origin"]["alpha"] == pytest.approx(3.6)
+    assert summary["precisions"]["bfloat16"]["models"][0]["capacity_bits"] == 300
+    assert "α through origin: 3.600" in capacity.format_table(summary)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(models="1x30x4"), "divisible"),
+        (dict(sizes="0,5"), ">= 1"),
+        (dict(models="2by64"), "LAYERSxD_MODEL"),
+        (dict(preset_name="huge"), "unknown preset"),
+        (dict(max_steps=0), "max_steps"),
+        (dict(attention_backend="fast"), "unknown attention backend"),
+    ],
+)
+def test_bad_options_are_config_errors(options, message):
+    options = {"preset_name": "smoke", **options}
+    with pytest.raises(capacity.ConfigError, match=message):
+        capacity.experiment_from_options(**options)

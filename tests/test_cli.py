@@ -1,0 +1,96 @@
+"""The command line end to end, in a subprocess, as a user runs it."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+MEMK = [sys.executable, "-m", "memk.memorize.cli"]
+
+
+def memk(*args, **kwargs):
+    return subprocess.run([*MEMK, *args], capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def rows(out: Path) -> list[dict]:
+    path = out / "runs.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_console_script_is_installed():
+    script = shutil.which("memk", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    assert script is not None
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "run-capacity" in result.stdout
+
+
+@pytest.mark.slow
+def test_smoke_preset_end_to_end_then_resume_after_kill(tmp_path):
+    out = tmp_path / "runs"
+    args = [*MEMK, "run-capacity", "--preset", "smoke", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill once a run has finished and the next is under way
+        if len(rows(out)) >= 1 and any((out / "checkpoints").glob("*.pt")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the smoke preset finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = rows(out)
+    assert len(before) >= 1
+
+    result = memk("run-capacity", "--preset", "smoke", "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    after = rows(out)
+    assert after[: len(before)] == before  # finished work kept as it was, not redone
+    assert len(after) == 4 and len({r["run_id"] for r in after}) == 4
+    assert not list((out / "checkpoints").glob("*.pt"))
+    assert "α through origin" in result.stdout
+
+    summary = json.loads((out / "summary.json").read_text())
+    fit = summary["precisions"]["float32"]["fit"]
+    assert fit["n_models"] == 2 and fit["through_origin"]["ci"] is not None
+    for png in ("capacity_curves.png", "capacity_vs_params.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = memk("run-capacity", "--preset", "smoke", "--out", str(out), "--no-progress")
+    assert again.returncode == 0 and rows(out) == after  # everything done: nothing rerun
+
+
+def _one_line_error(result, needle):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert needle in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--models", "1x30x4"], "divisible by n_head"),
+        (["--sizes", "0,3"], "dataset sizes must be >= 1"),
+        (["--preset", "gigantic"], "unknown preset"),
+        (["--max-steps", "lots"], "max-steps"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
+    _one_line_error(memk("run-capacity", "--preset", "smoke", "--out", str(tmp_path), *args), needle)
+
+
+def test_unwritable_output_folder_is_one_line_and_exit_2(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    _one_line_error(memk("run-capacity", "--preset", "smoke", "--out", str(blocker / "runs")), "cannot write to output folder")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path):
+    _one_line_error(memk("run-capacity", "--preset", "smoke", "--device", "cuda", "--out", str(tmp_path)), "no CUDA device")
