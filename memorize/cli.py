@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from memk.bench.cli import bench
 from memk.kernels import BackendUnavailable
 
 from . import capacity
@@ -45,6 +46,9 @@ def run_capacity(preset_name, out, no_progress, **options):
     summary = capacity.run_capacity(exp, out, progress=not no_progress)
     click.echo(capacity.format_table(summary))
     click.echo(f"results in {out}/: runs.jsonl, summary.json, capacity_curves.png, capacity_vs_params.png")
+
+
+cli.add_command(bench)
 
 
 def main(argv: list[str] | None = None) -> None:
