@@ -56,7 +56,7 @@ def _fwd_tol(logits):
     """float32 arithmetic on logits of this size (float64 logits: float64 arithmetic)."""
     if logits.dtype == torch.float64:
         return dict(rtol=1e-12, atol=1e-12)
-    big = float(logits.double().abs().max()) if logits.numel() else 0.0
+    big = float(logits.detach().double().abs().max()) if logits.numel() else 0.0
     return dict(rtol=1e-5, atol=2e-5 + 2e-6 * big)
 
 
@@ -143,10 +143,10 @@ def test_non_contiguous_views():
         )
         got = kernels.cross_entropy(x, t, reduction="sum")
         want = F.cross_entropy(x.double().reshape(-1, x.shape[-1]), t.reshape(-1), reduction="sum")
-        torch.testing.assert_close(got.double(), want, **_fwd_tol(x), msg=name)
+        torch.testing.assert_close(got.double(), want, **_fwd_tol(x), msg=lambda m: f"{name}: {m}")
         (g_got,) = torch.autograd.grad(got, base)
         (g_want,) = torch.autograd.grad(want, base)
-        torch.testing.assert_close(g_got.double(), g_want, **_grad_tol(base, g_want), msg=name)
+        torch.testing.assert_close(g_got.double(), g_want.double(), **_grad_tol(base, g_want), msg=lambda m: f"{name}: {m}")
     # non-contiguous targets (every other column of a larger tensor)
     x = _logits((5, 8, 33), torch.float32, 23)
     t = _targets((5, 16), 33, 23)[:, ::2]
@@ -254,7 +254,7 @@ def test_op_level_errors_name_the_problem():
     with pytest.raises(ValueError, match="stride 1"):
         torch.ops.memk.logprob_fwd(x.t(), _targets((10,), 4, 81), None, True)
     _, lse = torch.ops.memk.logprob_fwd(x, t, None, True)
-    with pytest.raises(TypeError, match="float32"):
+    with pytest.raises(TypeError, match="grad_logp must be Float"):
         torch.ops.memk.logprob_bwd(torch.ones(4, dtype=torch.float64), x, t, lse, None)
 
 
@@ -338,8 +338,7 @@ def test_importing_memk_kernels_compiles_nothing():
     code = (
         "import importlib, memk.kernels as k; "
         "k.default_logprob_backend('cpu'); "
-        "assert not importlib.import_module('memk.kernels.cross_entropy')._Extension.loaded; "
-        "import torch; assert not hasattr(torch.ops.memk, 'logprob_fwd') or True"
+        "assert not importlib.import_module('memk.kernels.cross_entropy')._Extension.loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
