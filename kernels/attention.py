@@ -25,8 +25,9 @@ padded (masked) up to a power of two >= 16 inside the kernel, so 16/32/64/128 wa
 q, k and v must have the same shape (self-attention: causal means key j <= query i).
 
 Both entry points are torch.library.triton_op custom ops (memk::attention, memk::attention_packed
-with their backward ops) so autograd and torch.compile see them. Block sizes come from
-triton.autotune keyed on (seq_len, head_dim).
+with their backward ops) so autograd and torch.compile see them. Block sizes (and heads per
+program) come from triton.autotune over a few configs keyed on (seq_len, head_dim, causal); the
+key is the exact seq_len, so each new length autotunes (and compiles) once per process.
 
 Importing this module imports triton; memk.kernels imports it lazily. On CPU it runs only under
 the Triton interpreter (TRITON_INTERPRET=1, for tests): otherwise use the "sdpa" or "reference"
@@ -103,6 +104,14 @@ _TILE_CONFIGS = _configs(
 )
 
 
+def _prune_tile_configs(configs, named_args, **kwargs):
+    # Several heads per program pays off only for small tiles (the many-small-heads case); for big
+    # ones the unrolled head loop only costs compile time (and the autotuner compiles every config).
+    args = {**named_args, **kwargs}
+    small = args["SEQ_BLOCK"] * args["D_BLOCK"] <= 64 * 64
+    return [c for c in configs if small or c.kwargs["HEADS"] == 1]
+
+
 @triton.jit
 def _attn_fwd_tile_one(
     bh, Q, K, V, O, LSE,
@@ -134,7 +143,9 @@ def _attn_fwd_tile_one(
     tl.store(LSE + bh.to(tl.int64) * seq_len + offs_s, (m + tl.log2(l)) * 0.6931471805599453, mask=offs_s < seq_len)
 
 
-@triton.autotune(configs=_TILE_CONFIGS, key=["seq_len", "HEAD_DIM"])
+@triton.autotune(
+    configs=_TILE_CONFIGS, key=["seq_len", "HEAD_DIM", "CAUSAL"], prune_configs_by={"early_config_prune": _prune_tile_configs}
+)
 @triton.jit
 def _attn_fwd_tile(
     Q, K, V, O, LSE,
@@ -192,7 +203,9 @@ def _attn_bwd_tile_one(
     tl.store(DV + b * sdvb + h * sdvh + rows * sdvs + cols, dv.to(DV.dtype.element_ty), mask=io_mask)
 
 
-@triton.autotune(configs=_TILE_CONFIGS, key=["seq_len", "HEAD_DIM"])
+@triton.autotune(
+    configs=_TILE_CONFIGS, key=["seq_len", "HEAD_DIM", "CAUSAL"], prune_configs_by={"early_config_prune": _prune_tile_configs}
+)
 @triton.jit
 def _attn_bwd_tile(
     Q, K, V, O, DO, LSE, DQ, DK, DV,
@@ -263,7 +276,7 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["seq_len", "HEAD_DIM"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["seq_len", "HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _attn_fwd_blocked(
     Q, K, V, O, LSE,
@@ -354,7 +367,7 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["seq_len", "HEAD_DIM"])
+@triton.autotune(configs=_DKDV_CONFIGS, key=["seq_len", "HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -429,7 +442,7 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["seq_len", "HEAD_DIM"])
+@triton.autotune(configs=_DQ_CONFIGS, key=["seq_len", "HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ,
@@ -552,7 +565,9 @@ def _heads_view(x: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 @torch.library.triton_op("memk::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
@@ -590,7 +605,9 @@ _attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 
 @torch.library.triton_op("memk::attention_packed", mutates_args=())
-def _attention_packed_op(qkv: torch.Tensor, n_head: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_packed_op(
+    qkv: torch.Tensor, n_head: int, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     qkv = _unit_last(qkv)
     batch, seq_len, three_d = qkv.shape
     q, k, v = _packed_views(qkv, n_head)
@@ -702,7 +719,8 @@ def attention_packed(qkv: torch.Tensor, n_head: int, causal: bool = True, scale:
     head_dim = qkv.shape[-1] // (3 * n_head)
     _check_dtype_head_dim(qkv, head_dim)
     if qkv.numel() == 0:  # nothing to launch; the reference keeps autograd's graph
-        return reference.merge_heads(reference.attention(*reference.split_heads(qkv, n_head), causal=causal, scale=scale))
+        q, k, v = reference.split_heads(qkv, n_head)
+        return reference.merge_heads(reference.attention(q, k, v, causal=causal, scale=scale))
     o, _ = torch.ops.memk.attention_packed(qkv, n_head, bool(causal), _resolve_scale(scale, head_dim))
     return o
 
