@@ -155,6 +155,11 @@ struct Elem<f16_t> {
 // (truncation < 1e-8 relative), times 2^n built in the exponent field. exp(-inf) = 0 and
 // exp(NaN) = NaN.
 #if !defined(__CUDACC__)
+#if defined(__GNUC__) && !defined(__clang__)
+// Vectors only pass between always-inlined functions here, so their calling convention
+// (which GCC warns changes with -mavx) never matters.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 namespace cpu {
 // 8 floats: one AVX2 register (two SSE). Not wider: GCC turns compares and selects on
 // vectors wider than the target's registers into scalar code.
