@@ -368,22 +368,26 @@ def test_gpt_model_fused_matches_reference_backend():
 @pytest.mark.parametrize("vocab,rows", [(2, 1000), (7, 333), (2048, 257), (50257, 9), (33000, 5)])
 def test_cuda_matches_cpu_kernel(dtype, vocab, rows):
     seed = _seed("cuda", dtype, vocab)
-    x = _logits((rows, vocab), dtype, seed)
+    flat = _logits((rows * vocab + 1,), dtype, seed)
     t = _targets((rows,), vocab, seed)
     t[::5] = -100
-    for view in (lambda z: z, lambda z: z[1:]):  # aligned rows, then rows shifted by one element
-        xc = view(x).clone().requires_grad_(True)
-        xg = view(x).cuda().requires_grad_(True)
-        tv = view(t)
+    # Rows as stored, then the same buffer read one element further on: no row 16-byte aligned.
+    for offset in (0, 1):
+        n = rows - offset
+        xc = flat.detach()[offset : offset + n * vocab].view(n, vocab).clone().requires_grad_(True)
+        xg_base = flat.detach().cuda().requires_grad_(True)
+        xg = xg_base[offset : offset + n * vocab].view(n, vocab)
+        tv = t[:n]
         lc = kernels.cross_entropy(xc, tv, reduction="sum")
         lg = kernels.cross_entropy(xg, tv.cuda(), reduction="sum")
-        torch.testing.assert_close(lg.cpu().double(), lc.double(), **_fwd_tol(x))
+        torch.testing.assert_close(lg.cpu().double(), lc.double(), **_fwd_tol(xc))
         lc.backward()
         lg.backward()
-        torch.testing.assert_close(xg.grad.cpu().double(), xc.grad.double(), **_grad_tol(x, xc.grad.double()))
+        g_gpu = xg_base.grad[offset : offset + n * vocab].view(n, vocab)
+        torch.testing.assert_close(g_gpu.cpu().double(), xc.grad.double(), **_grad_tol(xc, xc.grad.double()))
         tp = tv.clamp(min=0)
         torch.testing.assert_close(
-            kernels.token_logprobs(xg.detach(), tp.cuda()).cpu().double(), _ref_logprobs(xc.detach(), tp), **_fwd_tol(x)
+            kernels.token_logprobs(xg.detach(), tp.cuda()).cpu().double(), _ref_logprobs(xc.detach(), tp), **_fwd_tol(xc)
         )
 
 
@@ -396,13 +400,13 @@ def test_cuda_bad_targets_and_strided_rows():
         kernels.token_logprobs(x, t)
     assert torch.isnan(kernels.token_logprobs(x, t, check_targets=False)[3].cpu())
     t[3] = 1
-    xs = x[::2]  # strided rows, output rows aligned differently: the scalar backward path
-    xs.requires_grad_(False)
+    # Strided rows starting one element in: input and gradient rows are aligned differently
+    # in some rows (the scalar backward path) and alike in others (the vector path).
     base = x.clone().requires_grad_(True)
-    kernels.cross_entropy(base[::2], t[::2], reduction="sum").backward()
-    want = x[::2].double().cpu().requires_grad_(True)
-    F.cross_entropy(want, t[::2].cpu(), reduction="sum").backward()
-    torch.testing.assert_close(base.grad[::2].cpu().double(), want.grad, rtol=2e-5, atol=2e-6)
+    kernels.cross_entropy(base[::2, 1:], t[::2] - 1, ignore_index=-1, reduction="sum").backward()
+    want = x[::2, 1:].double().cpu().requires_grad_(True)
+    F.cross_entropy(want, (t[::2] - 1).cpu(), ignore_index=-1, reduction="sum").backward()
+    torch.testing.assert_close(base.grad[::2, 1:].cpu().double(), want.grad, rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.cuda
