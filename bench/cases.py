@@ -60,6 +60,7 @@ class Variant:
     build: Callable[[dict, torch.device], Runner]
     description: str = ""
     compare_to: tuple[str, ...] = ()  # baseline variants of the same group this one is divided by
+    dtype: str | None = None  # when the variants of a group differ in dtype (train): this one's
 
 
 @dataclass
@@ -210,7 +211,7 @@ def _tf32(enabled: bool):
 
 # Log-prob inputs are laid out as the model produces them: (batch, 64, V), contiguous.
 _LOGPROB_SEQ = 64
-_CHECK_CHUNK = 8192  # rows per float64 chunk in the reference, so the check never holds tokens x V doubles
+_CHECK_ELEMENTS = 2**24  # float64 elements per chunk of the reference (128 MB): never tokens x V doubles at once
 
 
 def _logprob_inputs(n_tokens: int, vocab: int, dtype: str, backward: bool, seed: int):
@@ -234,8 +235,9 @@ def _logprob_reference(logits: torch.Tensor, targets: torch.Tensor):
     """Yields (row slice, float64 log p(target), float64 softmax) chunk by chunk over flattened rows."""
     flat = logits.detach().reshape(-1, logits.shape[-1])
     flat_t = targets.reshape(-1)
-    for start in range(0, flat.shape[0], _CHECK_CHUNK):
-        rows = slice(start, min(start + _CHECK_CHUNK, flat.shape[0]))
+    chunk = max(1, _CHECK_ELEMENTS // logits.shape[-1])
+    for start in range(0, flat.shape[0], chunk):
+        rows = slice(start, min(start + chunk, flat.shape[0]))
         x = flat[rows].double()
         logp = torch.log_softmax(x, dim=-1)
         yield rows, logp.gather(-1, flat_t[rows].long().unsqueeze(-1)).squeeze(-1), logp.exp()
@@ -665,14 +667,15 @@ def _train_variant(attention: str, logprob: str, dtype: str, compare_to: tuple[s
     name = f"{attention}+{logprob} {dtype}"
     return Variant(name, "baseline" if not compare_to else "candidate", build,
                    f"GPT(attention_backend={attention!r}, logprob_backend={logprob!r}), "
-                   + ("bfloat16 autocast" if dtype == "bfloat16" else dtype) + ", AdamW step", compare_to)
+                   + (f"{dtype} autocast" if dtype in ("bfloat16", "float16") else dtype) + ", AdamW step",
+                   compare_to, dtype=dtype)
 
 
 def train_groups(device: torch.device, dtypes: list[str], quick: bool, logprob: list[str] | None = None,
                  attention: list[str] | None = None) -> list[Group]:
     from memk.memorize.model import GPTConfig, count_parameters
 
-    batch = 16 if quick else (2048 if device.type == "cuda" else 64)
+    batch = 16 if quick else (2048 if device.type == "cuda" else 32)
     dtypes = [d for d in dtypes if d in ("float32", "tf32", "bfloat16", "float16")]
     pairs = _backend_pairs(device, logprob, attention)
     groups = []
@@ -693,7 +696,7 @@ def train_groups(device: torch.device, dtypes: list[str], quick: bool, logprob: 
             family=f"train step B{batch}",
             sweep_axis="params",
             sweep_value=count_parameters(config),
-            dtype="mixed",
+            dtype=",".join(dtypes),
             params={"config": config.to_dict(), "name": config.name, "batch": batch, "tokens_per_step": tokens,
                     "optimizer": "AdamW", "params": count_parameters(config)},
             make_inputs=_model_inputs(config, batch, n_batches=4, seed=n_layer * 1000 + d_model),
@@ -742,7 +745,7 @@ def bits_groups(device: torch.device, dtypes: list[str], quick: bool, logprob: l
     elif device.type == "cuda":
         n_seqs, batch = 16384, 2048
     else:
-        n_seqs, batch = 2048, 256
+        n_seqs, batch = 1024, 256
     pairs = _backend_pairs(device, logprob, attention)
     groups = []
     for dtype in [d for d in dtypes if d in ("float32", "bfloat16")]:

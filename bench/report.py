@@ -68,7 +68,7 @@ def plot_suite(report: dict, suite: str, path: str, xlabel: str) -> str | None:
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
                     linestyle="-" if variant.startswith("memk") or "fused" in variant or "triton" in variant else "--",
                     label=variant)
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log", base=2 if xlabel == "tokens" else 10)
         ax.set_yscale("log")
         ax.set_title(family, fontsize=9)
         ax.set_xlabel(xlabel)
@@ -137,7 +137,7 @@ def headline_rows(path: str, report: dict) -> list[list[str]]:
     env = report["env"]
     device = f"{env['device_name']} ({env['torch_threads']} threads)" if env["device_type"] == "cpu" else env["device_name"]
     versions = f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda'] or '–'}"
-    rows = []
+    rows, seen_skips = [], set()
     for key in _headline_groups(results):
         group = [r for r in results if r["group"] == key]
         ok_baselines = [r for r in group if r["status"] == "ok" and not r["compare_to"]]
@@ -151,9 +151,13 @@ def headline_rows(path: str, report: dict) -> list[list[str]]:
                 if r["mfu"]:
                     cells[1] += f", {r['tflops']:.1f} TFLOP/s, MFU {100 * r['mfu']['value']:.1f}% ({r['mfu']['peak_source']})"
             else:
+                if (r["suite"], r["variant"], r["reason"]) in seen_skips:
+                    continue  # one line per reason is enough
+                seen_skips.add((r["suite"], r["variant"], r["reason"]))
                 reason = (r["reason"] or "").replace("|", "/")
                 cells = [r["status"], "", reason[:90] + ("…" if len(reason) > 90 else ""), ""]
-            rows.append([r["suite"], f"{r['family']}, {r['sweep']['axis']} {r['sweep']['value']}", r["variant"], *cells,
+            size = r["params"].get("name") or f"{r['sweep']['axis']} {r['sweep']['value']}"
+            rows.append([r["suite"], f"{r['family']}, {size}", r["variant"], *cells,
                          device, versions, r["date"][:10], f"[json]({os.path.relpath(path)})"])
     return rows
 

@@ -104,7 +104,7 @@ def run_case(case: Case, inputs: dict, device: torch.device, env: dict, max_time
     g, v = case.group, case.variant
     record = {
         "id": case.id, "suite": g.suite, "family": g.family, "group": g.key, "variant": v.name, "role": v.role,
-        "description": v.description, "compare_to": list(v.compare_to), "dtype": g.dtype, "device": device.type,
+        "description": v.description, "compare_to": list(v.compare_to), "dtype": v.dtype or g.dtype, "device": device.type,
         "device_name": env["device_name"], "torch": env["torch"], "triton": env["triton"], "cuda": env["cuda"],
         "date": env["date"], "params": g.params, "sweep": {"axis": g.sweep_axis, "value": g.sweep_value},
         "status": None, "reason": None, "check": None, "time": None, "throughput": None, "tflops": None,
@@ -133,7 +133,7 @@ def run_case(case: Case, inputs: dict, device: torch.device, env: dict, max_time
         record["throughput"] = {"value": g.work / t.median_s, "unit": f"{g.work_unit}/s"}
         if g.flops:
             record["tflops"] = g.flops / t.median_s / 1e12
-            dtype = v.name.rsplit(" ", 1)[-1] if g.suite == "train" else g.dtype
+            dtype = v.dtype or g.dtype
             peak = timing.peak_tflops(env["device_name"], dtype) if device.type == "cuda" else None
             if peak:
                 record["mfu"] = {"value": record["tflops"] / peak[0], "peak_tflops": peak[0], "peak_source": peak[1]}
@@ -221,6 +221,7 @@ def run_groups(groups: list[Group], device: torch.device, options: RunOptions | 
         "schema": SCHEMA,
         "env": env,
         "command": " ".join(sys.argv),
+        "options": {"max_time_s": options.max_time},
         "wall_s": time.time() - started,
         "suites": sorted({g.suite for g in groups}),
         "results": records,

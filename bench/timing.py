@@ -81,7 +81,8 @@ def time_cpu(
 
     One call is made first (the caller has already made at least one: the correctness
     check), then warm-up calls for `warmup_time`; calls per round grow until a round lasts
-    at least 100x the timer's resolution and 1 ms; rounds fill `max_time`, at least `min_rounds`.
+    at least 100x the timer's resolution and 1 ms; rounds fill `max_time`, at least `min_rounds`
+    (3 when one call alone outlasts `max_time`).
     """
     precision = timer_precision()
     t0 = time.perf_counter()
@@ -93,6 +94,8 @@ def time_cpu(
     iterations = 1
     while iterations * single < min_round:
         iterations *= 2
+    if iterations * single > max_time:  # a call longer than the whole budget (a big training step): 3 rounds
+        min_rounds = min(min_rounds, 3)
     rounds = int(min(max_rounds, max(min_rounds, max_time // max(iterations * single, 1e-9))))
     per_call = []
     for _ in range(rounds):
