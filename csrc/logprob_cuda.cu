@@ -161,14 +161,27 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t n_vec = (vocab - head) / N;
   const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(x + head);
   uint4* __restrict__ ov = reinterpret_cast<uint4*>(out + head);
-  for (int64_t i = lane; i < n_vec; i += TPR) {
-    Pack<T> in, res;
-    in.raw = __ldg(xv + i);
+  // One 16-byte vector in, one out: grad = g * ([j == t] - exp(x - lse)).
+  auto grad_vector = [&](const Pack<T>& in, int64_t i) {
+    Pack<T> res;
     const int64_t j0 = head + i * N;
     MEMK_UNROLL
     for (int k = 0; k < N; ++k)
       res.e[k] = Elem<T>::store(logprob_grad(g, Elem<T>::load(in.e[k]), row_lse, j0 + k == t));
     ov[i] = res.raw;
+  };
+  int64_t i = lane;
+  for (; i + (kUnroll - 1) * TPR < n_vec; i += kUnroll * TPR) {
+    Pack<T> in[kUnroll];
+    MEMK_UNROLL
+    for (int u = 0; u < kUnroll; ++u) in[u].raw = __ldg(xv + i + u * TPR);
+    MEMK_UNROLL
+    for (int u = 0; u < kUnroll; ++u) grad_vector(in[u], i + u * TPR);
+  }
+  for (; i < n_vec; i += TPR) {
+    Pack<T> in;
+    in.raw = __ldg(xv + i);
+    grad_vector(in, i);
   }
   const int64_t tail = head + n_vec * N;
   if (tail + lane < vocab) {
