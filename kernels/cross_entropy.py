@@ -22,6 +22,8 @@ an error for them costs nothing extra on CPU and one device-to-host sync per cal
 Turn that check off with check_targets=False (per call), or for the whole process with
 MEMK_CHECK_TARGETS=0 in the environment or memk.kernels.cross_entropy.CHECK_TARGETS = False:
 bad targets then give NaN for their rows (and NaN gradients), never an out-of-bounds read.
+Under CUDA graph capture (torch.compile mode="reduce-overhead") the sync is not allowed:
+turn the check off there.
 
 Note: `memk.kernels.cross_entropy` is the function (memk.kernels exports it); this module
 is reached as importlib.import_module("memk.kernels.cross_entropy").
