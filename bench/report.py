@@ -181,6 +181,13 @@ def render_section(reports: list[tuple[str, dict]], plots: list[str], readme_dir
         for row in headline_rows(path, report):
             lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    for _, report in reports:
+        grows = [s for s in report.get("scaling", []) if s["suite"] in ("logprob", "train")
+                 and ("memk" in s["variant"] or "fused" in s["variant"] or s["variant"] in ("log_softmax+gather", "F.cross_entropy"))]
+        if grows:
+            lines.append(f"How time grows with the size swept on {report['env']['device_name']} (time ∝ size^k): " + "; ".join(
+                f"{s['family']} {s['variant']}: k = {s['exponent']:.2f} over {s['axis']}" for s in grows) + ".")
+            lines.append("")
     if not any(r["env"]["device_type"] == "cuda" for _, r in reports):
         lines.append("GPU rows are owed: no GPU has measured this suite yet (`memk bench --device cuda --json "
                      "bench/results/<gpu>.json` on one, then rerun the report).")
