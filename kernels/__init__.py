@@ -47,8 +47,5 @@ def __getattr__(name: str):
     if name in ("attention", "attention_packed"):
         import importlib
 
-        module = importlib.import_module(f"{__name__}.attention")
-        # Importing binds the submodule memk.kernels.attention under the name `attention`; that
-        # module is callable as attention(q, k, v, ...), so both spellings behave the same.
-        return module if name == "attention" else module.attention_packed
+        return getattr(importlib.import_module(f"{__name__}.flash_attention"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,7 +46,7 @@ _LOGPROB_LOADERS: dict[str, Callable[[], LogprobOps]] = {
 def _load_triton_attention() -> PackedAttention:
     # Imported here, not at the top: importing memk.kernels must not import triton.
     try:
-        from .attention import load_backend
+        from .flash_attention import load_backend
     except ImportError as e:
         raise BackendUnavailable(
             f"the 'triton' attention backend needs triton ({e}); use 'sdpa' or 'reference' instead"

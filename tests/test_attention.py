@@ -1,4 +1,4 @@
-"""The Triton attention kernels (memk.kernels.attention) against a float64 PyTorch reference.
+"""The Triton attention kernels (memk.kernels.flash_attention) against a float64 PyTorch reference.
 
 Without CUDA these run under the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
 which is slow: shapes stay small. bfloat16 runs only on CUDA (the interpreter's bf16 dot is wrong).
@@ -15,11 +15,11 @@ import torch
 
 from memk import kernels
 from memk.kernels import reference
-from memk.kernels.attention import attention, attention_packed
+from memk.kernels.flash_attention import attention, attention_packed
 from memk.memorize.model import GPT, GPTConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-attention_module = sys.modules["memk.kernels.attention"]
+attention_module = sys.modules["memk.kernels.flash_attention"]
 
 # Errors are measured as |got - want| <= TOL·(1 + |want|) against float64 math on the same
 # (rounded) inputs. 16-bit: a few units of the dtype's epsilon (the kernel rounds the
@@ -242,7 +242,6 @@ def test_backend_registry():
     assert kernels.default_attention_backend("cpu") == "sdpa"
     assert kernels.default_attention_backend(torch.device("cuda", 0)) == "triton"
     assert kernels.attention_packed is attention_packed
-    # memk.kernels.attention is both the submodule and, called, the function.
     q = torch.randn(1, 1, 5, 16, device=DEVICE)
     torch.testing.assert_close(kernels.attention(q, q, q), attention(q, q, q))
 
