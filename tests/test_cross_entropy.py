@@ -299,7 +299,10 @@ def test_torch_compile_small_model():
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_hf_gpt2_loss_equals_cross_entropy_of_its_logits():
+def test_hf_gpt2_loss_equals_cross_entropy_of_its_logits(monkeypatch):
+    # transformers looks for Hugging Face's `kernels` package by that bare name; from the
+    # repository root that would find (and import a second copy of) our kernels/ folder.
+    monkeypatch.setitem(sys.modules, "kernels", None)
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=1, n_head=2)
     torch.manual_seed(0)
