@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,10 +14,12 @@ import pytest
 import torch
 
 MEMK = [sys.executable, "-m", "memk.memorize.cli"]
+# Run outside the repository: `python -m` puts the working directory on sys.path.
+OUTSIDE = tempfile.gettempdir()
 
 
-def memk(*args, **kwargs):
-    return subprocess.run([*MEMK, *args], capture_output=True, text=True, timeout=600, **kwargs)
+def memk(*args):
+    return subprocess.run([*MEMK, *args], capture_output=True, text=True, timeout=600, cwd=OUTSIDE)
 
 
 def rows(out: Path) -> list[dict]:
@@ -27,7 +30,7 @@ def rows(out: Path) -> list[dict]:
 def test_console_script_is_installed():
     script = shutil.which("memk", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     assert script is not None
-    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=120, cwd=OUTSIDE)
     assert result.returncode == 0 and "run-capacity" in result.stdout
 
 
@@ -35,7 +38,7 @@ def test_console_script_is_installed():
 def test_smoke_preset_end_to_end_then_resume_after_kill(tmp_path):
     out = tmp_path / "runs"
     args = [*MEMK, "run-capacity", "--preset", "smoke", "--out", str(out), "--no-progress"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=OUTSIDE)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # kill once a run has finished and the next is under way
         if len(rows(out)) >= 1 and any((out / "checkpoints").glob("*.pt")):
