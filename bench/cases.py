@@ -349,8 +349,8 @@ def logprob_groups(device: torch.device, dtypes: list[str], quick: bool, backend
         shapes = [(2048, 4096)]
     elif device.type == "cuda":
         shapes = [(2048, n) for n in (4096, 16384, 65536, 131072)] + [(50257, n) for n in (4096, 16384, 65536)]
-    else:  # 2-core CPU: the sweep stops at 65K tokens to keep the full run near 10 minutes
-        shapes = [(2048, n) for n in (4096, 16384, 65536)] + [(50257, 4096)]
+    else:  # 2-core CPU: the sweep stops at 32K tokens to keep the full run near 10 minutes
+        shapes = [(2048, n) for n in (4096, 16384, 32768)] + [(50257, 4096)]
     ops = [("token_logprobs", False), ("token_logprobs", True), ("cross_entropy", False), ("cross_entropy", True), ("sequence_bits", False)]
     groups = []
     for dtype in [d for d in dtypes if d in ("float32", "bfloat16", "float16")]:
