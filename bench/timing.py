@@ -225,6 +225,17 @@ def _git_commit() -> str | None:
         return None
 
 
+def _uncommitted_kernel_sources() -> list[str] | None:
+    """Kernel sources that differ from the commit recorded (numbers then belong to the working tree)."""
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "status", "--porcelain", "--", "../kernels", "../csrc"],
+                             capture_output=True, text=True, timeout=5)
+        return [line[3:] for line in out.stdout.splitlines()] if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def environment(device: torch.device) -> dict:
     """What a number needs next to it to be read: machine, versions, threads, date."""
     try:
@@ -245,6 +256,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "memk_commit": _git_commit(),
+        "uncommitted_kernel_sources": _uncommitted_kernel_sources(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
     }
