@@ -19,9 +19,7 @@ from .backends import (
 )
 
 # The fused log-prob ops; importing them compiles nothing (the kernels build on first call).
-# This binds memk.kernels.cross_entropy to the function; the module is reached through
-# importlib.import_module("memk.kernels.cross_entropy").
-from .cross_entropy import cross_entropy, sequence_bits, token_logprobs
+from .fused_logprob import cross_entropy, sequence_bits, token_logprobs
 
 __all__ = [
     "BackendUnavailable",

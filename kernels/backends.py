@@ -32,7 +32,7 @@ PackedAttention = Callable[[torch.Tensor, int], torch.Tensor]
 
 def _load_fused_logprob() -> LogprobOps:
     # The C++/CUDA kernels compile here, on first use (cached), never at import.
-    from .cross_entropy import logprob_ops as fused_logprob_ops
+    from .fused_logprob import logprob_ops as fused_logprob_ops
 
     return fused_logprob_ops()
 
@@ -108,7 +108,7 @@ def default_logprob_backend(device: torch.device | str) -> str:
     Checks for the tools only and compiles nothing; asking for `fused` by name where it cannot be
     built raises BackendUnavailable instead of switching silently.
     """
-    from .cross_entropy import can_build
+    from .fused_logprob import can_build
 
     return "fused" if can_build(device) else "reference"
 

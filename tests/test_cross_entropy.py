@@ -1,4 +1,4 @@
-"""The fused log-prob ops (memk.kernels.cross_entropy) against torch in float64.
+"""The fused log-prob ops (memk.kernels.fused_logprob) against torch in float64.
 
 Every comparison is with log_softmax + gather or F.cross_entropy computed on the same
 logits upcast to float64; tolerances are float32 arithmetic (or, for gradients, the
@@ -7,7 +7,6 @@ rounding of the gradient's own dtype), scaled by the size of the logits.
 
 from __future__ import annotations
 
-import importlib
 import math
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 
 from memk import kernels
 
-ce = importlib.import_module("memk.kernels.cross_entropy")
+from memk.kernels import fused_logprob as ce
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # Gradient tolerance: the rounding of a value of the gradient's dtype (relative).
@@ -341,7 +340,7 @@ def test_importing_memk_kernels_compiles_nothing():
     code = (
         "import importlib, memk.kernels as k; "
         "k.default_logprob_backend('cpu'); "
-        "assert not importlib.import_module('memk.kernels.cross_entropy')._Extension.loaded"
+        "assert not importlib.import_module('memk.kernels.fused_logprob')._Extension.loaded"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

@@ -20,13 +20,13 @@ Validation and its cost: shapes, dtypes and devices are checked in Python (free)
 outside [0, V) (other than ignore_index) are found by the forward kernel itself; raising
 an error for them costs nothing extra on CPU and one device-to-host sync per call on CUDA.
 Turn that check off with check_targets=False (per call), or for the whole process with
-MEMK_CHECK_TARGETS=0 in the environment or memk.kernels.cross_entropy.CHECK_TARGETS = False:
+MEMK_CHECK_TARGETS=0 in the environment or memk.kernels.fused_logprob.CHECK_TARGETS = False:
 bad targets then give NaN for their rows (and NaN gradients), never an out-of-bounds read.
 Under CUDA graph capture (torch.compile mode="reduce-overhead") the sync is not allowed:
 turn the check off there.
 
-Note: `memk.kernels.cross_entropy` is the function (memk.kernels exports it); this module
-is reached as importlib.import_module("memk.kernels.cross_entropy").
+(The module is not named cross_entropy so that memk.kernels.cross_entropy is always the
+function, never shadowed by its module.)
 """
 
 from __future__ import annotations
