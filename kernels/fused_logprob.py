@@ -120,13 +120,10 @@ def load_extension() -> None:
 
 
 def _csrc_dir() -> Path:
-    """The C++/CUDA sources: package data of memk.csrc, or csrc/ beside kernels/ in a checkout."""
+    """The C++/CUDA sources, shipped as the package data of memk.csrc."""
     from importlib.resources import files
 
-    try:
-        return Path(str(files("memk.csrc")))
-    except ModuleNotFoundError:  # an editable install made before csrc/ was a package
-        return Path(__file__).resolve().parent.parent / "csrc"
+    return Path(str(files("memk.csrc")))
 
 
 def _build(with_cuda: bool) -> None:
