@@ -51,6 +51,8 @@ class Runner:
     call: Callable[[], Any]
     outputs: Callable[[], dict[str, torch.Tensor]]
     close: Callable[[], None] = lambda: None
+    # frees what one call leaves behind (gradients), so the memory measurement starts clean
+    reset: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -332,7 +334,7 @@ def _op_runner(fn: Callable, op: str, backward: bool) -> Callable[[dict, torch.d
             for logits, _ in inputs["copies"]:
                 logits.grad = None
 
-        return Runner(call, outputs, close)
+        return Runner(call, outputs, close, reset=close)
 
     return build
 
@@ -492,7 +494,7 @@ def _packed_runner(get_fn: Callable[[torch.device], Callable], backward: bool, t
             for qkv in inputs["copies"]:
                 qkv.grad = None
 
-        return Runner(call, outputs, close)
+        return Runner(call, outputs, close, reset=close)
 
     return build
 
@@ -669,7 +671,7 @@ def _train_variant(attention: str, logprob: str, dtype: str, compare_to: tuple[s
             model.zero_grad(set_to_none=True)
             return {"loss": loss.detach(), "grads": grads, "dtype": dtype}
 
-        return Runner(call, outputs, stack.close)
+        return Runner(call, outputs, stack.close, reset=lambda: optimizer.zero_grad(set_to_none=True))
 
     name = f"{attention}+{logprob} {dtype}"
     return Variant(name, "baseline" if not compare_to else "candidate", build,

@@ -137,6 +137,7 @@ def run_case(case: Case, inputs: dict, device: torch.device, env: dict, max_time
             peak = timing.peak_tflops(env["device_name"], dtype) if device.type == "cuda" else None
             if peak:
                 record["mfu"] = {"value": record["tflops"] / peak[0], "peak_tflops": peak[0], "peak_source": peak[1]}
+        runner.reset()  # last call's gradients would otherwise be reused and hide this call's
         record["memory"] = timing.peak_memory(fn, device)
         record["status"] = "ok"
     except Exception as exc:

@@ -36,6 +36,7 @@ def test_case(benchmark, memk_case, memk_device):
             torch.cuda.synchronize(memk_device)
     try:
         benchmark(call)
+        runner.reset()
         benchmark.extra_info["memory"] = timing.peak_memory(call, memk_device)
     finally:
         runner.close()
