@@ -277,9 +277,12 @@ def _logprob_check(op: str, backward: bool, device: torch.device):
             expected_out = -logp.mean()
         else:  # sequence_bits
             expected_out = -logp.reshape(targets.shape).sum(-1) / LN2
-        result = {"output": (_max_rel_err(out, expected_out), rel_tolerance(out.dtype, device))}
+        # A float32 sum over V terms is off by ~sqrt(V) ulps: V = 50257 measures 1.6e-5 for
+        # torch's own F.cross_entropy gradient, so the bound grows as sqrt(V / 2048).
+        grow = max(1.0, math.sqrt(logits.shape[-1] / 2048))
+        result = {"output": (_max_rel_err(out, expected_out), rel_tolerance(out.dtype, device) * grow)}
         if backward:
-            result["grad_logits"] = (grad_err / max(grad_scale, 1e-30), rel_tolerance(grad.dtype, device))
+            result["grad_logits"] = (grad_err / max(grad_scale, 1e-30), rel_tolerance(grad.dtype, device) * grow)
         return result
 
     return check
