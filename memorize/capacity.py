@@ -70,22 +70,26 @@ PRESETS: dict[str, Callable[[], CapacityExperiment]] = {
     # saturation, so α comes out below the paper's (README says by how much).
     "default": lambda: CapacityExperiment(
         models=tuple(_model(1, d, h, 64, 32) for d, h in ((8, 1), (16, 2), (24, 2), (32, 2))),
-        train=TrainConfig(lr=1e-2, warmup_steps=100, batch_size=64, max_steps=3000, min_steps=500, eval_every=100),
+        train=TrainConfig(
+            lr=1e-2, warmup_steps=100, batch_size=64, max_steps=3000, cooldown_steps=600, min_steps=500, eval_every=100
+        ),
     ),
     # The paper's grid: GPT-2 with 1-8 layers and d_model 32-512, V=2048, S=64, batch
     # 2048, bfloat16. For GPUs: it takes days; narrow it with --models.
     "paper": lambda: CapacityExperiment(
         models=tuple(_model(L, d, max(1, d // 32), 2048, 64) for L in (1, 2, 4, 8) for d in (32, 64, 128, 256, 512)),
         train=TrainConfig(
-            lr=1e-3, warmup_steps=1000, batch_size=2048, max_steps=1_000_000, min_steps=10_000, eval_every=1000,
-            plateau_window=10, plateau_rel_tol=0.002,
+            lr=1e-3, warmup_steps=1000, batch_size=2048, max_steps=1_000_000, cooldown_steps=20_000,
+            min_steps=10_000, eval_every=1000, plateau_window=10, plateau_rel_tol=0.002,
         ),
         precisions=("bfloat16",),
     ),
     # Seconds-long, for tests and a first look: two tiny models, three sizes each.
     "smoke": lambda: CapacityExperiment(
         models=(_model(1, 8, 1, 16, 8), _model(1, 16, 2, 16, 8)),
-        train=TrainConfig(lr=1e-2, warmup_steps=5, batch_size=32, max_steps=30, min_steps=10, eval_every=10),
+        train=TrainConfig(
+            lr=1e-2, warmup_steps=5, batch_size=32, max_steps=30, cooldown_steps=6, min_steps=10, eval_every=10
+        ),
         size_factors=(0.5, 2.0),
     ),
 }
@@ -436,6 +440,7 @@ def experiment_from_options(
     precision: str | None = None,
     device: str | None = None,
     max_steps: int | None = None,
+    cooldown_steps: int | None = None,
     lr: float | None = None,
     batch_size: int | None = None,
     seed: int | None = None,
@@ -469,11 +474,18 @@ def experiment_from_options(
         changes["attention_backend"] = attention_backend
     if logprob_backend is not None:
         changes["logprob_backend"] = logprob_backend
-    train_changes = {k: v for k, v in (("max_steps", max_steps), ("lr", lr), ("batch_size", batch_size)) if v is not None}
+    train_changes = {
+        k: v
+        for k, v in (("max_steps", max_steps), ("cooldown_steps", cooldown_steps), ("lr", lr), ("batch_size", batch_size))
+        if v is not None
+    }
+    if max_steps is not None:
+        # keep the preset's proportions unless told otherwise
+        train_changes.setdefault("cooldown_steps", round(max_steps * exp.train.cooldown_steps / exp.train.max_steps))
+        train_changes["min_steps"] = min(exp.train.min_steps, max_steps)
     if train_changes:
         try:
-            train = replace(exp.train, **train_changes)
-            changes["train"] = replace(train, min_steps=min(train.min_steps, train.max_steps))
+            changes["train"] = replace(exp.train, **train_changes)
         except ValueError as e:
             raise ConfigError(str(e)) from e
     exp = replace(exp, **changes)

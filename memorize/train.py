@@ -1,9 +1,12 @@
 """Training to saturation: AdamW on one dataset until memorized bits stop rising.
 
 Schedule: AdamW (betas 0.9/0.98, weight decay 0 by default, as the paper's Adam),
-learning rate rising linearly from 0 over `warmup_steps`, then constant. There is no
-decay to a fixed horizon because the horizon is not known in advance: training stops
-when the bits curve flattens (`plateau_reached`) or at `max_steps`.
+learning rate rising linearly from 0 over `warmup_steps`, then constant, then a
+cool-down: a linear decay to 0 over `cooldown_steps` (warmup-stable-decay). The
+horizon is not known in advance, so the cool-down starts when the bits curve flattens
+(`plateau_reached`), or `cooldown_steps` before the step cap `max_steps`, whichever
+comes first; the run ends when the cool-down does. Annealing the rate lets the model
+settle into the minimum the constant rate only circles, so it stores more bits.
 
 Every `eval_every` steps the memorized bits of the whole training set are measured and
 a checkpoint is written atomically, so a killed run continues from its last evaluation.
@@ -35,7 +38,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float = 1.0
-    max_steps: int = 3000  # the step cap
+    max_steps: int = 3000  # the step cap, cool-down included
+    cooldown_steps: int = 0  # linear decay of the learning rate to 0 that ends every run
     min_steps: int = 500  # never stop on a plateau before this
     eval_every: int = 100  # steps between measurements of the bits curve
     plateau_window: int = 5  # evaluations the plateau rule looks back over
@@ -46,6 +50,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not 0 <= self.cooldown_steps <= self.max_steps:
+            raise ValueError(f"cooldown_steps must lie in [0, max_steps={self.max_steps}], got {self.cooldown_steps}")
         for name in ("warmup_steps", "min_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -59,8 +65,10 @@ class TrainConfig:
         return asdict(self)
 
 
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over warmup_steps, then constant."""
+def learning_rate(step: int, cfg: TrainConfig, cooldown_start: int | None = None) -> float:
+    """Linear warm-up over warmup_steps, constant, then (from cooldown_start) linear decay to 0."""
+    if cooldown_start is not None and step >= cooldown_start:
+        return cfg.lr * max(0.0, 1.0 - (step - cooldown_start) / cfg.cooldown_steps)
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     return cfg.lr
@@ -143,22 +151,24 @@ def train_to_saturation(
     data_on_device = data.to(device)
 
     step, curve, best, elapsed, loss_value = 0, [], (-1.0, None, math.nan), 0.0, math.nan
+    cooldown_start, stop_reason = None, None  # the step the learning-rate decay began, and why
     if checkpoint_path is not None and checkpoint_path.exists():
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, curve, elapsed = state["step"], [tuple(c) for c in state["curve"]], state["train_seconds"]
         best, loss_value = tuple(state["best"]), state["loss"]
+        cooldown_start, stop_reason = state["cooldown_start"], state["stop_reason"]
 
     def evaluate() -> tuple[float, float]:
         bits = model_sequence_bits(model, data_on_device, cfg.precision)
         return float(unintended_memorization(bits, entropy).sum()), float(bits.mean())
 
-    stop_reason = "step_cap"
     started = time.perf_counter() - elapsed
     model.train()
     while True:
-        if step % cfg.eval_every == 0 or step >= cfg.max_steps:
+        end = None if cooldown_start is None else cooldown_start + cfg.cooldown_steps
+        if step % cfg.eval_every == 0 or step >= cfg.max_steps or (end is not None and step >= end):
             if not curve or curve[-1][0] != step:
                 mem, mean_bits = evaluate()
                 curve.append((step, mem))
@@ -173,17 +183,26 @@ def train_to_saturation(
                             "curve": curve,
                             "best": best,
                             "loss": loss_value,
+                            "cooldown_start": cooldown_start,
+                            "stop_reason": stop_reason,
                             "train_seconds": time.perf_counter() - started,
                         },
                         checkpoint_path,
                     )
-            if step >= cfg.max_steps:
-                break
-            if step >= cfg.min_steps and plateau_reached([b for _, b in curve], cfg.plateau_window, cfg.plateau_rel_tol):
-                stop_reason = "plateau"
-                break
+        if cooldown_start is None:  # still in the stable phase: has it ended?
+            evaluated_now = curve[-1][0] == step
+            if evaluated_now and step >= cfg.min_steps and plateau_reached(
+                [b for _, b in curve], cfg.plateau_window, cfg.plateau_rel_tol
+            ):
+                stop_reason, cooldown_start = "plateau", step
+            elif step >= cfg.max_steps - cfg.cooldown_steps:
+                stop_reason, cooldown_start = "step_cap", step
+            if cooldown_start is not None:
+                continue  # evaluate again at once if there is no cooldown
+        if end is not None and step >= end:
+            break
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
+            group["lr"] = learning_rate(step, cfg, cooldown_start)
         x = data_on_device[batch_indices(step, n, cfg.batch_size, cfg.seed).to(device)]
         with autocast_context(device, cfg.precision):
             loss = model.loss(x)

@@ -108,6 +108,7 @@ def test_summary_takes_the_plateau_as_capacity_and_fits_per_precision():
         (dict(models="2by64"), "LAYERSxD_MODEL"),
         (dict(preset_name="huge"), "unknown preset"),
         (dict(max_steps=0), "max_steps"),
+        (dict(max_steps=50, cooldown_steps=80), "cooldown_steps"),
         (dict(attention_backend="fast"), "unknown attention backend"),
     ],
 )

@@ -35,12 +35,28 @@ def test_plateau_rule_stops_a_saturating_curve_where_the_window_gain_falls_below
     assert gain(t - 10) >= 0.01 * saturating([t - 60])[0]
 
 
-def test_learning_rate_warms_up_linearly_then_holds():
-    cfg = TrainConfig(lr=0.1, warmup_steps=10)
+def test_learning_rate_warms_up_holds_then_cools_down_to_zero():
+    cfg = TrainConfig(lr=0.1, warmup_steps=10, cooldown_steps=100)
     assert learning_rate(0, cfg) == pytest.approx(0.01)
     assert learning_rate(4, cfg) == pytest.approx(0.05)
     assert learning_rate(9, cfg) == pytest.approx(0.1)
     assert learning_rate(10_000, cfg) == 0.1
+    assert learning_rate(500, cfg, cooldown_start=500) == pytest.approx(0.1)
+    assert learning_rate(550, cfg, cooldown_start=500) == pytest.approx(0.05)
+    assert learning_rate(599, cfg, cooldown_start=500) == pytest.approx(0.001)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_run_ends_with_its_cooldown_inside_the_step_cap():
+    config = GPTConfig(1, 16, 2, 16, 8)
+    data = uniform_random_sequences(40, 16, 8, seed=0)
+    cfg = TrainConfig(lr=1e-2, warmup_steps=5, batch_size=16, max_steps=70, min_steps=70, eval_every=20, cooldown_steps=25)
+    _, outcome = train_to_saturation(config, data, cfg, torch.device("cpu"))
+    assert outcome.steps == 70 and outcome.stop_reason == "step_cap"
+    assert [s for s, _ in outcome.curve] == [0, 20, 40, 60, 70]
 
 
 def test_batches_are_epochs_of_permutations():
@@ -57,6 +73,26 @@ def test_bad_train_config_is_a_clear_error():
         TrainConfig(precision="float16")
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+
+
+def test_a_run_killed_during_its_cooldown_resumes_to_the_uninterrupted_result(tmp_path):
+    config = GPTConfig(1, 16, 2, 16, 8)
+    data = uniform_random_sequences(40, 16, 8, seed=0)
+    cfg = TrainConfig(lr=1e-2, warmup_steps=5, batch_size=16, max_steps=60, min_steps=60, eval_every=20, cooldown_steps=20)
+    _, straight = train_to_saturation(config, data, cfg, torch.device("cpu"))
+
+    def kill_at_50(p):
+        if p["step"] == 50:
+            raise Killed
+
+    ckpt = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        train_to_saturation(config, data, cfg, torch.device("cpu"), checkpoint_path=ckpt, on_progress=kill_at_50)
+    assert torch.load(ckpt, weights_only=False)["step"] == 40  # the cooldown began here; 10 steps of it are lost
+    _, resumed = train_to_saturation(config, data, cfg, torch.device("cpu"), checkpoint_path=ckpt)
+    assert [s for s, _ in resumed.curve] == [s for s, _ in straight.curve] == [0, 20, 40, 60]
+    np.testing.assert_allclose([b for _, b in resumed.curve], [b for _, b in straight.curve], rtol=1e-6)
+    assert resumed.stop_reason == straight.stop_reason == "step_cap"
 
 
 def test_resuming_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path):
