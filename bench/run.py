@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -212,6 +213,7 @@ def run_groups(groups: list[Group], device: torch.device, options: RunOptions | 
                 t0 = time.time()
                 record = run_case(case, inputs, device, env, options.max_time)
                 record["wall_s"] = time.time() - t0
+                record["load_average_1m"] = os.getloadavg()[0]  # a shared machine's other work shows here
                 records.append(record)
                 if options.progress:
                     options.progress(record)
