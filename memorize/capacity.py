@@ -162,6 +162,19 @@ def prepare_output_dir(out_dir: Path) -> Path:
     return out_dir
 
 
+def lock_output_dir(out_dir: Path):
+    """Hold an exclusive lock on the folder for this process: two runs writing one folder would clobber it."""
+    import fcntl
+
+    handle = open(out_dir / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(f"another memk run is writing to {str(out_dir)!r}; wait for it to finish or choose another --out")
+    return handle
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -211,6 +224,14 @@ def run_capacity(
     """Run (or resume) every planned run, then fit and write the summary and plots."""
     device = validate(exp)
     out_dir = prepare_output_dir(out_dir)
+    lock = lock_output_dir(out_dir)
+    try:
+        return _run_locked(exp, out_dir, device, progress, on_run_done)
+    finally:
+        lock.close()
+
+
+def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
     attention_backend = (
         kernels.default_attention_backend(device) if exp.attention_backend == "auto" else exp.attention_backend
     )

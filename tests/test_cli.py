@@ -94,6 +94,14 @@ def test_unwritable_output_folder_is_one_line_and_exit_2(tmp_path):
     _one_line_error(memk("run-capacity", "--preset", "smoke", "--out", str(blocker / "runs")), "cannot write to output folder")
 
 
+def test_a_folder_another_run_is_writing_is_one_line_and_exit_2(tmp_path):
+    import fcntl
+
+    with open(tmp_path / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running memk holds it
+        _one_line_error(memk("run-capacity", "--preset", "smoke", "--out", str(tmp_path)), "another memk run")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path):
     _one_line_error(memk("run-capacity", "--preset", "smoke", "--device", "cuda", "--out", str(tmp_path)), "no CUDA device")
