@@ -55,7 +55,9 @@ def text_file_documents(path) -> list[str]:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read it ({e.strerror or e}); give --text a readable UTF-8 text file") from None
+        raise ConfigError(
+            f"{path}: cannot read it ({e.strerror or e}); give --text a readable UTF-8 text file"
+        ) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -64,12 +66,13 @@ def text_file_documents(path) -> list[str]:
             f"re-encode it, e.g. `iconv -f LATIN1 -t utf-8 {path} > out.txt`, and pass that"
         ) from None
     if not text.strip():
-        raise ConfigError(f"{path}: the file is {'empty' if not text else 'only whitespace'}; give --text a file with text in it")
+        what = "empty" if not text else "only whitespace"
+        raise ConfigError(f"{path}: the file is {what}; give --text a file with text in it")
     return [text]
 
 
 def hf_dataset_documents(name: str, split: str = "train", column: str = "text") -> list[str]:
-    """The non-empty strings of one column of a Hugging Face dataset: a folder saved with save_to_disk, or a Hub name."""
+    """The non-empty strings of one column of a Hugging Face dataset (a save_to_disk folder or a Hub name)."""
     try:
         import datasets
     except ImportError:
@@ -82,10 +85,14 @@ def hf_dataset_documents(name: str, split: str = "train", column: str = "text") 
         try:
             loaded = datasets.load_from_disk(name)
         except Exception as e:  # noqa: BLE001 - any failure becomes one line naming its cause
-            raise ConfigError(f"cannot load {label} from disk: {_one_line(e)}; give a folder written by save_to_disk") from None
+            raise ConfigError(
+                f"cannot load {label} from disk: {_one_line(e)}; give a folder written by save_to_disk"
+            ) from None
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ConfigError(f"{label} has no split {split!r}; its splits are {sorted(loaded)}: pick one with --hf-split")
+                raise ConfigError(
+                    f"{label} has no split {split!r}; its splits are {sorted(loaded)}: pick one with --hf-split"
+                )
             loaded = loaded[split]
     else:
         try:
@@ -98,13 +105,17 @@ def hf_dataset_documents(name: str, split: str = "train", column: str = "text") 
     label = f"{label} split {split!r}"
 
     if column not in loaded.column_names:
-        raise ConfigError(f"{label} has no column {column!r}; its columns are {loaded.column_names}: pick one with --hf-column")
+        raise ConfigError(
+            f"{label} has no column {column!r}; its columns are {loaded.column_names}: pick one with --hf-column"
+        )
     documents = []
     for i, value in enumerate(loaded[column]):
         if value is None:
             continue
         if not isinstance(value, str):
-            raise ConfigError(f"{label} column {column!r} holds {type(value).__name__} (row {i}), not text; pick a text column")
+            raise ConfigError(
+                f"{label} column {column!r} holds {type(value).__name__} (row {i}), not text; pick a text column"
+            )
         if value.strip():
             documents.append(value)
     if not documents:
@@ -351,10 +362,16 @@ def _load_saved(out_dir: Path, fingerprint: str) -> TokenizedCorpus | None:
         load_tokenizer(out_dir)
         values = {f.name: meta[f.name] for f in fields(TokenizedCorpus) if f.name not in ("train_pool", "heldout")}
     except Exception as e:  # noqa: BLE001 - any damage (missing file, bad zip, bad json) becomes one message
-        raise ConfigError(f"{out_dir} holds a damaged corpus ({_one_line(e)}); delete its corpus.* files or use another --out") from None
+        raise ConfigError(
+            f"{out_dir} holds a damaged corpus ({_one_line(e)}); delete its corpus.* files or use another --out"
+        ) from None
     if train_pool.shape != (meta["n_train"], meta["seq_len"]) or heldout.shape != (meta["n_heldout"], meta["seq_len"]):
-        raise ConfigError(f"{out_dir}/corpus.npz does not match corpus.json; delete its corpus.* files or use another --out")
-    return TokenizedCorpus(**values, train_pool=train_pool.astype(np.int64, copy=False), heldout=heldout.astype(np.int64, copy=False))
+        raise ConfigError(
+            f"{out_dir}/corpus.npz does not match corpus.json; delete its corpus.* files or use another --out"
+        )
+    return TokenizedCorpus(
+        **values, train_pool=train_pool.astype(np.int64, copy=False), heldout=heldout.astype(np.int64, copy=False)
+    )
 
 
 def _write_atomic(path: Path, write) -> None:
