@@ -10,7 +10,7 @@ import click
 from memk.bench.cli import bench
 from memk.kernels import BackendUnavailable
 
-from . import capacity
+from . import capacity, generalization
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,6 +47,50 @@ def run_capacity(preset_name, out, no_progress, **options):
     summary = capacity.run_capacity(exp, out, progress=not no_progress)
     click.echo(capacity.format_table(summary))
     click.echo(f"results in {out}/: runs.jsonl, summary.json, capacity_curves.png, capacity_vs_params.png")
+
+
+@cli.command("run-generalization")
+@click.option("--preset", "preset_name", default="default", show_default=True, help=f"one of: {', '.join(generalization.PRESETS)}")
+@click.option("--source", type=click.Choice(generalization.SOURCES), help="text (a corpus) or markov (a synthetic chain with exact entropy)")
+@click.option("--text", help="a UTF-8 text file to use as the corpus [default: the built-in corpus]")
+@click.option("--hf-dataset", help="a Hugging Face dataset name, or a folder saved with save_to_disk")
+@click.option("--hf-split", help="the dataset's split [default: train]")
+@click.option("--hf-column", help="the dataset's text column [default: text]")
+@click.option("--vocab-size", type=int, help="BPE vocabulary (text) or number of states (markov)")
+@click.option("--seq-len", type=int, help="sequence length S in tokens (tokens 1..S-1 are coded)")
+@click.option("--markov-branching", type=int, help="non-zero successors per Markov state")
+@click.option("--markov-sequences", type=int, help="sequences drawn from the Markov chain (training pool + held-out)")
+@click.option("--models", help="models of the sweep, e.g. '1x16x2,1x32' (LAYERSxD_MODEL[xHEADS])")
+@click.option("--check-models", help="models outside the fit whose F1 the law predicts ('' for none)")
+@click.option("--reference-model", help="the reference θ's shape [default: the largest model of the run]")
+@click.option("--sizes", help="dataset sizes in sequences for every model, e.g. '50,100,200'")
+@click.option("--size-factors", help="dataset sizes as multiples of each model's capacity, in bits")
+@click.option("--check-size-factors", help="the check runs' dataset sizes, as multiples of capacity")
+@click.option("--heldout", type=int, help="sequences held out, never trained on")
+@click.option("--alpha", type=float, help="bits per parameter for capacity = α · parameters")
+@click.option("--capacity-summary", help="take α from a run-capacity summary.json instead")
+@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), help="training precision")
+@click.option("--device", help="auto, cpu, cuda or cuda:N")
+@click.option("--max-steps", type=int, help="step cap per run, cool-down included")
+@click.option("--lr", type=float, help="peak learning rate")
+@click.option("--batch-size", type=int, help="sequences per step")
+@click.option("--seed", type=int, help="seed of the data split, the Markov chain and the model init")
+@click.option("--attention-backend", help="memk.kernels attention backend (auto picks the best for the device)")
+@click.option("--logprob-backend", help="memk.kernels log-prob backend (auto picks the best for the device)")
+@click.option("--out", type=click.Path(path_type=Path), help="output folder [default: runs/generalization-PRESET]")
+@click.option("--no-progress", is_flag=True, help="no progress bars")
+def run_generalization(preset_name, out, no_progress, **options):
+    """Train GPT-2 models on real text (or a Markov chain): unintended memorization,
+    double descent and membership inference against dataset size / capacity.
+
+    Re-running with the same options and --out resumes: the corpus, the reference model
+    and finished runs are kept, and the run in progress continues from its checkpoint.
+    """
+    exp = generalization.experiment_from_options(preset_name, **options)
+    out = out or Path("runs") / f"generalization-{preset_name}"
+    summary = generalization.run_generalization(exp, out, progress=not no_progress)
+    click.echo(generalization.format_summary(summary))
+    click.echo(f"results in {out}/: runs.jsonl, summary.json, prediction.json, reference/, *.png")
 
 
 cli.add_command(bench)

@@ -58,3 +58,116 @@ def plot_capacity_vs_params(summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_generalization(summary: dict, out_dir: Path) -> list[Path]:
+    """The generalization experiment's plots; returns the files written."""
+    out_dir = Path(out_dir)
+    paths = [out_dir / "memorization.png", out_dir / "double_descent.png", out_dir / "membership.png"]
+    _plot_memorization(summary, paths[0])
+    _plot_double_descent(summary, paths[1])
+    _plot_membership(summary, paths[2])
+    if "reference_check" in summary:
+        paths.append(out_dir / "reference_check.png")
+        _plot_reference_check(summary, paths[3])
+    return paths
+
+
+def _series(model: dict, key: str):
+    return [p["dataset_over_capacity"] for p in model["points"]], [p[key] for p in model["points"]]
+
+
+def _plot_memorization(summary: dict, path: Path) -> None:
+    """Unintended memorization and generalization against dataset size / capacity."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for i, m in enumerate(summary["models"]):
+        style = "o-" if m["role"] == "sweep" else "s--"
+        for ax, key in zip(axes, ("unintended_bits", "generalization_bits")):
+            x, y = _series(m, key)
+            ax.plot(x, y, style, color=f"C{i}", label=f"{m['model_name']} ({m['parameters']:,} params)")
+    for ax, title in zip(axes, ("unintended memorization Σ max(0, H(x|θ) - H(x|θ̂))", "generalization: total - unintended")):
+        ax.axvline(1.0, color="gray", lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("dataset size / capacity (bits)")
+        ax.set_ylabel("bits")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_double_descent(summary: dict, path: Path) -> None:
+    """Train (dashed) and held-out (solid) loss against dataset size / capacity, peak marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for i, m in enumerate(summary["models"]):
+        x, held = _series(m, "heldout_bits_per_token")
+        _, train = _series(m, "train_bits_per_token")
+        ax.plot(x, held, "o-", color=f"C{i}", label=f"{m['model_name']} held-out")
+        ax.plot(x, train, ".--", color=f"C{i}", lw=0.8, label=f"{m['model_name']} train")
+        ax.plot([m["heldout_peak_dataset_over_capacity"]], [m["heldout_peak_bits_per_token"]], "*", ms=12, color=f"C{i}")
+    ax.axvline(1.0, color="gray", lw=0.8, ls=":", label="dataset bits = capacity")
+    ax.set_xscale("log")
+    ax.set_xlabel("dataset size / capacity (bits)")
+    ax.set_ylabel("loss (bits per coded token)")
+    ax.set_title("double descent: held-out loss against dataset size / capacity; ★ peak")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_membership(summary: dict, path: Path) -> None:
+    """Attack F1 and AUC against capacity / dataset size, the fitted law and its predictions."""
+    from .membership import f1_law
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    ratios = []
+    for i, m in enumerate(summary["models"]):
+        x = [p["capacity_over_dataset"] for p in m["points"]]
+        ratios += x
+        sweep = m["role"] == "sweep"
+        ax.plot(x, [p["f1"] for p in m["points"]], "o" if sweep else "s", color=f"C{i}",
+                label=f"{m['model_name']} F1{'' if sweep else ' (check run)'}")
+        ax.plot(x, [p["auc"] for p in m["points"]], "x", color=f"C{i}", alpha=0.6)
+    law = summary.get("f1_law")
+    if law is not None and ratios:
+        xs = np.geomspace(min(ratios) / 1.5, max(ratios) * 1.5, 200)
+        ax.plot(xs, f1_law(xs, law["c1"], law["c2"], law["c3"]), "k-", lw=1,
+                label=f"fit: c1={law['c1']:.2f}, c2={law['c2']:.3f}, c3={law['c3']:.2f}")
+    for c in summary.get("prediction_check", {}).get("checks", []):
+        if c["predicted_f1"] is not None:
+            ax.plot([c["capacity_over_dataset"]], [c["predicted_f1"]], "k^", mfc="none", ms=9)
+    ax.plot([], [], "k^", mfc="none", label="predicted before the check run")
+    ax.plot([], [], "kx", label="ROC AUC")
+    ax.axhline(0.5, color="gray", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("capacity / dataset size (bits)")
+    ax.set_ylabel("membership inference F1 (AUC: x)")
+    ax.set_title("loss-threshold membership inference")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_reference_check(summary: dict, path: Path) -> None:
+    """Unintended memorization from the reference model against the exact one (Markov source)."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    top = 1.0
+    for i, m in enumerate(summary["models"]):
+        x = [p["unintended_exact_bits"] for p in m["points"]]
+        y = [p["unintended_reference_bits"] for p in m["points"]]
+        top = max(top, *x, *y)
+        ax.plot(x, y, "o", color=f"C{i}", label=m["model_name"])
+    ax.plot([0, top], [0, top], "k:", lw=0.8, label="estimate = exact")
+    ax.set_xlabel("mem_U with the exact generator θ (bits)")
+    ax.set_ylabel("mem_U with the reference model (bits)")
+    rc = summary["reference_check"]
+    off = rc["relative_error_of_total"]
+    gap = f"{100 * off:+.1f}%" if off is not None else f"{rc['total_unintended_reference_bits']:,.0f} bits against 0"
+    ax.set_title(f"reference-model estimate of total mem_U: {gap}", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
