@@ -73,6 +73,22 @@ def plot_generalization(summary: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _ratio_axis(ax, values) -> None:
+    """A log axis for ratios, ticked at powers of two and labelled plainly (0.25, 1, 4)."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, FormatStrFormatter
+
+    ax.set_xscale("log")
+    lo, hi = min(values), max(values)
+    ticks = [2.0**k for k in range(-10, 11) if lo / 1.5 <= 2.0**k <= hi * 1.5]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _all_ratios(summary: dict, key: str = "dataset_over_capacity") -> list[float]:
+    return [p[key] for m in summary["models"] for p in m["points"]]
+
+
 def _series(model: dict, key: str):
     return [p["dataset_over_capacity"] for p in model["points"]], [p[key] for p in model["points"]]
 
@@ -87,7 +103,7 @@ def _plot_memorization(summary: dict, path: Path) -> None:
             ax.plot(x, y, style, color=f"C{i}", label=f"{m['model_name']} ({m['parameters']:,} params)")
     for ax, title in zip(axes, ("unintended memorization Σ max(0, H(x|θ) - H(x|θ̂))", "generalization: total - unintended")):
         ax.axvline(1.0, color="gray", lw=0.8, ls=":")
-        ax.set_xscale("log")
+        _ratio_axis(ax, _all_ratios(summary))
         ax.set_xlabel("dataset size / capacity (bits)")
         ax.set_ylabel("bits")
         ax.set_title(title, fontsize=10)
@@ -107,7 +123,8 @@ def _plot_double_descent(summary: dict, path: Path) -> None:
         ax.plot(x, train, ".--", color=f"C{i}", lw=0.8, label=f"{m['model_name']} train")
         ax.plot([m["heldout_peak_dataset_over_capacity"]], [m["heldout_peak_bits_per_token"]], "*", ms=12, color=f"C{i}")
     ax.axvline(1.0, color="gray", lw=0.8, ls=":", label="dataset bits = capacity")
-    ax.set_xscale("log")
+    _ratio_axis(ax, _all_ratios(summary))
+    ax.set_yscale("log")
     ax.set_xlabel("dataset size / capacity (bits)")
     ax.set_ylabel("loss (bits per coded token)")
     ax.set_title("double descent: held-out loss against dataset size / capacity; ★ peak")
@@ -141,7 +158,7 @@ def _plot_membership(summary: dict, path: Path) -> None:
     ax.plot([], [], "k^", mfc="none", label="predicted before the check run")
     ax.plot([], [], "kx", label="ROC AUC")
     ax.axhline(0.5, color="gray", lw=0.8, ls=":")
-    ax.set_xscale("log")
+    _ratio_axis(ax, _all_ratios(summary, "capacity_over_dataset"))
     ax.set_xlabel("capacity / dataset size (bits)")
     ax.set_ylabel("membership inference F1 (AUC: x)")
     ax.set_title("loss-threshold membership inference")

@@ -161,6 +161,25 @@ def test_cli_end_to_end_then_resume(tmp_path, source):
     assert (out / "runs.jsonl").read_text() == rows
 
 
+@pytest.mark.slow
+def test_cli_reads_a_hugging_face_dataset_saved_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from pydoc_data.topics import topics
+
+    folder = tmp_path / "hf"
+    rows = [{"body": topics[k], "id": i} for i, k in enumerate(sorted(topics))]
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)}).save_to_disk(str(folder))
+    out = tmp_path / "gen"
+    result = memk("run-generalization", "--preset", "smoke", "--hf-dataset", str(folder), "--hf-split", "validation",
+                  "--hf-column", "body", "--models", "1x8", "--check-models", "", "--sizes", "20,40,80,160",
+                  "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["source"]["source"] == f"hf:{folder}[validation].body"
+    assert summary["source"]["n_documents"] == len(topics)
+    assert [p["n_sequences"] for p in summary["models"][0]["points"]] == [20, 40, 80, 160]
+
+
 @pytest.mark.parametrize(
     "make, args, needle",
     [
