@@ -141,13 +141,26 @@ def validate(exp: CapacityExperiment) -> torch.device:
         if m.seq_len < 2:
             raise ConfigError(f"seq_len must be >= 2 (the first token is context, the rest are coded), got {m.seq_len}")
     device = resolve_device(exp.device)
+    check_backends(exp.attention_backend, exp.logprob_backend)
+    return device
+
+
+def check_backends(attention_backend: str, logprob_backend: str) -> None:
+    """Backend names must be 'auto' or registered in memk.kernels."""
     for kind, name, known in (
-        ("attention", exp.attention_backend, kernels.attention_backends()),
-        ("log-prob", exp.logprob_backend, kernels.logprob_backends()),
+        ("attention", attention_backend, kernels.attention_backends()),
+        ("log-prob", logprob_backend, kernels.logprob_backends()),
     ):
         if name != "auto" and name not in known:
             raise ConfigError(f"unknown {kind} backend {name!r}; choose auto or one of {', '.join(known)}")
-    return device
+
+
+def resolve_backends(device: torch.device, attention_backend: str, logprob_backend: str) -> tuple[str, str]:
+    """'auto' becomes the best backend memk.kernels has for the device."""
+    return (
+        kernels.default_attention_backend(device) if attention_backend == "auto" else attention_backend,
+        kernels.default_logprob_backend(device) if logprob_backend == "auto" else logprob_backend,
+    )
 
 
 def prepare_output_dir(out_dir: Path) -> Path:
@@ -232,10 +245,7 @@ def run_capacity(
 
 
 def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
-    attention_backend = (
-        kernels.default_attention_backend(device) if exp.attention_backend == "auto" else exp.attention_backend
-    )
-    logprob_backend = kernels.default_logprob_backend(device) if exp.logprob_backend == "auto" else exp.logprob_backend
+    attention_backend, logprob_backend = resolve_backends(device, exp.attention_backend, exp.logprob_backend)
     atomic_write_text(out_dir / "experiment.json", json.dumps(exp.to_dict(), indent=2) + "\n")
 
     runs_path = out_dir / "runs.jsonl"
@@ -244,7 +254,7 @@ def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
     planned = plan(exp)
     todo = [r for r in planned if r.run_id not in done]
 
-    bar = _progress_bar(total=len(planned), initial=len(planned) - len(todo), desc="sweep", disable=not progress)
+    bar = progress_bar(total=len(planned), initial=len(planned) - len(todo), desc="sweep", disable=not progress)
     for run in todo:
         bar.set_postfix_str(f"{run.model.name} N={run.n} {run.precision}")
         row = _train_one(run, exp, device, out_dir, attention_backend, logprob_backend, progress)
@@ -267,7 +277,7 @@ def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
     return summary
 
 
-def _progress_bar(**kwargs):
+def progress_bar(**kwargs):
     from tqdm.auto import tqdm
 
     return tqdm(dynamic_ncols=True, leave=kwargs.pop("leave", True), **kwargs)
@@ -276,7 +286,7 @@ def _progress_bar(**kwargs):
 def _train_one(run, exp, device, out_dir, attention_backend, logprob_backend, progress) -> dict:
     data = uniform_random_sequences(run.n, run.model.vocab_size, run.model.seq_len, seed=exp.seed)
     train_cfg = replace(exp.train, precision=run.precision, seed=exp.seed)
-    bar = _progress_bar(total=train_cfg.max_steps, desc=f"  N={run.n}", leave=False, disable=not progress)
+    bar = progress_bar(total=train_cfg.max_steps, desc=f"  N={run.n}", leave=False, disable=not progress)
     last = [0]
 
     def on_progress(p):

@@ -42,25 +42,25 @@ from typing import Callable
 import numpy as np
 import torch
 
-from memk import kernels
-
 from . import corpus as corpus_lib
 from .bits import model_sequence_bits, uniform_sequence_entropy_bits, unintended_memorization
 from .capacity import (
     ConfigError,
-    _progress_bar,
+    progress_bar,
     atomic_write_text,
+    check_backends,
     load_rows,
     lock_output_dir,
     parse_models,
     parse_numbers,
     prepare_output_dir,
+    resolve_backends,
     resolve_device,
 )
 from .markov import MarkovSource
 from .membership import f1_law, fit_f1_law, loss_threshold_attack
 from .model import GPT, GPTConfig, count_parameters
-from .train import PRECISIONS, TrainConfig, train_to_saturation
+from .train import PRECISIONS, TrainConfig, atomic_torch_save, train_to_saturation
 
 # α of the default capacity run (docs/default-run/summary.json: float32, 2-core CPU, 2026-11-25),
 # used for capacity = α · parameters unless --alpha or --capacity-summary says otherwise.
@@ -265,12 +265,7 @@ def validate(exp: GeneralizationExperiment) -> torch.device:
                 f"the Markov pool ({src.markov_sequences} sequences) must exceed the held-out split ({exp.n_heldout})"
             )
     device = resolve_device(exp.device)
-    for kind, name, known in (
-        ("attention", exp.attention_backend, kernels.attention_backends()),
-        ("log-prob", exp.logprob_backend, kernels.logprob_backends()),
-    ):
-        if name != "auto" and name not in known:
-            raise ConfigError(f"unknown {kind} backend {name!r}; choose auto or one of {', '.join(known)}")
+    check_backends(exp.attention_backend, exp.logprob_backend)
     return device
 
 
@@ -362,7 +357,7 @@ def train_reference(exp, data: SourceData, out_dir: Path, device, backends, prog
         bits = np.load(bits_path)
         return Reference(config, bits["pool"], bits["heldout"], json.loads(meta_path.read_text()))
 
-    bar = _progress_bar(total=cfg.max_steps, desc=f"reference {config.name}", leave=False, disable=not progress)
+    bar = progress_bar(total=cfg.max_steps, desc=f"reference {config.name}", leave=False, disable=not progress)
     model, outcome = train_to_saturation(
         config, data.train_pool, cfg, device,
         checkpoint_path=out_dir / "checkpoints" / f"reference-{ref_id}.pt",
@@ -371,7 +366,7 @@ def train_reference(exp, data: SourceData, out_dir: Path, device, backends, prog
     bar.close()
     pool_bits = model_sequence_bits(model, data.train_pool, cfg.precision)
     heldout_bits = model_sequence_bits(model, data.heldout, cfg.precision)
-    torch.save(model.state_dict(), weights_path)
+    atomic_torch_save(model.state_dict(), weights_path)
     _atomic_npz(bits_path, pool=pool_bits, heldout=heldout_bits)
     coded = config.seq_len - 1
     description = {
@@ -481,10 +476,7 @@ def run_generalization(
 
 
 def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
-    backends = (
-        kernels.default_attention_backend(device) if exp.attention_backend == "auto" else exp.attention_backend,
-        kernels.default_logprob_backend(device) if exp.logprob_backend == "auto" else exp.logprob_backend,
-    )
+    backends = resolve_backends(device, exp.attention_backend, exp.logprob_backend)
     atomic_write_text(out_dir / "experiment.json", json.dumps(exp.to_dict(), indent=2) + "\n")
     data = load_source(exp, out_dir)
     reference = train_reference(exp, data, out_dir, device, backends, progress)
@@ -494,7 +486,7 @@ def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
     runs_path = out_dir / "runs.jsonl"
     rows = load_rows(runs_path)
     done = {r["run_id"] for r in rows}
-    bar = _progress_bar(total=len(planned), initial=sum(r.run_id in done for r in planned), desc="runs", disable=not progress)
+    bar = progress_bar(total=len(planned), initial=sum(r.run_id in done for r in planned), desc="runs", disable=not progress)
     prediction_path = out_dir / "prediction.json"
     plan_id = _digest(sorted(r.run_id for r in planned))
     prediction = json.loads(prediction_path.read_text()) if prediction_path.exists() else None
@@ -546,7 +538,7 @@ def _bar_updater(bar, cfg: TrainConfig):
 def _train_one(run, exp, data, reference, bits_per_sequence, device, backends, out_dir, progress) -> dict:
     cfg = exp.train_config()
     x = data.train_pool[: run.n]
-    bar = _progress_bar(total=cfg.max_steps, desc=f"  {run.model.name} N={run.n}", leave=False, disable=not progress)
+    bar = progress_bar(total=cfg.max_steps, desc=f"  {run.model.name} N={run.n}", leave=False, disable=not progress)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     model, outcome = train_to_saturation(
         run.model, x, cfg, device,

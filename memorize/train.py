@@ -122,7 +122,7 @@ class RunOutcome:
     train_seconds: float = 0.0
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
+def atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -175,7 +175,7 @@ def train_to_saturation(
                 if mem > best[0]:
                     best = (mem, step, mean_bits)
                 if checkpoint_path is not None:
-                    _atomic_torch_save(
+                    atomic_torch_save(
                         {
                             "model": model.state_dict(),
                             "optimizer": optimizer.state_dict(),

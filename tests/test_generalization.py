@@ -152,6 +152,12 @@ def test_cli_end_to_end_then_resume(tmp_path, source):
         assert "reference_check" in summary
     else:
         assert (out / "tokenizer.json").exists()
+    # The stored reference is the model that coded the held-out split.
+    reference = gen.load_reference_model(out)
+    heldout = torch.from_numpy(np.load(out / "corpus.npz")["heldout"]) if source == "text" else None
+    if heldout is not None:
+        stored = np.load(out / "reference" / "bits.npz")["heldout"]
+        np.testing.assert_allclose(model_sequence_bits(reference, heldout.long()), stored, rtol=1e-6)
     for png in pngs:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "F1 law" in first.stdout
