@@ -2,9 +2,11 @@
 
 import json
 import math
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -165,6 +167,32 @@ def test_cli_end_to_end_then_resume(tmp_path, source):
     again = memk(*args)  # everything done: nothing retrained, nothing lost
     assert again.returncode == 0, again.stderr
     assert (out / "runs.jsonl").read_text() == rows
+
+
+@pytest.mark.slow
+def test_cli_resumes_after_a_kill_without_redoing_finished_runs(tmp_path):
+    out = tmp_path / "gen"
+    args = ["run-generalization", "--preset", "smoke", "--source", "markov", "--max-steps", "200", "--out", str(out),
+            "--no-progress"]
+    proc = subprocess.Popen([*MEMK, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=OUTSIDE)
+    runs = out / "runs.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill once a run has finished and the next is under way
+        if runs.exists() and runs.read_text().strip() and any((out / "checkpoints").glob("sweep-*.pt")):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = runs.read_text().splitlines()
+    reference = (out / "reference" / "reference.json").read_text()
+
+    result = memk(*args)
+    assert result.returncode == 0, result.stderr
+    after = runs.read_text().splitlines()
+    assert after[: len(before)] == before and len(after) == 7  # finished runs kept, the rest done once
+    assert (out / "reference" / "reference.json").read_text() == reference  # the reference was not retrained
+    assert not list((out / "checkpoints").glob("*.pt"))
 
 
 @pytest.mark.slow
