@@ -479,6 +479,13 @@ def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
     backends = resolve_backends(device, exp.attention_backend, exp.logprob_backend)
     atomic_write_text(out_dir / "experiment.json", json.dumps(exp.to_dict(), indent=2) + "\n")
     data = load_source(exp, out_dir)
+    # Fail before training the reference where the pool cannot hold the sizes even at the
+    # most bits a sequence can carry (exact for Markov; log2 V per token bounds text's entropy).
+    seq_len = exp.source.seq_len
+    most_bits = data.exact.sequence_entropy_bits(seq_len) if data.exact is not None else uniform_sequence_entropy_bits(
+        exp.source.vocab_size, seq_len
+    )
+    plan(exp, most_bits, len(data.train_pool), ref_id="")
     reference = train_reference(exp, data, out_dir, device, backends, progress)
     bits_per_sequence = source_bits_per_sequence(data, reference)
     planned = plan(exp, bits_per_sequence, len(data.train_pool), reference.description["reference_id"])
