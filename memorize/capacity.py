@@ -16,9 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -30,14 +29,12 @@ from memk import kernels
 
 from .bits import uniform_sequence_entropy_bits
 from .data import uniform_random_sequences
+from .errors import ConfigError
 from .model import GPTConfig, count_parameters
+from .outputs import atomic_write_text, load_rows, output_dir, write_rows
 from .train import PRECISIONS, TrainConfig, train_to_saturation
 
 PAPER_ALPHA = 3.6  # bits per parameter, GPT-family models (Morris et al. 2025)
-
-
-class ConfigError(ValueError):
-    """An experiment that cannot run as asked; the message names the problem and the fix."""
 
 
 @dataclass(frozen=True)
@@ -163,47 +160,6 @@ def resolve_backends(device: torch.device, attention_backend: str, logprob_backe
     )
 
 
-def prepare_output_dir(out_dir: Path) -> Path:
-    out_dir = Path(out_dir)
-    try:
-        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to output folder {str(out_dir)!r} ({e.strerror}); choose another with --out") from e
-    return out_dir
-
-
-def lock_output_dir(out_dir: Path):
-    """Hold an exclusive lock on the folder for this process: two runs writing one folder would clobber it."""
-    import fcntl
-
-    handle = open(out_dir / ".lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise ConfigError(f"another memk run is writing to {str(out_dir)!r}; wait for it to finish or choose another --out")
-    return handle
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_id(model: GPTConfig, n: int, precision: str, exp: CapacityExperiment) -> str:
     """A name that changes whenever anything that shapes the run's result changes."""
     train = replace(exp.train, precision=precision, seed=exp.seed).to_dict()
@@ -236,12 +192,8 @@ def run_capacity(
 ) -> dict:
     """Run (or resume) every planned run, then fit and write the summary and plots."""
     device = validate(exp)
-    out_dir = prepare_output_dir(out_dir)
-    lock = lock_output_dir(out_dir)
-    try:
+    with output_dir(out_dir) as out_dir:
         return _run_locked(exp, out_dir, device, progress, on_run_done)
-    finally:
-        lock.close()
 
 
 def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
@@ -259,7 +211,7 @@ def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
         bar.set_postfix_str(f"{run.model.name} N={run.n} {run.precision}")
         row = _train_one(run, exp, device, out_dir, attention_backend, logprob_backend, progress)
         rows.append(row)
-        atomic_write_text(runs_path, "".join(json.dumps(r) + "\n" for r in rows))
+        write_rows(runs_path, rows)
         (out_dir / "checkpoints" / f"{run.run_id}.pt").unlink(missing_ok=True)
         if on_run_done is not None:
             on_run_done(row)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
-from .capacity import ConfigError
+from .errors import ConfigError
+from .outputs import atomic_write, atomic_write_npz
 
 BUILTIN_CORPUS = "python-help"
 EOT = "<|endoftext|>"
@@ -317,16 +317,11 @@ def prepare_corpus(
 
     # corpus.json goes last: its presence says the other two files are complete.
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "tokenizer.json", lambda tmp: tokenizer.save(str(tmp)))
-
-    def write_npz(tmp):
-        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
-            np.savez(f, train_pool=corpus.train_pool, heldout=corpus.heldout)
-
-    _write_atomic(out_dir / "corpus.npz", write_npz)
+    atomic_write(out_dir / "tokenizer.json", lambda tmp: tokenizer.save(str(tmp)))
+    atomic_write_npz(out_dir / "corpus.npz", train_pool=corpus.train_pool, heldout=corpus.heldout)
     record = dict(corpus.describe(), fingerprint=fingerprint, format_version=FORMAT_VERSION,
                   n_heldout_asked=int(n_heldout), seed=int(seed))
-    _write_atomic(out_dir / "corpus.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
+    atomic_write(out_dir / "corpus.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
     return corpus
 
 
@@ -374,10 +369,3 @@ def _load_saved(out_dir: Path, fingerprint: str) -> TokenizedCorpus | None:
     )
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

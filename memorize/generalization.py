@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -44,23 +43,13 @@ import torch
 
 from . import corpus as corpus_lib
 from .bits import model_sequence_bits, uniform_sequence_entropy_bits, unintended_memorization
-from .capacity import (
-    ConfigError,
-    progress_bar,
-    atomic_write_text,
-    check_backends,
-    load_rows,
-    lock_output_dir,
-    parse_models,
-    parse_numbers,
-    prepare_output_dir,
-    resolve_backends,
-    resolve_device,
-)
+from .capacity import check_backends, parse_models, parse_numbers, progress_bar, resolve_backends, resolve_device
+from .errors import ConfigError
 from .markov import MarkovSource
 from .membership import f1_law, fit_f1_law, loss_threshold_attack
 from .model import GPT, GPTConfig, count_parameters
-from .train import PRECISIONS, TrainConfig, atomic_torch_save, train_to_saturation
+from .outputs import atomic_write, atomic_write_npz, atomic_write_text, load_rows, output_dir, write_rows
+from .train import PRECISIONS, TrainConfig, train_to_saturation
 
 # α of the default capacity run (docs/default-run/summary.json: float32, 2-core CPU, 2026-11-25),
 # used for capacity = α · parameters unless --alpha or --capacity-summary says otherwise.
@@ -366,8 +355,8 @@ def train_reference(exp, data: SourceData, out_dir: Path, device, backends, prog
     bar.close()
     pool_bits = model_sequence_bits(model, data.train_pool, cfg.precision)
     heldout_bits = model_sequence_bits(model, data.heldout, cfg.precision)
-    atomic_torch_save(model.state_dict(), weights_path)
-    _atomic_npz(bits_path, pool=pool_bits, heldout=heldout_bits)
+    atomic_write(weights_path, lambda tmp: torch.save(model.state_dict(), tmp))
+    atomic_write_npz(bits_path, pool=pool_bits, heldout=heldout_bits)
     coded = config.seq_len - 1
     description = {
         "reference_id": ref_id,
@@ -395,12 +384,6 @@ def load_reference_model(out_dir: Path, device="cpu") -> GPT:
     model = GPT(GPTConfig(**meta["model"]))
     model.load_state_dict(torch.load(Path(out_dir) / "reference" / "model.pt", map_location=device))
     return model.to(device)
-
-
-def _atomic_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -467,12 +450,8 @@ def run_generalization(
 ) -> dict:
     """Run (or resume) the reference, the sweep, the prediction and the check runs; summarise."""
     device = validate(exp)
-    out_dir = prepare_output_dir(out_dir)
-    lock = lock_output_dir(out_dir)
-    try:
+    with output_dir(out_dir) as out_dir:
         return _run_locked(exp, out_dir, device, progress, on_run_done)
-    finally:
-        lock.close()
 
 
 def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
@@ -507,7 +486,7 @@ def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
         bar.set_postfix_str(f"{run.role} {run.model.name} N={run.n}")
         row = _train_one(run, exp, data, reference, bits_per_sequence, device, backends, out_dir, progress)
         rows.append(row)
-        atomic_write_text(runs_path, "".join(json.dumps(r) + "\n" for r in rows))
+        write_rows(runs_path, rows)
         (out_dir / "checkpoints" / f"{run.run_id}.pt").unlink(missing_ok=True)
         if on_run_done is not None:
             on_run_done(row)

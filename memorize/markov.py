@@ -25,7 +25,7 @@ import scipy.sparse.linalg
 import torch
 
 from .bits import coded_tokens
-from .capacity import ConfigError
+from .errors import ConfigError
 from .data import BLOCK
 
 # Sampling runs this many sequences at a time through the chain: big enough to amortise

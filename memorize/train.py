@@ -15,17 +15,16 @@ a checkpoint is written atomically, so a killed run continues from its last eval
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .bits import autocast_context, model_sequence_bits, uniform_sequence_entropy_bits, unintended_memorization
 from .model import GPT, GPTConfig
+from .outputs import atomic_write
 
 PRECISIONS = ("float32", "bfloat16")
 
@@ -122,10 +121,8 @@ class RunOutcome:
     train_seconds: float = 0.0
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_checkpoint(state: dict, path: Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def train_to_saturation(
@@ -175,7 +172,7 @@ def train_to_saturation(
                 if mem > best[0]:
                     best = (mem, step, mean_bits)
                 if checkpoint_path is not None:
-                    atomic_torch_save(
+                    save_checkpoint(
                         {
                             "model": model.state_dict(),
                             "optimizer": optimizer.state_dict(),

@@ -8,7 +8,6 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
