@@ -235,18 +235,24 @@ def progress_bar(**kwargs):
     return tqdm(dynamic_ncols=True, leave=kwargs.pop("leave", True), **kwargs)
 
 
-def _train_one(run, exp, device, out_dir, attention_backend, logprob_backend, progress) -> dict:
-    data = uniform_random_sequences(run.n, run.model.vocab_size, run.model.seq_len, seed=exp.seed)
-    train_cfg = replace(exp.train, precision=run.precision, seed=exp.seed)
-    bar = progress_bar(total=train_cfg.max_steps, desc=f"  N={run.n}", leave=False, disable=not progress)
+def step_progress(bar, max_steps: int) -> Callable[[dict], None]:
+    """train_to_saturation's on_progress for a step bar: moved every 10 steps, loss and bits shown."""
     last = [0]
 
-    def on_progress(p):
-        if p["step"] % 10 == 0 or p["step"] == train_cfg.max_steps:
+    def on_progress(p: dict) -> None:
+        if p["step"] % 10 == 0 or p["step"] == max_steps:
             bar.update(p["step"] - last[0])
             last[0] = p["step"]
             bar.set_postfix(loss=f"{p['loss']:.3f}", bits=f"{p['bits']:.0f}")
 
+    return on_progress
+
+
+def _train_one(run, exp, device, out_dir, attention_backend, logprob_backend, progress) -> dict:
+    data = uniform_random_sequences(run.n, run.model.vocab_size, run.model.seq_len, seed=exp.seed)
+    train_cfg = replace(exp.train, precision=run.precision, seed=exp.seed)
+    bar = progress_bar(total=train_cfg.max_steps, desc=f"  N={run.n}", leave=False, disable=not progress)
+    on_progress = step_progress(bar, train_cfg.max_steps)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     _, outcome = train_to_saturation(
         run.model,
@@ -457,20 +463,16 @@ def experiment_from_options(
         changes["attention_backend"] = attention_backend
     if logprob_backend is not None:
         changes["logprob_backend"] = logprob_backend
-    train_changes = {
-        k: v
-        for k, v in (("max_steps", max_steps), ("cooldown_steps", cooldown_steps), ("lr", lr), ("batch_size", batch_size))
-        if v is not None
-    }
-    if max_steps is not None:
-        # keep the preset's proportions unless told otherwise
-        train_changes.setdefault("cooldown_steps", round(max_steps * exp.train.cooldown_steps / exp.train.max_steps))
-        train_changes["min_steps"] = min(exp.train.min_steps, max_steps)
-    if train_changes:
-        try:
-            changes["train"] = replace(exp.train, **train_changes)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+    try:
+        train = exp.train
+        if max_steps is not None:
+            train = train.with_step_cap(max_steps, cooldown_steps)  # the preset's proportions unless told otherwise
+        elif cooldown_steps is not None:
+            train = replace(train, cooldown_steps=cooldown_steps)
+        train = replace(train, **{k: v for k, v in (("lr", lr), ("batch_size", batch_size)) if v is not None})
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    changes["train"] = train
     exp = replace(exp, **changes)
     validate(exp)
     return exp

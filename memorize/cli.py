@@ -18,6 +18,21 @@ def cli():
     """memk: how much do language models memorize, in bits."""
 
 
+def training_options(command):
+    """The options every experiment command shares: device, schedule, backends, progress."""
+    for option in reversed([
+        click.option("--device", help="auto, cpu, cuda or cuda:N"),
+        click.option("--max-steps", type=int, help="step cap per run, cool-down included"),
+        click.option("--lr", type=float, help="peak learning rate"),
+        click.option("--batch-size", type=int, help="sequences per step"),
+        click.option("--attention-backend", help="memk.kernels attention backend (auto picks the best for the device)"),
+        click.option("--logprob-backend", help="memk.kernels log-prob backend (auto picks the best for the device)"),
+        click.option("--no-progress", is_flag=True, help="no progress bars"),
+    ]):
+        command = option(command)
+    return command
+
+
 @cli.command("run-capacity")
 @click.option("--preset", "preset_name", default="default", show_default=True, help=f"one of: {', '.join(capacity.PRESETS)}")
 @click.option("--models", help="models to train, e.g. '1x32,2x64x4' (LAYERSxD_MODEL[xHEADS])")
@@ -26,16 +41,10 @@ def cli():
 @click.option("--sizes", help="dataset sizes in sequences for every model, e.g. '50,100,200'")
 @click.option("--size-factors", help="dataset sizes as multiples of the capacity expected at 3.6 bits/param")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16", "both"]), help="training precision")
-@click.option("--device", help="auto, cpu, cuda or cuda:N")
-@click.option("--max-steps", type=int, help="step cap per run, cool-down included")
 @click.option("--cooldown-steps", type=int, help="steps of linear learning-rate decay that end each run")
-@click.option("--lr", type=float, help="peak learning rate")
-@click.option("--batch-size", type=int, help="sequences per step")
 @click.option("--seed", type=int, help="seed of the data stream and the model init")
-@click.option("--attention-backend", help="memk.kernels attention backend (auto picks the best for the device)")
-@click.option("--logprob-backend", help="memk.kernels log-prob backend (auto picks the best for the device)")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder [default: runs/capacity-PRESET]")
-@click.option("--no-progress", is_flag=True, help="no progress bars")
+@training_options
 def run_capacity(preset_name, out, no_progress, **options):
     """Train GPT-2 models on random data and measure capacity in bits per parameter.
 
@@ -70,15 +79,9 @@ def run_capacity(preset_name, out, no_progress, **options):
 @click.option("--alpha", type=float, help="bits per parameter for capacity = α · parameters")
 @click.option("--capacity-summary", help="take α from a run-capacity summary.json instead")
 @click.option("--precision", type=click.Choice(["float32", "bfloat16"]), help="training precision")
-@click.option("--device", help="auto, cpu, cuda or cuda:N")
-@click.option("--max-steps", type=int, help="step cap per run, cool-down included")
-@click.option("--lr", type=float, help="peak learning rate")
-@click.option("--batch-size", type=int, help="sequences per step")
 @click.option("--seed", type=int, help="seed of the data split, the Markov chain and the model init")
-@click.option("--attention-backend", help="memk.kernels attention backend (auto picks the best for the device)")
-@click.option("--logprob-backend", help="memk.kernels log-prob backend (auto picks the best for the device)")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder [default: runs/generalization-PRESET]")
-@click.option("--no-progress", is_flag=True, help="no progress bars")
+@training_options
 def run_generalization(preset_name, out, no_progress, **options):
     """Train GPT-2 models on real text (or a Markov chain): unintended memorization,
     double descent and membership inference against dataset size / capacity.

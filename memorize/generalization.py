@@ -43,7 +43,15 @@ import torch
 
 from . import corpus as corpus_lib
 from .bits import model_sequence_bits, uniform_sequence_entropy_bits, unintended_memorization
-from .capacity import check_backends, parse_models, parse_numbers, progress_bar, resolve_backends, resolve_device
+from .capacity import (
+    check_backends,
+    parse_models,
+    parse_numbers,
+    progress_bar,
+    resolve_backends,
+    resolve_device,
+    step_progress,
+)
 from .errors import ConfigError
 from .markov import MarkovSource
 from .membership import f1_law, fit_f1_law, loss_threshold_attack
@@ -350,7 +358,7 @@ def train_reference(exp, data: SourceData, out_dir: Path, device, backends, prog
     model, outcome = train_to_saturation(
         config, data.train_pool, cfg, device,
         checkpoint_path=out_dir / "checkpoints" / f"reference-{ref_id}.pt",
-        attention_backend=backends[0], logprob_backend=backends[1], on_progress=_bar_updater(bar, cfg),
+        attention_backend=backends[0], logprob_backend=backends[1], on_progress=step_progress(bar, cfg.max_steps),
     )
     bar.close()
     pool_bits = model_sequence_bits(model, data.train_pool, cfg.precision)
@@ -476,9 +484,12 @@ def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
     prediction_path = out_dir / "prediction.json"
     plan_id = _digest(sorted(r.run_id for r in planned))
     prediction = json.loads(prediction_path.read_text()) if prediction_path.exists() else None
+    if prediction is not None and prediction["plan_id"] != plan_id:
+        prediction = None  # made for another plan
+    sweep_ids = {r.run_id for r in planned if r.role == "sweep"}
     for run in sorted(planned, key=lambda r: r.role != "sweep"):  # the sweep first: the law predicts the checks
-        if run.role == "check" and (prediction is None or prediction["plan_id"] != plan_id):
-            sweep_rows = [r for r in rows if r["run_id"] in {p.run_id for p in planned if p.role == "sweep"}]
+        if run.role == "check" and prediction is None:
+            sweep_rows = [r for r in rows if r["run_id"] in sweep_ids]
             prediction = {"plan_id": plan_id, **predict_checks(sweep_rows, planned, exp, bits_per_sequence)}
             atomic_write_text(prediction_path, json.dumps(prediction, indent=2) + "\n")
         if run.run_id in done:
@@ -494,8 +505,6 @@ def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
     bar.close()
 
     wanted = {r.run_id for r in planned}
-    if prediction is not None and prediction["plan_id"] != plan_id:
-        prediction = None
     summary = summarize([r for r in rows if r["run_id"] in wanted], prediction)
     summary["source"] = data.description
     summary["reference"] = reference.description
@@ -509,18 +518,6 @@ def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
     return summary
 
 
-def _bar_updater(bar, cfg: TrainConfig):
-    last = [0]
-
-    def on_progress(p):
-        if p["step"] % 10 == 0 or p["step"] == cfg.max_steps:
-            bar.update(p["step"] - last[0])
-            last[0] = p["step"]
-            bar.set_postfix(loss=f"{p['loss']:.3f}")
-
-    return on_progress
-
-
 def _train_one(run, exp, data, reference, bits_per_sequence, device, backends, out_dir, progress) -> dict:
     cfg = exp.train_config()
     x = data.train_pool[: run.n]
@@ -529,7 +526,7 @@ def _train_one(run, exp, data, reference, bits_per_sequence, device, backends, o
     model, outcome = train_to_saturation(
         run.model, x, cfg, device,
         checkpoint_path=out_dir / "checkpoints" / f"{run.run_id}.pt",
-        attention_backend=backends[0], logprob_backend=backends[1], on_progress=_bar_updater(bar, cfg),
+        attention_backend=backends[0], logprob_backend=backends[1], on_progress=step_progress(bar, cfg.max_steps),
     )
     bar.close()
     row = {
@@ -818,22 +815,13 @@ def experiment_from_options(
                        ("logprob_backend", logprob_backend)):
         if value is not None:
             changes[key] = value
-    train_changes = {k: v for k, v in (("max_steps", max_steps), ("lr", lr), ("batch_size", batch_size)) if v is not None}
-    if max_steps is not None:  # keep the preset's proportions
-        train_changes["cooldown_steps"] = round(max_steps * exp.train.cooldown_steps / exp.train.max_steps)
-        train_changes["min_steps"] = min(exp.train.min_steps, max_steps)
-    if train_changes:
-        try:
-            changes["train"] = replace(exp.train, **train_changes)
-            if exp.reference_train is not None and max_steps is not None:
-                changes["reference_train"] = replace(
-                    exp.reference_train,
-                    max_steps=max_steps,
-                    cooldown_steps=round(max_steps * exp.reference_train.cooldown_steps / exp.reference_train.max_steps),
-                    min_steps=min(exp.reference_train.min_steps, max_steps),
-                )
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+    try:
+        train = exp.train if max_steps is None else exp.train.with_step_cap(max_steps)
+        changes["train"] = replace(train, **{k: v for k, v in (("lr", lr), ("batch_size", batch_size)) if v is not None})
+        if exp.reference_train is not None and max_steps is not None:
+            changes["reference_train"] = exp.reference_train.with_step_cap(max_steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     exp = replace(exp, **changes)
     validate(exp)
     return exp

@@ -11,6 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_capacity_curves(summary: dict, path: Path) -> None:
     """Memorized bits against dataset size (bits), one line per model, capacity marked."""
     blocks = summary["precisions"]
@@ -32,9 +38,7 @@ def plot_capacity_curves(summary: dict, path: Path) -> None:
         ax.set_ylabel("memorized bits")
         ax.set_title(f"memorization vs dataset size ({precision}); dashed: capacity")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_capacity_vs_params(summary: dict, path: Path) -> None:
@@ -55,9 +59,7 @@ def plot_capacity_vs_params(summary: dict, path: Path) -> None:
     ax.set_ylabel("capacity (bits)")
     ax.set_title("capacity against model size")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_generalization(summary: dict, out_dir: Path) -> list[Path]:
@@ -108,9 +110,7 @@ def _plot_memorization(summary: dict, path: Path) -> None:
         ax.set_ylabel("bits")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_double_descent(summary: dict, path: Path) -> None:
@@ -129,9 +129,7 @@ def _plot_double_descent(summary: dict, path: Path) -> None:
     ax.set_ylabel("loss (bits per coded token)")
     ax.set_title("double descent: held-out loss against dataset size / capacity; ★ peak")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_membership(summary: dict, path: Path) -> None:
@@ -163,9 +161,7 @@ def _plot_membership(summary: dict, path: Path) -> None:
     ax.set_ylabel("membership inference F1 (AUC: x)")
     ax.set_title("loss-threshold membership inference")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _plot_reference_check(summary: dict, path: Path) -> None:
@@ -185,6 +181,4 @@ def _plot_reference_check(summary: dict, path: Path) -> None:
     gap = f"{100 * off:+.1f}%" if off is not None else f"{rc['total_unintended_reference_bits']:,.0f} bits against 0"
     ax.set_title(f"reference-model estimate of total mem_U: {gap}", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)

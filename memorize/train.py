@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -62,6 +62,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def with_step_cap(self, max_steps: int, cooldown_steps: int | None = None) -> TrainConfig:
+        """The same schedule under another step cap: the cool-down keeps its share of the
+        cap unless given, and min_steps stays within the cap."""
+        if cooldown_steps is None:
+            cooldown_steps = round(max_steps * self.cooldown_steps / self.max_steps)
+        return replace(self, max_steps=max_steps, cooldown_steps=cooldown_steps, min_steps=min(self.min_steps, max_steps))
 
 
 def learning_rate(step: int, cfg: TrainConfig, cooldown_start: int | None = None) -> float:
