@@ -13,10 +13,7 @@ progress), summary.json, capacity_curves.png, capacity_vs_params.png.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -25,14 +22,15 @@ import numpy as np
 import torch
 from scipy import stats
 
-from memk import kernels
-
 from .bits import uniform_sequence_entropy_bits
 from .data import uniform_random_sequences
-from .errors import ConfigError
-from .model import GPTConfig, count_parameters
-from .outputs import atomic_write_text, load_rows, output_dir, write_rows
-from .train import PRECISIONS, TrainConfig, train_to_saturation
+from .model import GPT, GPTConfig, count_parameters
+from .options import check_experiment, override_training, parse_models, parse_numbers, pick_preset, reshape_models
+from .runtime import Backends, resolve_backends
+from .schedule import PRECISIONS, RunOutcome, TrainConfig
+from .store import RunStore
+from .sweep import Executor, LocalExecutor, Run, SweepProgress
+from .train import StopSignal, uniform_code_signal
 
 PAPER_ALPHA = 3.6  # bits per parameter, GPT-family models (Morris et al. 2025)
 
@@ -42,7 +40,7 @@ class CapacityExperiment:
     models: tuple[GPTConfig, ...]
     train: TrainConfig
     precisions: tuple[str, ...] = ("float32",)
-    # Dataset sizes as multiples of the expected capacity (3.6 bits/param), in bits ...
+    # Dataset sizes as multiples of the expected capacity (PAPER_ALPHA bits/param), in bits ...
     size_factors: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
     # ... or explicit numbers of sequences, the same for every model (overrides size_factors).
     dataset_sizes: tuple[int, ...] | None = None
@@ -81,7 +79,7 @@ PRESETS: dict[str, Callable[[], CapacityExperiment]] = {
         ),
         precisions=("bfloat16",),
     ),
-    # Seconds-long, for tests and a first look: two tiny models, three sizes each.
+    # Seconds-long, for tests and a first look: two tiny models, two sizes each.
     "smoke": lambda: CapacityExperiment(
         models=(_model(1, 8, 1, 16, 8), _model(1, 16, 2, 16, 8)),
         train=TrainConfig(
@@ -93,23 +91,7 @@ PRESETS: dict[str, Callable[[], CapacityExperiment]] = {
 
 
 def preset(name: str) -> CapacityExperiment:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]()
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but this torch sees no CUDA device; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not supported: use cpu or cuda")
-    return dev
+    return pick_preset(PRESETS, name)
 
 
 def dataset_sizes_for(model: GPTConfig, exp: CapacityExperiment) -> list[int]:
@@ -123,174 +105,79 @@ def dataset_sizes_for(model: GPTConfig, exp: CapacityExperiment) -> list[int]:
 
 def validate(exp: CapacityExperiment) -> torch.device:
     """Check everything that can be checked before training; return the device."""
-    if not exp.models:
-        raise ConfigError("no models to train: give at least one with --models")
-    for p in exp.precisions:
-        if p not in PRECISIONS:
-            raise ConfigError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)} or 'both'")
-    if exp.dataset_sizes is not None:
-        bad = [n for n in exp.dataset_sizes if n < 1]
-        if bad or not exp.dataset_sizes:
-            raise ConfigError(f"dataset sizes must be >= 1 sequence, got {list(exp.dataset_sizes)}")
-    elif not exp.size_factors or any(not f > 0 for f in exp.size_factors):
-        raise ConfigError(f"size factors must be positive, got {list(exp.size_factors)}")
-    for m in exp.models:
-        if m.seq_len < 2:
-            raise ConfigError(f"seq_len must be >= 2 (the first token is context, the rest are coded), got {m.seq_len}")
-    device = resolve_device(exp.device)
-    check_backends(exp.attention_backend, exp.logprob_backend)
-    return device
-
-
-def check_backends(attention_backend: str, logprob_backend: str) -> None:
-    """Backend names must be 'auto' or registered in memk.kernels."""
-    for kind, name, known in (
-        ("attention", attention_backend, kernels.attention_backends()),
-        ("log-prob", logprob_backend, kernels.logprob_backends()),
-    ):
-        if name != "auto" and name not in known:
-            raise ConfigError(f"unknown {kind} backend {name!r}; choose auto or one of {', '.join(known)}")
-
-
-def resolve_backends(device: torch.device, attention_backend: str, logprob_backend: str) -> tuple[str, str]:
-    """'auto' becomes the best backend memk.kernels has for the device."""
-    return (
-        kernels.default_attention_backend(device) if attention_backend == "auto" else attention_backend,
-        kernels.default_logprob_backend(device) if logprob_backend == "auto" else logprob_backend,
+    return check_experiment(
+        models=exp.models, precisions=exp.precisions, dataset_sizes=exp.dataset_sizes,
+        size_factors={"size factors": exp.size_factors}, device=exp.device,
+        attention_backend=exp.attention_backend, logprob_backend=exp.logprob_backend,
     )
 
 
-def run_id(model: GPTConfig, n: int, precision: str, exp: CapacityExperiment) -> str:
-    """A name that changes whenever anything that shapes the run's result changes."""
-    train = replace(exp.train, precision=precision, seed=exp.seed).to_dict()
-    digest = hashlib.sha1(json.dumps([model.to_dict(), n, train], sort_keys=True).encode()).hexdigest()[:8]
-    return f"{model.name}-N{n}-{precision}-seed{exp.seed}-{digest}"
+def plan(exp: CapacityExperiment, backends: Backends) -> list[Run]:
+    """Every (precision, model, dataset size) run, in the order they train."""
+    runs = []
+    for precision in exp.precisions:
+        train = replace(exp.train, precision=precision, seed=exp.seed)
+        for m in exp.models:
+            for n in dataset_sizes_for(m, exp):
+                runs.append(Run(f"{m.name}-N{n}-{precision}-seed{exp.seed}", m, n, train, backends, role="capacity"))
+    return runs
 
 
-@dataclass
-class PlannedRun:
-    run_id: str
-    model: GPTConfig
-    n: int
-    precision: str
+@dataclass(frozen=True)
+class UniformWorkload:
+    """Runs on uniform random tokens: run k's data is the first n sequences of the seeded stream,
+    whose H(x | θ) = (S-1)·log2 V per sequence is exact."""
+
+    def training_data(self, run: Run) -> torch.Tensor:
+        return uniform_random_sequences(run.n_sequences, run.model.vocab_size, run.model.seq_len, seed=run.train.seed)
+
+    def stop_signal(self, run: Run, data: torch.Tensor) -> StopSignal:
+        return uniform_code_signal(data, run.train.precision)
+
+    def result(self, run: Run, model: GPT, outcome: RunOutcome, data: torch.Tensor) -> dict:
+        dataset_bits = run.n_sequences * uniform_sequence_entropy_bits(run.model.vocab_size, run.model.seq_len)
+        return {
+            "run_id": run.run_id,
+            "model": run.model.to_dict(),
+            "model_name": run.model.name,
+            "parameters": count_parameters(run.model),
+            "n_sequences": run.n_sequences,
+            "precision": run.train.precision,
+            "seed": run.train.seed,
+            "dataset_bits": dataset_bits,
+            "memorized_bits": outcome.memorized_bits,
+            "memorized_bits_final": outcome.memorized_bits_final,
+            "fraction_memorized": outcome.memorized_bits / dataset_bits,
+            "model_bits_per_sequence": outcome.model_bits_per_sequence,
+            "steps": outcome.steps,
+            "stop_reason": outcome.stop_reason,
+            "final_loss": outcome.final_loss,
+            "train_seconds": outcome.train_seconds,
+            "bits_curve": outcome.curve,
+            "train_config": run.train.to_dict(),
+        }
 
 
-def plan(exp: CapacityExperiment) -> list[PlannedRun]:
-    return [
-        PlannedRun(run_id(m, n, p, exp), m, n, p)
-        for p in exp.precisions
-        for m in exp.models
-        for n in dataset_sizes_for(m, exp)
-    ]
-
-
-def run_capacity(
-    exp: CapacityExperiment,
-    out_dir: Path,
-    progress: bool = True,
-    on_run_done: Callable[[dict], None] | None = None,
-) -> dict:
+def run_capacity(exp: CapacityExperiment, out_dir: Path, progress: bool = True, executor: Executor | None = None) -> dict:
     """Run (or resume) every planned run, then fit and write the summary and plots."""
     device = validate(exp)
-    with output_dir(out_dir) as out_dir:
-        return _run_locked(exp, out_dir, device, progress, on_run_done)
+    runs = plan(exp, resolve_backends(device, exp.attention_backend, exp.logprob_backend))
+    with RunStore(out_dir) as store:
+        store.write_json("experiment.json", exp.to_dict())
+        todo = store.todo(runs)
+        bar = SweepProgress(total=len(runs), done=len(runs) - len(todo), desc="sweep", enabled=progress)
+        try:
+            (executor or LocalExecutor(device)).execute(todo, UniformWorkload(), store, bar)
+        finally:
+            bar.close()
+        summary = summarize(store.rows_of(runs))
+        summary["experiment"] = exp.to_dict()
+        store.write_json("summary.json", summary)
+        from .plots import plot_capacity_curves, plot_capacity_vs_params  # matplotlib only when needed
 
-
-def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
-    attention_backend, logprob_backend = resolve_backends(device, exp.attention_backend, exp.logprob_backend)
-    atomic_write_text(out_dir / "experiment.json", json.dumps(exp.to_dict(), indent=2) + "\n")
-
-    runs_path = out_dir / "runs.jsonl"
-    rows = load_rows(runs_path)
-    done = {r["run_id"] for r in rows}
-    planned = plan(exp)
-    todo = [r for r in planned if r.run_id not in done]
-
-    bar = progress_bar(total=len(planned), initial=len(planned) - len(todo), desc="sweep", disable=not progress)
-    for run in todo:
-        bar.set_postfix_str(f"{run.model.name} N={run.n} {run.precision}")
-        row = _train_one(run, exp, device, out_dir, attention_backend, logprob_backend, progress)
-        rows.append(row)
-        write_rows(runs_path, rows)
-        (out_dir / "checkpoints" / f"{run.run_id}.pt").unlink(missing_ok=True)
-        if on_run_done is not None:
-            on_run_done(row)
-        bar.update(1)
-    bar.close()
-
-    wanted = {r.run_id for r in planned}
-    summary = summarize([r for r in rows if r["run_id"] in wanted])
-    summary["experiment"] = exp.to_dict()
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    from .plots import plot_capacity_curves, plot_capacity_vs_params  # matplotlib only when needed
-
-    plot_capacity_curves(summary, out_dir / "capacity_curves.png")
-    plot_capacity_vs_params(summary, out_dir / "capacity_vs_params.png")
+        plot_capacity_curves(summary, store.path("capacity_curves.png"))
+        plot_capacity_vs_params(summary, store.path("capacity_vs_params.png"))
     return summary
-
-
-def progress_bar(**kwargs):
-    from tqdm.auto import tqdm
-
-    return tqdm(dynamic_ncols=True, leave=kwargs.pop("leave", True), **kwargs)
-
-
-def step_progress(bar, max_steps: int) -> Callable[[dict], None]:
-    """train_to_saturation's on_progress for a step bar: moved every 10 steps, loss and bits shown."""
-    last = [0]
-
-    def on_progress(p: dict) -> None:
-        if p["step"] % 10 == 0 or p["step"] == max_steps:
-            bar.update(p["step"] - last[0])
-            last[0] = p["step"]
-            bar.set_postfix(loss=f"{p['loss']:.3f}", bits=f"{p['bits']:.0f}")
-
-    return on_progress
-
-
-def _train_one(run, exp, device, out_dir, attention_backend, logprob_backend, progress) -> dict:
-    data = uniform_random_sequences(run.n, run.model.vocab_size, run.model.seq_len, seed=exp.seed)
-    train_cfg = replace(exp.train, precision=run.precision, seed=exp.seed)
-    bar = progress_bar(total=train_cfg.max_steps, desc=f"  N={run.n}", leave=False, disable=not progress)
-    on_progress = step_progress(bar, train_cfg.max_steps)
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    _, outcome = train_to_saturation(
-        run.model,
-        data,
-        train_cfg,
-        device,
-        checkpoint_path=out_dir / "checkpoints" / f"{run.run_id}.pt",
-        attention_backend=attention_backend,
-        logprob_backend=logprob_backend,
-        on_progress=on_progress,
-    )
-    bar.close()
-    dataset_bits = run.n * uniform_sequence_entropy_bits(run.model.vocab_size, run.model.seq_len)
-    return {
-        "run_id": run.run_id,
-        "model": run.model.to_dict(),
-        "model_name": run.model.name,
-        "parameters": count_parameters(run.model),
-        "n_sequences": run.n,
-        "precision": run.precision,
-        "seed": exp.seed,
-        "dataset_bits": dataset_bits,
-        "memorized_bits": outcome.memorized_bits,
-        "memorized_bits_final": outcome.memorized_bits_final,
-        "fraction_memorized": outcome.memorized_bits / dataset_bits,
-        "model_bits_per_sequence": outcome.model_bits_per_sequence,
-        "steps": outcome.steps,
-        "stop_reason": outcome.stop_reason,
-        "final_loss": outcome.final_loss,
-        "train_seconds": outcome.train_seconds,
-        "bits_curve": outcome.curve,
-        "train_config": train_cfg.to_dict(),
-        "device": str(device),
-        "attention_backend": attention_backend,
-        "logprob_backend": logprob_backend,
-        "torch": torch.__version__,
-        "finished_at": started,
-    }
 
 
 def fit_alpha(parameters: Iterable[float], capacities: Iterable[float], confidence: float = 0.95) -> dict:
@@ -392,33 +279,6 @@ def _alpha_text(f: dict) -> str:
     return f"{f['alpha']:.3f} bits/param {ci}, R² {r2}"
 
 
-def parse_models(spec: str, vocab_size: int, seq_len: int) -> tuple[GPTConfig, ...]:
-    """'1x32,2x64x4' -> GPTConfigs: LAYERSxD_MODEL[xHEADS]; heads default to d_model // 32 (at least 1)."""
-    models = []
-    for item in spec.split(","):
-        parts = item.strip().lower().split("x")
-        try:
-            numbers = [int(p) for p in parts]
-        except ValueError:
-            numbers = []
-        if len(numbers) not in (2, 3):
-            raise ConfigError(f"cannot read model {item.strip()!r}: write LAYERSxD_MODEL or LAYERSxD_MODELxHEADS, e.g. 2x64x2")
-        n_layer, d_model = numbers[:2]
-        n_head = numbers[2] if len(numbers) == 3 else max(1, d_model // 32)
-        try:
-            models.append(_model(n_layer, d_model, n_head, vocab_size, seq_len))
-        except ValueError as e:
-            raise ConfigError(f"model {item.strip()!r}: {e}") from e
-    return tuple(models)
-
-
-def parse_numbers(spec: str, kind: type, what: str) -> tuple:
-    try:
-        return tuple(kind(s) for s in spec.split(",") if s.strip())
-    except ValueError as e:
-        raise ConfigError(f"cannot read {what} {spec!r}: give comma-separated numbers, e.g. 10,20,40") from e
-
-
 def experiment_from_options(
     preset_name: str,
     models: str | None = None,
@@ -445,34 +305,18 @@ def experiment_from_options(
     if models is not None:
         changes["models"] = parse_models(models, vocab, length)
     elif vocab_size is not None or seq_len is not None:
-        try:
-            changes["models"] = tuple(replace(m, vocab_size=vocab, seq_len=length) for m in exp.models)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+        changes["models"] = reshape_models(exp.models, vocab, length)
     if sizes is not None:
         changes["dataset_sizes"] = parse_numbers(sizes, int, "dataset sizes")
     if size_factors is not None:
         changes["size_factors"] = parse_numbers(size_factors, float, "size factors")
     if precision is not None:
         changes["precisions"] = PRECISIONS if precision == "both" else (precision,)
-    if device is not None:
-        changes["device"] = device
-    if seed is not None:
-        changes["seed"] = seed
-    if attention_backend is not None:
-        changes["attention_backend"] = attention_backend
-    if logprob_backend is not None:
-        changes["logprob_backend"] = logprob_backend
-    try:
-        train = exp.train
-        if max_steps is not None:
-            train = train.with_step_cap(max_steps, cooldown_steps)  # the preset's proportions unless told otherwise
-        elif cooldown_steps is not None:
-            train = replace(train, cooldown_steps=cooldown_steps)
-        train = replace(train, **{k: v for k, v in (("lr", lr), ("batch_size", batch_size)) if v is not None})
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    changes["train"] = train
+    for key, value in (("device", device), ("seed", seed), ("attention_backend", attention_backend),
+                       ("logprob_backend", logprob_backend)):
+        if value is not None:
+            changes[key] = value
+    changes["train"] = override_training(exp.train, max_steps, cooldown_steps, lr, batch_size)
     exp = replace(exp, **changes)
     validate(exp)
     return exp

@@ -31,63 +31,33 @@ prediction.json, summary.json, and four PNG plots.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
-from . import corpus as corpus_lib
 from .bits import model_sequence_bits, uniform_sequence_entropy_bits, unintended_memorization
-from .capacity import (
-    check_backends,
-    parse_models,
-    parse_numbers,
-    progress_bar,
-    resolve_backends,
-    resolve_device,
-    step_progress,
-)
+from .capacity import PAPER_ALPHA
 from .errors import ConfigError
-from .markov import MarkovSource
-from .membership import f1_law, fit_f1_law, loss_threshold_attack
+from .generalization_summary import fit_law, summarize
+from .membership import f1_law, loss_threshold_attack
 from .model import GPT, GPTConfig, count_parameters
-from .outputs import atomic_write, atomic_write_npz, atomic_write_text, load_rows, output_dir, write_rows
-from .train import PRECISIONS, TrainConfig, train_to_saturation
+from .options import check_experiment, override_training, parse_models, parse_numbers, pick_preset, reshape_models
+from .outputs import content_digest
+from .reference import Reference, reference_id, train_reference
+from .runtime import Backends, resolve_backends
+from .schedule import RunOutcome, TrainConfig
+from .sources import SourceData, SourceSpec, check_source, load_source
+from .store import RunStore
+from .sweep import Executor, LocalExecutor, Run, SweepProgress
+from .train import StopSignal, uniform_code_signal
 
 # α of the default capacity run (docs/default-run/summary.json: float32, 2-core CPU, 2026-11-25),
 # used for capacity = α · parameters unless --alpha or --capacity-summary says otherwise.
 DEFAULT_ALPHA = 2.33
-SOURCES = ("text", "markov")
-
-
-@dataclass(frozen=True)
-class SourceSpec:
-    """Where the sequences come from."""
-
-    kind: str = "text"  # "text" or "markov"
-    text_path: str | None = None  # a UTF-8 file; None (and no hf_dataset) = the built-in corpus
-    hf_dataset: str | None = None  # a Hugging Face dataset name, or a folder saved with save_to_disk
-    hf_split: str = "train"
-    hf_column: str = "text"
-    vocab_size: int = 2048  # the BPE vocabulary, or the Markov chain's states
-    seq_len: int = 64
-    markov_branching: int = 4  # non-zero successors per Markov state
-    markov_sequences: int = 4096  # sequences drawn from the chain: training pool + held-out
-
-    @property
-    def name(self) -> str:
-        if self.kind == "markov":
-            return f"markov(V={self.vocab_size}, branching={self.markov_branching})"
-        if self.hf_dataset is not None:
-            return f"hf:{self.hf_dataset}[{self.hf_split}].{self.hf_column}"
-        if self.text_path is not None:
-            return f"text:{self.text_path}"
-        return corpus_lib.BUILTIN_CORPUS
 
 
 @dataclass(frozen=True)
@@ -188,8 +158,8 @@ def _gpu() -> GeneralizationExperiment:
         ),
         n_heldout=4096,
         n_attack=2048,
-        alpha=3.6,
-        alpha_source="the paper's 3.6 bits/param (bfloat16); use --capacity-summary for a measured one",
+        alpha=PAPER_ALPHA,
+        alpha_source=f"the paper's {PAPER_ALPHA} bits/param (bfloat16); use --capacity-summary for a measured one",
         precision="bfloat16",
     )
 
@@ -218,52 +188,25 @@ PRESETS: dict[str, Callable[[], GeneralizationExperiment]] = {
 
 
 def preset(name: str) -> GeneralizationExperiment:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]()
+    return pick_preset(PRESETS, name)
 
 
 def validate(exp: GeneralizationExperiment) -> torch.device:
     """Check everything that can be checked before any data is read; return the device."""
     src = exp.source
-    if src.kind not in SOURCES:
-        raise ConfigError(f"unknown source {src.kind!r}; choose one of {', '.join(SOURCES)}")
-    if src.text_path is not None and src.hf_dataset is not None:
-        raise ConfigError("give either --text or --hf-dataset, not both")
-    if src.seq_len < 2:
-        raise ConfigError(f"seq_len must be >= 2 (the first token is context, the rest are coded), got {src.seq_len}")
-    if not exp.models:
-        raise ConfigError("no models to train: give at least one with --models")
+    check_source(src, exp.n_heldout)
     for m in exp.models + exp.check_models + (exp.reference_model_config(),):
         if (m.vocab_size, m.seq_len) != (src.vocab_size, src.seq_len):
             raise ConfigError(f"model {m.name} does not match the data (V={src.vocab_size}, S={src.seq_len})")
-    if exp.precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {exp.precision!r}; choose from {', '.join(PRECISIONS)}")
-    if exp.dataset_sizes is not None:
-        if not exp.dataset_sizes or any(n < 1 for n in exp.dataset_sizes):
-            raise ConfigError(f"dataset sizes must be >= 1 sequence, got {list(exp.dataset_sizes)}")
-    else:
-        for what, factors in (("size factors", exp.size_factors), ("check size factors", exp.check_size_factors)):
-            if not factors or any(not f > 0 for f in factors):
-                raise ConfigError(f"{what} must be positive numbers, got {list(factors)}")
-    if exp.n_heldout < 2:
-        raise ConfigError(f"the held-out split needs at least 2 sequences, got --heldout {exp.n_heldout}")
     if exp.n_attack < 1:
         raise ConfigError(f"the attack needs at least 1 member and 1 non-member, got {exp.n_attack}")
     if not exp.alpha > 0:
         raise ConfigError(f"alpha (bits per parameter) must be positive, got {exp.alpha}")
-    if src.kind == "markov":
-        if src.text_path is not None or src.hf_dataset is not None:
-            raise ConfigError("--text and --hf-dataset are text sources; drop them or use --source text")
-        if not 1 <= src.markov_branching <= src.vocab_size:
-            raise ConfigError(f"Markov branching must lie in [1, V={src.vocab_size}], got {src.markov_branching}")
-        if src.markov_sequences <= exp.n_heldout:
-            raise ConfigError(
-                f"the Markov pool ({src.markov_sequences} sequences) must exceed the held-out split ({exp.n_heldout})"
-            )
-    device = resolve_device(exp.device)
-    check_backends(exp.attention_backend, exp.logprob_backend)
-    return device
+    return check_experiment(
+        models=exp.models, precisions=(exp.precision,), dataset_sizes=exp.dataset_sizes,
+        size_factors={"size factors": exp.size_factors, "check size factors": exp.check_size_factors},
+        device=exp.device, attention_backend=exp.attention_backend, logprob_backend=exp.logprob_backend,
+    )
 
 
 def alpha_from_capacity_summary(path: Path, precision: str) -> float:
@@ -280,131 +223,7 @@ def alpha_from_capacity_summary(path: Path, precision: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-# Data: the training pool, the held-out split, and the exact generator where there is one
-
-
-@dataclass
-class SourceData:
-    train_pool: torch.Tensor  # (n_train, S) int64; datasets are its prefixes
-    heldout: torch.Tensor  # (n_heldout, S) int64; never trained on
-    exact: MarkovSource | None  # the true generator, where known
-    description: dict
-    fingerprint: str  # changes whenever the sequences would
-
-
-def load_source(exp: GeneralizationExperiment, out_dir: Path) -> SourceData:
-    src = exp.source
-    if src.kind == "markov":
-        chain = MarkovSource(src.vocab_size, branching=src.markov_branching, seed=exp.seed)
-        drawn = chain.sample(src.markov_sequences, src.seq_len, seed=exp.seed + 1).numpy()
-        # Exact repeats are removed as for text, so no held-out sequence is also a training one.
-        sequences, removed = corpus_lib.deduplicate(drawn)
-        train_pool, heldout = corpus_lib.split_heldout(sequences, exp.n_heldout, exp.seed)
-        description = {
-            "source": src.name, **chain.describe(), "seq_len": src.seq_len, "n_sequences": len(drawn),
-            "duplicates_removed": removed, "n_train": len(train_pool), "n_heldout": len(heldout),
-        }
-        fingerprint = _digest([description, exp.seed])
-        return SourceData(torch.from_numpy(train_pool).long(), torch.from_numpy(heldout).long(), chain, description, fingerprint)
-    if src.hf_dataset is not None:
-        documents = corpus_lib.hf_dataset_documents(src.hf_dataset, split=src.hf_split, column=src.hf_column)
-    elif src.text_path is not None:
-        documents = corpus_lib.text_file_documents(src.text_path)
-    else:
-        documents = corpus_lib.builtin_documents()
-    corpus = corpus_lib.prepare_corpus(
-        documents, src.name, src.vocab_size, src.seq_len, exp.n_heldout, exp.seed, out_dir
-    )
-    if corpus.vocab_size != src.vocab_size:
-        raise ConfigError(
-            f"the corpus is too small for a {src.vocab_size}-token vocabulary: BPE found only {corpus.vocab_size} "
-            f"tokens; pass --vocab-size {corpus.vocab_size} (or less), or give more text"
-        )
-    description = corpus.describe()
-    fingerprint = _digest([description, hashlib.sha1(corpus.train_pool.tobytes()).hexdigest()])
-    return SourceData(
-        torch.from_numpy(corpus.train_pool).long(), torch.from_numpy(corpus.heldout).long(), None, description, fingerprint
-    )
-
-
-def _digest(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-# ---------------------------------------------------------------------------------------
-# The reference model θ
-
-
-@dataclass
-class Reference:
-    config: GPTConfig
-    pool_bits: np.ndarray  # H(x | θ) per training-pool sequence, float64
-    heldout_bits: np.ndarray  # H(x | θ) per held-out sequence
-    description: dict
-
-
-def train_reference(exp, data: SourceData, out_dir: Path, device, backends, progress) -> Reference:
-    """Train θ on the whole training pool (or load it), and code every sequence with it."""
-    config, cfg = exp.reference_model_config(), exp.reference_train_config()
-    ref_id = _digest([config.to_dict(), cfg.to_dict(), data.fingerprint])
-    folder = out_dir / "reference"
-    folder.mkdir(exist_ok=True)
-    meta_path, weights_path, bits_path = folder / "reference.json", folder / "model.pt", folder / "bits.npz"
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("reference_id") == ref_id and bits_path.exists():
-        bits = np.load(bits_path)
-        return Reference(config, bits["pool"], bits["heldout"], json.loads(meta_path.read_text()))
-
-    bar = progress_bar(total=cfg.max_steps, desc=f"reference {config.name}", leave=False, disable=not progress)
-    model, outcome = train_to_saturation(
-        config, data.train_pool, cfg, device,
-        checkpoint_path=out_dir / "checkpoints" / f"reference-{ref_id}.pt",
-        attention_backend=backends[0], logprob_backend=backends[1], on_progress=step_progress(bar, cfg.max_steps),
-    )
-    bar.close()
-    pool_bits = model_sequence_bits(model, data.train_pool, cfg.precision)
-    heldout_bits = model_sequence_bits(model, data.heldout, cfg.precision)
-    atomic_write(weights_path, lambda tmp: torch.save(model.state_dict(), tmp))
-    atomic_write_npz(bits_path, pool=pool_bits, heldout=heldout_bits)
-    coded = config.seq_len - 1
-    description = {
-        "reference_id": ref_id,
-        "model": config.to_dict(),
-        "model_name": config.name,
-        "parameters": count_parameters(config),
-        "trained_on_sequences": len(data.train_pool),
-        "steps": outcome.steps,
-        "stop_reason": outcome.stop_reason,
-        "train_seconds": outcome.train_seconds,
-        "pool_bits_per_token": float(pool_bits.mean() / coded),
-        "heldout_bits_per_token": float(heldout_bits.mean() / coded),
-        "train_config": cfg.to_dict(),
-    }
-    if data.exact is not None:
-        description["exact_bits_per_token"] = data.exact.entropy_rate_bits()
-    atomic_write_text(meta_path, json.dumps(description, indent=2) + "\n")
-    (out_dir / "checkpoints" / f"reference-{ref_id}.pt").unlink(missing_ok=True)
-    return Reference(config, pool_bits, heldout_bits, description)
-
-
-def load_reference_model(out_dir: Path, device="cpu") -> GPT:
-    """The stored reference θ, for reuse (e.g. as the reference of another experiment)."""
-    meta = json.loads((Path(out_dir) / "reference" / "reference.json").read_text())
-    model = GPT(GPTConfig(**meta["model"]))
-    model.load_state_dict(torch.load(Path(out_dir) / "reference" / "model.pt", map_location=device))
-    return model.to(device)
-
-
-# ---------------------------------------------------------------------------------------
 # Planning: which model on how many sequences
-
-
-@dataclass
-class PlannedRun:
-    run_id: str
-    role: str  # "sweep" (fitted) or "check" (predicted, then run)
-    model: GPTConfig
-    n: int
-    size_factor: float | None
 
 
 def capacity_bits(model: GPTConfig, alpha: float) -> float:
@@ -418,7 +237,12 @@ def source_bits_per_sequence(data: SourceData, reference: Reference) -> float:
     return float(reference.heldout_bits.mean())
 
 
-def plan(exp: GeneralizationExperiment, bits_per_sequence: float, pool_size: int, ref_id: str) -> list[PlannedRun]:
+def plan(
+    exp: GeneralizationExperiment, bits_per_sequence: float, pool_size: int, ref_id: str,
+    backends: Backends = Backends("sdpa", "reference"),
+) -> list[Run]:
+    """The sweep's runs, then the check runs; ConfigError where the pool cannot hold a size."""
+    train = exp.train_config()
     runs = []
     for role, models, factors in (
         ("sweep", exp.models, exp.size_factors),
@@ -440,115 +264,47 @@ def plan(exp: GeneralizationExperiment, bits_per_sequence: float, pool_size: int
                         f"but the training pool holds {pool_size}; {bigger}, or keep "
                         f"size factors <= {most:.2f} for this model (--sizes / --size-factors)"
                     )
-                train = exp.train_config().to_dict()
-                rid = _digest([m.to_dict(), n, train, ref_id, exp.n_attack])
-                runs.append(PlannedRun(f"{role}-{m.name}-N{n}-{rid}", role, m, n, f))
+                runs.append(Run(f"{role}-{m.name}-N{n}", m, n, train, backends, role=role, size_factor=f,
+                                context=(ref_id, exp.n_attack)))
     return runs
 
 
 # ---------------------------------------------------------------------------------------
-# Running
+# Training and measuring one run
 
 
-def run_generalization(
-    exp: GeneralizationExperiment,
-    out_dir: Path,
-    progress: bool = True,
-    on_run_done: Callable[[dict], None] | None = None,
-) -> dict:
-    """Run (or resume) the reference, the sweep, the prediction and the check runs; summarise."""
-    device = validate(exp)
-    with output_dir(out_dir) as out_dir:
-        return _run_locked(exp, out_dir, device, progress, on_run_done)
+@dataclass
+class SourceWorkload:
+    """Runs on prefixes of the training pool, measured against the reference θ (and the exact
+    generator where there is one) and attacked with held-out sequences."""
 
+    exp: GeneralizationExperiment
+    data: SourceData
+    reference: Reference
+    bits_per_sequence: float  # H(x | θ) per sequence, for dataset sizes in bits
 
-def _run_locked(exp, out_dir, device, progress, on_run_done) -> dict:
-    backends = resolve_backends(device, exp.attention_backend, exp.logprob_backend)
-    atomic_write_text(out_dir / "experiment.json", json.dumps(exp.to_dict(), indent=2) + "\n")
-    data = load_source(exp, out_dir)
-    # Fail before training the reference where the pool cannot hold the sizes even at the
-    # most bits a sequence can carry (exact for Markov; log2 V per token bounds text's entropy).
-    seq_len = exp.source.seq_len
-    most_bits = data.exact.sequence_entropy_bits(seq_len) if data.exact is not None else uniform_sequence_entropy_bits(
-        exp.source.vocab_size, seq_len
-    )
-    plan(exp, most_bits, len(data.train_pool), ref_id="")
-    reference = train_reference(exp, data, out_dir, device, backends, progress)
-    bits_per_sequence = source_bits_per_sequence(data, reference)
-    planned = plan(exp, bits_per_sequence, len(data.train_pool), reference.description["reference_id"])
+    def training_data(self, run: Run) -> torch.Tensor:
+        return self.data.train_pool[: run.n_sequences]
 
-    runs_path = out_dir / "runs.jsonl"
-    rows = load_rows(runs_path)
-    done = {r["run_id"] for r in rows}
-    bar = progress_bar(total=len(planned), initial=sum(r.run_id in done for r in planned), desc="runs", disable=not progress)
-    prediction_path = out_dir / "prediction.json"
-    plan_id = _digest(sorted(r.run_id for r in planned))
-    prediction = json.loads(prediction_path.read_text()) if prediction_path.exists() else None
-    if prediction is not None and prediction["plan_id"] != plan_id:
-        prediction = None  # made for another plan
-    sweep_ids = {r.run_id for r in planned if r.role == "sweep"}
-    for run in sorted(planned, key=lambda r: r.role != "sweep"):  # the sweep first: the law predicts the checks
-        if run.role == "check" and prediction is None:
-            sweep_rows = [r for r in rows if r["run_id"] in sweep_ids]
-            prediction = {"plan_id": plan_id, **predict_checks(sweep_rows, planned, exp, bits_per_sequence)}
-            atomic_write_text(prediction_path, json.dumps(prediction, indent=2) + "\n")
-        if run.run_id in done:
-            continue
-        bar.set_postfix_str(f"{run.role} {run.model.name} N={run.n}")
-        row = _train_one(run, exp, data, reference, bits_per_sequence, device, backends, out_dir, progress)
-        rows.append(row)
-        write_rows(runs_path, rows)
-        (out_dir / "checkpoints" / f"{run.run_id}.pt").unlink(missing_ok=True)
-        if on_run_done is not None:
-            on_run_done(row)
-        bar.update(1)
-    bar.close()
+    def stop_signal(self, run: Run, data: torch.Tensor) -> StopSignal:
+        # The uniform code, as for random data: total memorization, clipped per sequence.
+        return uniform_code_signal(data, run.train.precision)
 
-    wanted = {r.run_id for r in planned}
-    summary = summarize([r for r in rows if r["run_id"] in wanted], prediction)
-    summary["source"] = data.description
-    summary["reference"] = reference.description
-    summary["source_bits_per_sequence"] = bits_per_sequence
-    summary["alpha"] = {"value": exp.alpha, "source": exp.alpha_source}
-    summary["experiment"] = exp.to_dict()
-    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    from .plots import plot_generalization  # matplotlib only when needed
-
-    plot_generalization(summary, out_dir)
-    return summary
-
-
-def _train_one(run, exp, data, reference, bits_per_sequence, device, backends, out_dir, progress) -> dict:
-    cfg = exp.train_config()
-    x = data.train_pool[: run.n]
-    bar = progress_bar(total=cfg.max_steps, desc=f"  {run.model.name} N={run.n}", leave=False, disable=not progress)
-    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    model, outcome = train_to_saturation(
-        run.model, x, cfg, device,
-        checkpoint_path=out_dir / "checkpoints" / f"{run.run_id}.pt",
-        attention_backend=backends[0], logprob_backend=backends[1], on_progress=step_progress(bar, cfg.max_steps),
-    )
-    bar.close()
-    row = {
-        "run_id": run.run_id,
-        "role": run.role,
-        "model": run.model.to_dict(),
-        "model_name": run.model.name,
-        "parameters": count_parameters(run.model),
-        "n_sequences": run.n,
-        "size_factor": run.size_factor,
-        **measure(model, x, data, reference, bits_per_sequence, exp, cfg.precision),
-        "steps": outcome.steps,
-        "stop_reason": outcome.stop_reason,
-        "train_seconds": outcome.train_seconds,
-        "train_config": cfg.to_dict(),
-        "device": str(device),
-        "attention_backend": backends[0],
-        "logprob_backend": backends[1],
-        "torch": torch.__version__,
-        "finished_at": started,
-    }
-    return row
+    def result(self, run: Run, model: GPT, outcome: RunOutcome, data: torch.Tensor) -> dict:
+        return {
+            "run_id": run.run_id,
+            "role": run.role,
+            "model": run.model.to_dict(),
+            "model_name": run.model.name,
+            "parameters": count_parameters(run.model),
+            "n_sequences": run.n_sequences,
+            "size_factor": run.size_factor,
+            **measure(model, data, self.data, self.reference, self.bits_per_sequence, self.exp, run.train.precision),
+            "steps": outcome.steps,
+            "stop_reason": outcome.stop_reason,
+            "train_seconds": outcome.train_seconds,
+            "train_config": run.train.to_dict(),
+        }
 
 
 def measure(model: GPT, x: torch.Tensor, data: SourceData, reference: Reference, bits_per_sequence: float,
@@ -591,32 +347,22 @@ def measure(model: GPT, x: torch.Tensor, data: SourceData, reference: Reference,
 
 
 # ---------------------------------------------------------------------------------------
-# The F1 law and its prediction
+# The F1 law's prediction, made before the check runs train
 
 
-def fit_law(sweep_rows: list[dict]) -> dict | None:
-    """The F1 law fitted on the sweep; None where there are too few runs or the fit fails."""
-    if len(sweep_rows) < 4:
-        return None
-    try:
-        return fit_f1_law([r["capacity_over_dataset"] for r in sweep_rows], [r["f1"] for r in sweep_rows])
-    except (ValueError, RuntimeError):
-        return None
-
-
-def predict_checks(sweep_rows: list[dict], planned: list[PlannedRun], exp, bits_per_sequence: float) -> dict:
+def predict_checks(sweep_rows: list[dict], planned: list[Run], exp, bits_per_sequence: float) -> dict:
     """F1 the law fitted on the sweep predicts for every check run, written before they train."""
     law = fit_law(sweep_rows)
     predictions = []
     for run in planned:
         if run.role != "check":
             continue
-        ratio = capacity_bits(run.model, exp.alpha) / (run.n * bits_per_sequence)
+        ratio = capacity_bits(run.model, exp.alpha) / (run.n_sequences * bits_per_sequence)
         predictions.append(
             {
                 "run_id": run.run_id,
                 "model_name": run.model.name,
-                "n_sequences": run.n,
+                "n_sequences": run.n_sequences,
                 "capacity_over_dataset": ratio,
                 "predicted_f1": None if law is None else float(f1_law(ratio, law["c1"], law["c2"], law["c3"])),
             }
@@ -625,103 +371,62 @@ def predict_checks(sweep_rows: list[dict], planned: list[PlannedRun], exp, bits_
 
 
 # ---------------------------------------------------------------------------------------
-# Summary
+# Running
 
 
-def summarize(rows: list[dict], prediction: dict | None) -> dict:
-    """Per model: the curves and the double-descent peak; the F1 law; the check; the Markov check."""
-    sweep = [r for r in rows if r["role"] == "sweep"]
-    models = []
-    for name in dict.fromkeys(r["model_name"] for r in rows):
-        runs = sorted((r for r in rows if r["model_name"] == name), key=lambda r: r["n_sequences"])
-        peak = max(runs, key=lambda r: r["heldout_bits_per_token"])
-        mem_peak = max(runs, key=lambda r: r["unintended_bits"])
-        models.append(
-            {
-                "model_name": name,
-                "role": runs[0]["role"],
-                "parameters": runs[0]["parameters"],
-                "capacity_bits": runs[0]["capacity_bits"],
-                # The double-descent peak: the dataset size (over capacity) with the worst held-out loss.
-                "heldout_peak_dataset_over_capacity": peak["dataset_over_capacity"],
-                "heldout_peak_bits_per_token": peak["heldout_bits_per_token"],
-                "heldout_peak_is_interior": peak is not runs[0] and peak is not runs[-1],
-                "unintended_peak_dataset_over_capacity": mem_peak["dataset_over_capacity"],
-                "unintended_peak_bits": mem_peak["unintended_bits"],
-                "points": [_point(r) for r in runs],
-            }
-        )
-    out: dict = {"models": models, "f1_law": fit_law(sweep)}
-    if prediction is not None:
-        measured = {r["run_id"]: r for r in rows}
-        checks = []
-        for p in prediction["predictions"]:
-            r = measured.get(p["run_id"])
-            checks.append({**p, "measured_f1": None if r is None else r["f1"],
-                           "error": None if r is None or p["predicted_f1"] is None else r["f1"] - p["predicted_f1"]})
-        out["prediction_check"] = {"law_used": prediction["law"], "made_at": prediction["made_at"], "checks": checks}
-    if rows and "unintended_exact_bits" in rows[0]:
-        exact = np.array([r["unintended_exact_bits"] for r in rows])
-        estimate = np.array([r["unintended_reference_bits"] for r in rows])
-        out["reference_check"] = {
-            "total_unintended_exact_bits": float(exact.sum()),
-            "total_unintended_reference_bits": float(estimate.sum()),
-            "relative_error_of_total": float((estimate.sum() - exact.sum()) / exact.sum()) if exact.sum() else None,
-            "median_relative_error_per_run": float(np.median(np.abs(estimate - exact) / np.maximum(exact, 1e-9))),
-        }
-    return out
+def run_generalization(
+    exp: GeneralizationExperiment, out_dir: Path, progress: bool = True, executor: Executor | None = None
+) -> dict:
+    """Run (or resume) the reference, the sweep, the prediction and the check runs; summarise."""
+    device = validate(exp)
+    backends = resolve_backends(device, exp.attention_backend, exp.logprob_backend)
+    with RunStore(out_dir) as store:
+        store.write_json("experiment.json", exp.to_dict())
+        data = load_source(exp.source, exp.n_heldout, exp.seed, store.folder)
+        # Fail before training the reference where the pool cannot hold the sizes even at the
+        # most bits a sequence can carry.
+        plan(exp, data.most_bits_per_sequence(), len(data.train_pool), ref_id="")
+        ref_config, ref_train = exp.reference_model_config(), exp.reference_train_config()
+        ref_checkpoint = store.checkpoint_path(f"reference-{reference_id(ref_config, ref_train, data)}")
+        reference = train_reference(ref_config, ref_train, data, store.folder, ref_checkpoint, device, backends, progress)
+        bits_per_sequence = source_bits_per_sequence(data, reference)
+        runs = plan(exp, bits_per_sequence, len(data.train_pool), reference.reference_id, backends)
+        workload = SourceWorkload(exp, data, reference, bits_per_sequence)
+        executor = executor or LocalExecutor(device)
+
+        sweep = [r for r in runs if r.role == "sweep"]
+        checks = [r for r in runs if r.role == "check"]
+        todo = store.todo(runs)
+        bar = SweepProgress(total=len(runs), done=len(runs) - len(todo), desc="runs", enabled=progress)
+        try:
+            executor.execute(store.todo(sweep), workload, store, bar)  # the sweep first: the law predicts the checks
+            prediction = _prediction(store, runs, exp, bits_per_sequence) if checks else None
+            executor.execute(store.todo(checks), workload, store, bar)
+        finally:
+            bar.close()
+
+        summary = summarize(store.rows_of(runs), prediction)
+        summary["source"] = data.description
+        summary["reference"] = reference.description
+        summary["source_bits_per_sequence"] = bits_per_sequence
+        summary["alpha"] = {"value": exp.alpha, "source": exp.alpha_source}
+        summary["experiment"] = exp.to_dict()
+        store.write_json("summary.json", summary)
+        from .plots import plot_generalization  # matplotlib only when needed
+
+        plot_generalization(summary, store.folder)
+    return summary
 
 
-def _point(r: dict) -> dict:
-    keys = (
-        "n_sequences", "size_factor", "dataset_bits", "dataset_over_capacity", "capacity_over_dataset",
-        "train_bits_per_token", "heldout_bits_per_token", "total_memorization_bits", "unintended_bits",
-        "unintended_reference_bits", "unintended_exact_bits", "generalization_bits", "f1", "auc", "steps", "stop_reason",
-    )
-    return {k: r[k] for k in keys if k in r}
-
-
-def format_summary(summary: dict) -> str:
-    """The text printed at the end of a run."""
-    lines = [f"source: {summary['source']['source']}; H(x|θ) = {summary['source_bits_per_sequence']:.1f} bits/sequence"
-             f"; α = {summary['alpha']['value']:g} bits/param ({summary['alpha']['source']})"]
-    ref = summary["reference"]
-    line = f"reference θ: {ref['model_name']} on {ref['trained_on_sequences']} sequences, held-out {ref['heldout_bits_per_token']:.3f} bits/token"
-    if "exact_bits_per_token" in ref:
-        line += f" (exact entropy rate {ref['exact_bits_per_token']:.3f})"
-    lines.append(line)
-    header = f"  {'N':>6}{'data/cap':>9}{'train b/t':>10}{'held b/t':>9}{'total mem':>11}{'unintended':>11}{'general.':>10}{'F1':>6}{'AUC':>6}"
-    for m in summary["models"]:
-        lines.append(f"{m['role']} {m['model_name']} ({m['parameters']:,} params, capacity {m['capacity_bits']:,.0f} bits)")
-        lines.append(header)
-        for p in m["points"]:
-            lines.append(
-                f"  {p['n_sequences']:>6}{p['dataset_over_capacity']:>9.2f}{p['train_bits_per_token']:>10.3f}"
-                f"{p['heldout_bits_per_token']:>9.3f}{p['total_memorization_bits']:>11.0f}{p['unintended_bits']:>11.0f}"
-                f"{p['generalization_bits']:>10.0f}{p['f1']:>6.2f}{p['auc']:>6.2f}"
-            )
-        lines.append(
-            f"  held-out loss peaks at data/capacity {m['heldout_peak_dataset_over_capacity']:.2f}"
-            f"{'' if m['heldout_peak_is_interior'] else ' (an end of the sweep: no interior peak)'}; "
-            f"unintended memorization peaks at {m['unintended_peak_dataset_over_capacity']:.2f}"
-        )
-    law = summary.get("f1_law")
-    if law is not None:
-        lines.append(f"F1 law: {law['form']} with c1={law['c1']:.3f}, c2={law['c2']:.3f}, c3={law['c3']:.3f} (R² {law['r2']:.3f})")
-    for c in summary.get("prediction_check", {}).get("checks", []):
-        if c["predicted_f1"] is not None and c["measured_f1"] is not None:
-            lines.append(
-                f"check {c['model_name']} N={c['n_sequences']}: predicted F1 {c['predicted_f1']:.3f}, "
-                f"measured {c['measured_f1']:.3f}"
-            )
-    rc = summary.get("reference_check")
-    if rc is not None:
-        lines.append(
-            f"reference-model estimate of mem_U against the exact one: total {rc['total_unintended_reference_bits']:,.0f}"
-            f" vs {rc['total_unintended_exact_bits']:,.0f} bits"
-            + (f" ({100 * rc['relative_error_of_total']:+.1f}%)" if rc["relative_error_of_total"] is not None else "")
-        )
-    return "\n".join(lines)
+def _prediction(store: RunStore, runs: list[Run], exp, bits_per_sequence: float) -> dict:
+    """The stored prediction for this plan, or a new one from the sweep's rows, written at once."""
+    plan_id = content_digest(sorted(r.run_id for r in runs))
+    prediction = store.read_json("prediction.json")
+    if prediction is None or prediction["plan_id"] != plan_id:  # none yet, or made for another plan
+        sweep_rows = store.rows_of(r for r in runs if r.role == "sweep")
+        prediction = {"plan_id": plan_id, **predict_checks(sweep_rows, runs, exp, bits_per_sequence)}
+        store.write_json("prediction.json", prediction)
+    return prediction
 
 
 # ---------------------------------------------------------------------------------------
@@ -762,8 +467,9 @@ def experiment_from_options(
     src_changes: dict = {}
     if source is not None:
         src_changes["kind"] = source
-        if source == "markov" and exp.source.kind != "markov":
-            src_changes.update(vocab_size=PRESETS["markov"]().source.vocab_size, markov_branching=PRESETS["markov"]().source.markov_branching)
+        if source == "markov" and exp.source.kind != "markov":  # the chain of the markov preset
+            chain = PRESETS["markov"]().source
+            src_changes.update(vocab_size=chain.vocab_size, markov_branching=chain.markov_branching)
     if text is not None or hf_dataset is not None:
         src_changes.setdefault("kind", "text")
     for key, value in (("text_path", text), ("hf_dataset", hf_dataset), ("hf_split", hf_split), ("hf_column", hf_column),
@@ -777,10 +483,7 @@ def experiment_from_options(
     def shapes(spec: str | None, current: tuple[GPTConfig, ...]) -> tuple[GPTConfig, ...]:
         if spec is not None:
             return parse_models(spec, src.vocab_size, src.seq_len) if spec.strip() else ()
-        try:
-            return tuple(replace(m, vocab_size=src.vocab_size, seq_len=src.seq_len) for m in current)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+        return reshape_models(current, src.vocab_size, src.seq_len)
 
     changes["models"] = shapes(models, exp.models)
     changes["check_models"] = shapes(check_models, exp.check_models)
@@ -815,13 +518,9 @@ def experiment_from_options(
                        ("logprob_backend", logprob_backend)):
         if value is not None:
             changes[key] = value
-    try:
-        train = exp.train if max_steps is None else exp.train.with_step_cap(max_steps)
-        changes["train"] = replace(train, **{k: v for k, v in (("lr", lr), ("batch_size", batch_size)) if v is not None})
-        if exp.reference_train is not None and max_steps is not None:
-            changes["reference_train"] = exp.reference_train.with_step_cap(max_steps)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    changes["train"] = override_training(exp.train, max_steps, None, lr, batch_size)
+    if exp.reference_train is not None and max_steps is not None:
+        changes["reference_train"] = override_training(exp.reference_train, max_steps)
     exp = replace(exp, **changes)
     validate(exp)
     return exp

@@ -1,20 +1,19 @@
-"""An experiment's output folder: atomic writes, the run lock, and runs.jsonl.
+"""Files an experiment writes: atomically, and named by content.
 
 Every file is written to a temporary name and renamed into place, so an interrupted run
-never leaves half a file for the resumed one to read.
+never leaves half a file for the resumed one to read. The output folder itself (its
+lock, runs.jsonl, checkpoints) is the run store's (memorize/store.py).
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
-
-from .errors import ConfigError
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -46,48 +45,10 @@ def atomic_write_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def prepare_output_dir(out_dir: Path) -> Path:
-    out_dir = Path(out_dir)
-    try:
-        (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to output folder {str(out_dir)!r} ({e.strerror}); choose another with --out") from e
-    return out_dir
+def content_digest(obj) -> str:
+    """8 hex digits of SHA-1 over obj as canonical JSON: names that change whenever what they name does."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def lock_output_dir(out_dir: Path):
-    """Hold an exclusive lock on the folder for this process: two runs writing one folder would clobber it."""
-    import fcntl
-
-    handle = open(out_dir / ".lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise ConfigError(f"another memk run is writing to {str(out_dir)!r}; wait for it to finish or choose another --out")
-    return handle
-
-
-@contextlib.contextmanager
-def output_dir(out_dir: Path) -> Iterator[Path]:
-    """The folder, created, checked writable and locked for as long as the block runs."""
-    out_dir = prepare_output_dir(out_dir)
-    lock = lock_output_dir(out_dir)
-    try:
-        yield out_dir
-    finally:
-        lock.close()
-
-
-def load_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    """runs.jsonl, rewritten whole and atomically after each finished run."""
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

@@ -11,7 +11,8 @@ from memk.memorize.bits import (
 )
 from memk.memorize.data import uniform_random_sequences
 from memk.memorize.model import GPT, GPTConfig
-from memk.memorize.train import TrainConfig, train_to_saturation
+from memk.memorize.schedule import TrainConfig
+from memk.memorize.train import train_to_saturation
 
 
 def float64_sequence_bits(model: GPT, x: torch.Tensor) -> np.ndarray:

@@ -1,10 +1,16 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 from memk.memorize import capacity
 from memk.memorize.bits import uniform_sequence_entropy_bits
+from memk.memorize.data import uniform_random_sequences
+from memk.memorize.errors import ConfigError
 from memk.memorize.model import count_parameters
+from memk.memorize.runtime import Backends
 
 
 def test_fit_on_an_exact_line_recovers_alpha():
@@ -66,15 +72,39 @@ def test_paper_preset_is_the_papers_grid():
     assert exp.train.batch_size == 2048 and exp.precisions == ("bfloat16",)
 
 
-def test_run_id_changes_with_what_shapes_the_result():
-    exp = capacity.preset("smoke")
-    model = exp.models[0]
-    base = capacity.run_id(model, 10, "float32", exp)
-    assert base == capacity.run_id(model, 10, "float32", exp)
-    assert base != capacity.run_id(model, 11, "float32", exp)
-    assert base != capacity.run_id(model, 10, "bfloat16", exp)
-    stepped = capacity.experiment_from_options("smoke", max_steps=99)
-    assert base != capacity.run_id(model, 10, "float32", stepped)
+BACKENDS = Backends("sdpa", "reference")
+
+
+def test_plan_is_every_precision_model_and_size_once_with_ids_that_follow_what_shapes_the_result():
+    exp = replace(capacity.preset("smoke"), precisions=("float32", "bfloat16"))
+    runs = capacity.plan(exp, BACKENDS)
+    expected = [(p, m, n) for p in exp.precisions for m in exp.models for n in capacity.dataset_sizes_for(m, exp)]
+    assert [(r.train.precision, r.model, r.n_sequences) for r in runs] == expected
+    assert len({r.run_id for r in runs}) == len(runs)
+    assert runs == capacity.plan(exp, BACKENDS) and [r.run_id for r in runs] == [r.run_id for r in capacity.plan(exp, BACKENDS)]
+    stepped = replace(exp, train=exp.train.with_step_cap(99))
+    assert not {r.run_id for r in runs} & {r.run_id for r in capacity.plan(stepped, BACKENDS)}
+    reseeded = replace(exp, seed=1)
+    assert not {r.run_id for r in runs} & {r.run_id for r in capacity.plan(reseeded, BACKENDS)}
+
+
+def test_run_ids_are_those_earlier_output_folders_hold():
+    # runs.jsonl of `memk run-capacity --preset smoke` before the sweep layer existed: the same
+    # ids, so folders written then resume instead of training again.
+    ids = [r.run_id for r in capacity.plan(capacity.preset("smoke"), BACKENDS)]
+    assert ids == [
+        "L1-d8-h1-V16-S8-N69-float32-seed0-64f241e9",
+        "L1-d8-h1-V16-S8-N278-float32-seed0-85b4644d",
+        "L1-d16-h2-V16-S8-N238-float32-seed0-e65ae31b",
+        "L1-d16-h2-V16-S8-N950-float32-seed0-cf4b09b5",
+    ]
+
+
+def test_uniform_workload_trains_on_the_seeded_stream():
+    run = capacity.plan(capacity.preset("smoke"), BACKENDS)[1]
+    data = capacity.UniformWorkload().training_data(run)
+    assert data.shape == (run.n_sequences, run.model.seq_len)
+    assert torch.equal(data, uniform_random_sequences(run.n_sequences, 16, 8, seed=0))
 
 
 def _row(name, params, n, dataset_bits, mem, precision="float32"):
@@ -114,5 +144,5 @@ def test_summary_takes_the_plateau_as_capacity_and_fits_per_precision():
 )
 def test_bad_options_are_config_errors(options, message):
     options = {"preset_name": "smoke", **options}
-    with pytest.raises(capacity.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         capacity.experiment_from_options(**options)

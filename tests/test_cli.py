@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-MEMK = [sys.executable, "-m", "memk.memorize.cli"]
+MEMK = [sys.executable, "-m", "memk.cli"]
 # Run outside the repository: `python -m` puts the working directory on sys.path.
 OUTSIDE = tempfile.gettempdir()
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from memk.memorize import corpus
-from memk.memorize.capacity import ConfigError
+from memk.memorize.errors import ConfigError
 from memk.memorize.corpus import EOT
 
 

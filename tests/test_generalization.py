@@ -15,13 +15,17 @@ import torch
 
 from memk.memorize import generalization as gen
 from memk.memorize.bits import model_sequence_bits
+from memk.memorize.errors import ConfigError
 from memk.memorize.data import uniform_random_sequences
 from memk.memorize.markov import MarkovSource
 from memk.memorize.membership import loss_threshold_attack
 from memk.memorize.model import GPT, GPTConfig
-from memk.memorize.train import TrainConfig, train_to_saturation
+from memk.memorize.reference import Reference, load_reference_model
+from memk.memorize.schedule import TrainConfig
+from memk.memorize.sources import SourceData
+from memk.memorize.train import train_to_saturation
 
-MEMK = [sys.executable, "-m", "memk.memorize.cli"]
+MEMK = [sys.executable, "-m", "memk.cli"]
 OUTSIDE = tempfile.gettempdir()  # `python -m` puts the working directory on sys.path
 
 
@@ -37,7 +41,7 @@ def _one_line_error(result, needle):
 
 
 def _source_data(train_pool, heldout, exact=None):
-    return gen.SourceData(train_pool, heldout, exact, {"source": "test"}, "test")
+    return SourceData(train_pool, heldout, exact, {"source": "test"}, "test")
 
 
 def test_unintended_memorization_is_zero_for_a_model_equal_to_the_reference():
@@ -49,7 +53,7 @@ def test_unintended_memorization_is_zero_for_a_model_equal_to_the_reference():
             p.add_(torch.randn_like(p) * 0.3)
     pool = uniform_random_sequences(40, 11, 9, seed=1)
     heldout = uniform_random_sequences(20, 11, 9, seed=2)
-    reference = gen.Reference(config, model_sequence_bits(model, pool), model_sequence_bits(model, heldout), {})
+    reference = Reference(config, model_sequence_bits(model, pool), model_sequence_bits(model, heldout), {})
     exp = replace(gen.preset("smoke"), n_attack=20)
     out = gen.measure(model, pool[:30], _source_data(pool, heldout), reference, 20.0, exp, "float32")
     assert out["unintended_bits"] == 0.0
@@ -68,7 +72,7 @@ def test_unintended_memorization_against_an_exact_generator_by_hand():
     model = GPT(config)
     model_bits = model_sequence_bits(model, pool[:25])
     exact = chain.sequence_bits(pool[:25])
-    reference = gen.Reference(config, np.full(50, 1e6), np.full(10, 1e6), {})  # a useless reference
+    reference = Reference(config, np.full(50, 1e6), np.full(10, 1e6), {})  # a useless reference
     exp = replace(gen.preset("smoke"), n_attack=10)
     out = gen.measure(model, pool[:25], _source_data(pool, heldout, chain), reference, 5.0, exp, "float32")
     by_hand = sum(max(0.0, e - m) for e, m in zip(exact, model_bits))
@@ -126,10 +130,10 @@ def test_plan_sizes_are_multiples_of_capacity_and_a_too_small_corpus_is_refused(
     runs = gen.plan(exp, bits_per_sequence=50.0, pool_size=10_000, ref_id="r")
     for run in runs:
         expected = max(1, round(run.size_factor * gen.capacity_bits(run.model, exp.alpha) / 50.0))
-        assert run.n == expected
+        assert run.n_sequences == expected
     assert {r.role for r in runs} == {"sweep", "check"}
-    largest = max(r.n for r in runs)
-    with pytest.raises(gen.ConfigError, match="too small for the sizes asked"):
+    largest = max(r.n_sequences for r in runs)
+    with pytest.raises(ConfigError, match="too small for the sizes asked"):
         gen.plan(exp, bits_per_sequence=50.0, pool_size=largest - 1, ref_id="r")
 
 
@@ -154,7 +158,7 @@ def test_cli_end_to_end_then_resume(tmp_path, source):
     else:
         assert (out / "tokenizer.json").exists()
     # The stored reference is the model that coded the held-out split.
-    reference = gen.load_reference_model(out)
+    reference = load_reference_model(out)
     heldout = torch.from_numpy(np.load(out / "corpus.npz")["heldout"]) if source == "text" else None
     if heldout is not None:
         stored = np.load(out / "reference" / "bits.npz")["heldout"]
@@ -233,42 +237,3 @@ def test_bad_input_is_a_one_line_error(tmp_path, make, args, needle):
     args = [a.replace("{file}", str(file)) for a in args]
     result = memk("run-generalization", "--preset", "smoke", "--out", str(tmp_path / "out"), "--no-progress", *args)
     _one_line_error(result, needle)
-
-
-def _row(run_id, role, name, n, ratio, heldout, unintended, f1, exact=None):
-    row = {
-        "run_id": run_id, "role": role, "model_name": name, "parameters": 100, "capacity_bits": 1000.0,
-        "n_sequences": n, "size_factor": ratio, "dataset_bits": 1000.0 * ratio, "dataset_over_capacity": ratio,
-        "capacity_over_dataset": 1 / ratio, "train_bits_per_token": 1.0, "heldout_bits_per_token": heldout,
-        "total_memorization_bits": 500.0, "unintended_bits": unintended, "unintended_reference_bits": unintended,
-        "generalization_bits": 500.0 - unintended, "f1": f1, "auc": f1, "steps": 10, "stop_reason": "plateau",
-    }
-    if exact is not None:
-        row["unintended_exact_bits"] = exact
-    return row
-
-
-def test_summary_finds_the_peaks_and_compares_predictions_with_measurements():
-    rows = [
-        _row("a1", "sweep", "A", 10, 0.25, 5.0, 30.0, 1.0, exact=20.0),
-        _row("a2", "sweep", "A", 20, 0.5, 9.0, 60.0, 1.0, exact=60.0),  # both peaks here: interior
-        _row("a3", "sweep", "A", 40, 1.0, 4.0, 10.0, 0.9, exact=20.0),
-        _row("a4", "sweep", "A", 80, 2.0, 3.0, 0.0, 0.6, exact=0.0),
-        _row("c1", "check", "C", 30, 1.5, 2.0, 5.0, 0.7, exact=0.0),
-    ]
-    prediction = {"law": None, "made_at": "t", "predictions": [
-        {"run_id": "c1", "model_name": "C", "n_sequences": 30, "capacity_over_dataset": 1 / 1.5, "predicted_f1": 0.75}]}
-    summary = gen.summarize(rows, prediction)
-    a, c = summary["models"]
-    assert a["heldout_peak_dataset_over_capacity"] == 0.5 and a["heldout_peak_is_interior"]
-    assert a["unintended_peak_dataset_over_capacity"] == 0.5 and a["unintended_peak_bits"] == 60.0
-    assert not c["heldout_peak_is_interior"]  # a single run has no interior
-    check = summary["prediction_check"]["checks"][0]
-    assert check["measured_f1"] == 0.7 and check["error"] == pytest.approx(-0.05)
-    rc = summary["reference_check"]  # estimate 105 bits against exact 100
-    assert rc["total_unintended_reference_bits"] == 105.0 and rc["total_unintended_exact_bits"] == 100.0
-    assert rc["relative_error_of_total"] == pytest.approx(0.05)
-    assert "F1 law" in gen.format_summary({**summary, "source": {"source": "s"}, "source_bits_per_sequence": 1.0,
-                                           "alpha": {"value": 2.0, "source": "x"},
-                                           "reference": {"model_name": "r", "trained_on_sequences": 1,
-                                                         "heldout_bits_per_token": 1.0}})

@@ -1,15 +1,17 @@
-"""memk is one namespace: the folders kernels/, memorize/, bench/ are never top-level packages."""
+"""memk is one namespace: the folders kernels/, memorize/, bench/, cli/ are never top-level packages."""
 
 import sys
 from pathlib import Path
 
 import memk.bench
 import memk.bench.cli  # noqa: F401
+import memk.cli
+import memk.cli.main  # noqa: F401  (imports most of memk)
 import memk.kernels
-import memk.memorize.cli  # noqa: F401  (imports most of memk)
+import memk.memorize
 
 REPO = Path(__file__).resolve().parent.parent
-SUBPACKAGES = {"kernels": memk.kernels, "memorize": memk.memorize, "bench": memk.bench}
+SUBPACKAGES = {"kernels": memk.kernels, "memorize": memk.memorize, "bench": memk.bench, "cli": memk.cli}
 
 
 def test_subpackages_live_under_the_memk_namespace():

@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 
 from memk.memorize import markov
-from memk.memorize.capacity import ConfigError
+from memk.memorize.errors import ConfigError
 from memk.memorize.markov import MarkovSource
 
 

@@ -4,46 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from memk.memorize.bits import model_sequence_bits
 from memk.memorize.data import uniform_random_sequences
-from memk.memorize.model import GPTConfig
-from memk.memorize.train import TrainConfig, batch_indices, learning_rate, plateau_reached, train_to_saturation
-
-
-def saturating(steps, capacity=1000.0, rate=0.01):
-    return [capacity * (1 - math.exp(-rate * s)) for s in steps]
-
-
-def test_plateau_rule_on_synthetic_curves():
-    window, tol = 5, 0.01
-    assert not plateau_reached([10.0 * i for i in range(1, 30)], window, tol)  # linear: still rising
-    assert plateau_reached([500.0] * 10, window, tol)  # flat
-    assert not plateau_reached([500.0] * 5, window, tol)  # too short to judge
-    assert not plateau_reached([0.0] * 10, window, tol)  # never rose: nothing memorized yet
-    noisy = [500.0 + (7.0 if i % 2 else -7.0) for i in range(12)]
-    assert plateau_reached(noisy, window, tol)  # noise around a level is a plateau
-
-
-def test_plateau_rule_stops_a_saturating_curve_where_the_window_gain_falls_below_tolerance():
-    # c(t) = C(1 - e^{-rt}), evaluated every 10 steps. The gain of the best value over the last
-    # 5 evaluations is c(t) - c(t-50); it drops below 1% of c(t-50) at a step we can solve for.
-    steps = list(range(0, 2000, 10))
-    curve = saturating(steps)
-    first = next(i for i in range(len(curve)) if plateau_reached(curve[: i + 1], 5, 0.01))
-    t = steps[first]
-    gain = lambda s: saturating([s])[0] - saturating([s - 50])[0]
-    assert gain(t) < 0.01 * saturating([t - 50])[0]
-    assert gain(t - 10) >= 0.01 * saturating([t - 60])[0]
-
-
-def test_learning_rate_warms_up_holds_then_cools_down_to_zero():
-    cfg = TrainConfig(lr=0.1, warmup_steps=10, cooldown_steps=100)
-    assert learning_rate(0, cfg) == pytest.approx(0.01)
-    assert learning_rate(4, cfg) == pytest.approx(0.05)
-    assert learning_rate(9, cfg) == pytest.approx(0.1)
-    assert learning_rate(10_000, cfg) == 0.1
-    assert learning_rate(500, cfg, cooldown_start=500) == pytest.approx(0.1)
-    assert learning_rate(550, cfg, cooldown_start=500) == pytest.approx(0.05)
-    assert learning_rate(599, cfg, cooldown_start=500) == pytest.approx(0.001)
+from memk.memorize.model import GPT, GPTConfig
+from memk.memorize.schedule import TrainConfig
+from memk.memorize.train import MemorizedBits, train_to_saturation, uniform_code_signal
 
 
 class Killed(Exception):
@@ -57,22 +22,6 @@ def test_a_run_ends_with_its_cooldown_inside_the_step_cap():
     _, outcome = train_to_saturation(config, data, cfg, torch.device("cpu"))
     assert outcome.steps == 70 and outcome.stop_reason == "step_cap"
     assert [s for s, _ in outcome.curve] == [0, 20, 40, 60, 70]
-
-
-def test_batches_are_epochs_of_permutations():
-    n, batch = 10, 4
-    seen = torch.cat([batch_indices(s, n, batch, seed=0) for s in range(5)])  # 20 indices = 2 epochs
-    assert sorted(seen[:10].tolist()) == list(range(10))
-    assert sorted(seen[10:].tolist()) == list(range(10))
-    assert (batch_indices(3, n, batch, seed=0) == batch_indices(3, n, batch, seed=0)).all()
-    assert batch_indices(0, 3, 8, seed=0).tolist() == [0, 1, 2]  # small data: full batch
-
-
-def test_bad_train_config_is_a_clear_error():
-    with pytest.raises(ValueError, match="precision"):
-        TrainConfig(precision="float16")
-    with pytest.raises(ValueError, match="batch_size"):
-        TrainConfig(batch_size=0)
 
 
 def test_a_run_killed_during_its_cooldown_resumes_to_the_uninterrupted_result(tmp_path):
@@ -110,3 +59,31 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_run(tmp_path):
     assert [s for s, _ in resumed.curve] == [0, 20, 40, 60]
     np.testing.assert_allclose([b for _, b in resumed.curve], [b for _, b in straight.curve], rtol=1e-6)
     assert resumed.steps == straight.steps == 60
+
+
+def test_the_loop_stops_on_the_signal_it_is_given():
+    config = GPTConfig(1, 8, 1, 16, 8)
+    data = uniform_random_sequences(20, 16, 8, seed=0)
+    cfg = TrainConfig(lr=1e-2, warmup_steps=0, batch_size=8, max_steps=500, cooldown_steps=5, min_steps=20,
+                      eval_every=10, plateau_window=2)
+    seen = []
+
+    def flat(model):  # memorized bits that never rise: the plateau is seen at min_steps
+        seen.append(model.training)
+        return MemorizedBits(42.0, 7.0)
+
+    _, outcome = train_to_saturation(config, data, cfg, torch.device("cpu"), stop_signal=flat)
+    assert outcome.stop_reason == "plateau" and outcome.steps == 25
+    assert [s for s, _ in outcome.curve] == [0, 10, 20, 25] and len(seen) == 4
+    assert outcome.memorized_bits == 42.0 and outcome.model_bits_per_sequence == 7.0
+
+
+def test_uniform_code_signal_is_the_uniform_entropy_less_the_model_code_length():
+    torch.manual_seed(0)
+    config = GPTConfig(1, 8, 1, 16, 8)
+    model = GPT(config)
+    data = uniform_random_sequences(30, 16, 8, seed=3)
+    bits = model_sequence_bits(model, data)
+    expected = np.maximum(0.0, 7 * 4.0 - bits).sum()  # (S-1)·log2 V = 7 · 4 bits per sequence
+    signal = uniform_code_signal(data, "float32")(model)
+    assert signal.total == pytest.approx(expected, rel=1e-12) and signal.mean_model_bits == pytest.approx(bits.mean())

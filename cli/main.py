@@ -1,4 +1,7 @@
-"""The `memk` command line: parses options, calls memk.memorize, prints. No logic of its own."""
+"""The `memk` command line: parses options, calls memk.memorize and memk.bench, prints. No logic of its own.
+
+It sits above the packages it drives, so none of them imports it (or each other back).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,11 @@ import click
 
 from memk.bench.cli import bench
 from memk.kernels import BackendUnavailable
-
-from . import capacity, generalization
+from memk.memorize import capacity, generalization
+from memk.memorize.errors import ConfigError
+from memk.memorize.generalization_summary import format_summary
+from memk.memorize.schedule import PRECISIONS
+from memk.memorize.sources import SOURCES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,8 +45,9 @@ def training_options(command):
 @click.option("--vocab-size", type=int, help="vocabulary size V of the random data")
 @click.option("--seq-len", type=int, help="sequence length S (tokens 1..S-1 are coded)")
 @click.option("--sizes", help="dataset sizes in sequences for every model, e.g. '50,100,200'")
-@click.option("--size-factors", help="dataset sizes as multiples of the capacity expected at 3.6 bits/param")
-@click.option("--precision", type=click.Choice(["float32", "bfloat16", "both"]), help="training precision")
+@click.option("--size-factors",
+              help=f"dataset sizes as multiples of the capacity expected at {capacity.PAPER_ALPHA} bits/param")
+@click.option("--precision", type=click.Choice([*PRECISIONS, "both"]), help="training precision")
 @click.option("--cooldown-steps", type=int, help="steps of linear learning-rate decay that end each run")
 @click.option("--seed", type=int, help="seed of the data stream and the model init")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder [default: runs/capacity-PRESET]")
@@ -60,7 +67,7 @@ def run_capacity(preset_name, out, no_progress, **options):
 
 @cli.command("run-generalization")
 @click.option("--preset", "preset_name", default="default", show_default=True, help=f"one of: {', '.join(generalization.PRESETS)}")
-@click.option("--source", type=click.Choice(generalization.SOURCES), help="text (a corpus) or markov (a synthetic chain with exact entropy)")
+@click.option("--source", type=click.Choice(SOURCES), help="text (a corpus) or markov (a synthetic chain with exact entropy)")
 @click.option("--text", help="a UTF-8 text file to use as the corpus [default: the built-in corpus]")
 @click.option("--hf-dataset", help="a Hugging Face dataset name, or a folder saved with save_to_disk")
 @click.option("--hf-split", help="the dataset's split [default: train]")
@@ -78,7 +85,7 @@ def run_capacity(preset_name, out, no_progress, **options):
 @click.option("--heldout", type=int, help="sequences held out, never trained on")
 @click.option("--alpha", type=float, help="bits per parameter for capacity = α · parameters")
 @click.option("--capacity-summary", help="take α from a run-capacity summary.json instead")
-@click.option("--precision", type=click.Choice(["float32", "bfloat16"]), help="training precision")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="training precision")
 @click.option("--seed", type=int, help="seed of the data split, the Markov chain and the model init")
 @click.option("--out", type=click.Path(path_type=Path), help="output folder [default: runs/generalization-PRESET]")
 @training_options
@@ -92,7 +99,7 @@ def run_generalization(preset_name, out, no_progress, **options):
     exp = generalization.experiment_from_options(preset_name, **options)
     out = out or Path("runs") / f"generalization-{preset_name}"
     summary = generalization.run_generalization(exp, out, progress=not no_progress)
-    click.echo(generalization.format_summary(summary))
+    click.echo(format_summary(summary))
     click.echo(f"results in {out}/: runs.jsonl, summary.json, prediction.json, reference/, *.png")
 
 
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         click.echo(f"memk: error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
-    except (capacity.ConfigError, BackendUnavailable) as e:
+    except (ConfigError, BackendUnavailable) as e:
         click.echo(f"memk: error: {e}", err=True)
         sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):

@@ -1,0 +1,1 @@
+"""memk.cli: the `memk` command, above the packages it drives (memk.memorize, memk.bench)."""

@@ -1,0 +1,99 @@
+"""The reference model θ of run-generalization: trained once on the whole training pool.
+
+For text, θ stands in for the true generator (PAPER.md: in the paper, the largest
+model of the experiment, trained on a superset of the data). It codes every pool and
+held-out sequence once; those code lengths are H(x | θ) in mem_U(x) = max(0, H(x | θ) -
+H(x | θ̂)). Its weights, code lengths and description live in the output folder's
+reference/, named by an id over its shape, its schedule and the data, and are reused
+whenever a later run asks for the same reference.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bits import coded_tokens, model_sequence_bits
+from .model import GPT, GPTConfig, count_parameters
+from .outputs import atomic_write, atomic_write_json, atomic_write_npz, content_digest
+from .runtime import Backends, progress_bar, step_progress
+from .schedule import TrainConfig
+from .sources import SourceData
+from .train import train_to_saturation
+
+FOLDER = "reference"
+
+
+@dataclass
+class Reference:
+    config: GPTConfig
+    pool_bits: np.ndarray  # H(x | θ) per training-pool sequence, float64
+    heldout_bits: np.ndarray  # H(x | θ) per held-out sequence
+    description: dict
+
+    @property
+    def reference_id(self) -> str:
+        return self.description["reference_id"]
+
+
+def reference_id(config: GPTConfig, train: TrainConfig, data: SourceData) -> str:
+    return content_digest([config.to_dict(), train.to_dict(), data.fingerprint])
+
+
+def train_reference(
+    config: GPTConfig, train: TrainConfig, data: SourceData, out_dir: Path, checkpoint: Path,
+    device: torch.device, backends: Backends, progress: bool,
+) -> Reference:
+    """Train θ on the whole training pool (or load it), and code every sequence with it."""
+    ref_id = reference_id(config, train, data)
+    folder = Path(out_dir) / FOLDER
+    folder.mkdir(exist_ok=True)
+    meta_path, weights_path, bits_path = folder / "reference.json", folder / "model.pt", folder / "bits.npz"
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("reference_id") == ref_id and bits_path.exists():
+        bits = np.load(bits_path)
+        return Reference(config, bits["pool"], bits["heldout"], json.loads(meta_path.read_text()))
+
+    bar = progress_bar(total=train.max_steps, desc=f"reference {config.name}", leave=False, disable=not progress)
+    model, outcome = train_to_saturation(
+        config, data.train_pool, train, device,
+        checkpoint_path=checkpoint,
+        attention_backend=backends.attention, logprob_backend=backends.logprob,
+        on_progress=step_progress(bar, train.max_steps),
+    )
+    bar.close()
+    pool_bits = model_sequence_bits(model, data.train_pool, train.precision)
+    heldout_bits = model_sequence_bits(model, data.heldout, train.precision)
+    atomic_write(weights_path, lambda tmp: torch.save(model.state_dict(), tmp))
+    atomic_write_npz(bits_path, pool=pool_bits, heldout=heldout_bits)
+    coded = coded_tokens(config.seq_len)
+    description = {
+        "reference_id": ref_id,
+        "model": config.to_dict(),
+        "model_name": config.name,
+        "parameters": count_parameters(config),
+        "trained_on_sequences": len(data.train_pool),
+        "steps": outcome.steps,
+        "stop_reason": outcome.stop_reason,
+        "train_seconds": outcome.train_seconds,
+        "pool_bits_per_token": float(pool_bits.mean() / coded),
+        "heldout_bits_per_token": float(heldout_bits.mean() / coded),
+        "train_config": train.to_dict(),
+    }
+    if data.exact is not None:
+        description["exact_bits_per_token"] = data.exact.entropy_rate_bits()
+    atomic_write_json(meta_path, description)
+    checkpoint.unlink(missing_ok=True)
+    return Reference(config, pool_bits, heldout_bits, description)
+
+
+def load_reference_model(out_dir: Path, device="cpu") -> GPT:
+    """The stored reference θ, for reuse (e.g. as the reference of another experiment)."""
+    folder = Path(out_dir) / FOLDER
+    meta = json.loads((folder / "reference.json").read_text())
+    model = GPT(GPTConfig(**meta["model"]))
+    model.load_state_dict(torch.load(folder / "model.pt", map_location=device))
+    return model.to(device)

@@ -1,0 +1,123 @@
+"""One home for sweeps: a run, what an experiment supplies for its runs, and the executor
+that trains them.
+
+An experiment is a plan of runs. It describes each run as a `Run` (plain and picklable,
+its id derived from the description alone), asks its run store (memorize/store.py)
+which runs are still to do, hands those to an executor with its `Workload`, and
+summarizes the rows the store then holds. Where and how runs execute is the executor's
+business: `LocalExecutor` trains them one at a time in this process; other executors
+(an ensemble of same-shape runs, Ray workers) take the same runs and workload and
+return the same rows, one per run, through `train_run`'s contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import torch
+
+from .model import GPT, GPTConfig
+from .outputs import content_digest
+from .runtime import Backends, progress_bar, step_progress
+from .schedule import RunOutcome, TrainConfig
+from .store import RunStore, provenance
+from .train import StopSignal, train_to_saturation
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything that shapes one training run's result."""
+
+    name: str  # the readable part of the id
+    model: GPTConfig
+    n_sequences: int  # the dataset: which sequences is the workload's to say (a seeded stream, a pool's prefix)
+    train: TrainConfig  # the schedule, with its precision and seed
+    backends: Backends
+    role: str = "sweep"  # which part of the experiment's plan ("capacity", "sweep", "check")
+    size_factor: float | None = None  # n_sequences as a multiple of capacity, where planned so
+    context: tuple = ()  # what else shapes the result, e.g. the reference model's id and the attack size
+
+    @property
+    def run_id(self) -> str:
+        # The backends stay out of the digest, as in every runs.jsonl written so far.
+        digest = content_digest([self.model.to_dict(), self.n_sequences, self.train.to_dict(), *self.context])
+        return f"{self.name}-{digest}"
+
+    @property
+    def label(self) -> str:
+        """What a progress bar shows of the run."""
+        return f"{self.model.name} N={self.n_sequences} {self.train.precision}"
+
+
+class Workload(Protocol):
+    """What an experiment supplies for its runs; an executor may pickle it to train runs elsewhere."""
+
+    def training_data(self, run: Run) -> torch.Tensor:
+        """The run's training sequences, (n_sequences, S) int64."""
+
+    def stop_signal(self, run: Run, data: torch.Tensor) -> StopSignal:
+        """What the training loop measures at each evaluation to decide when to stop."""
+
+    def result(self, run: Run, model: GPT, outcome: RunOutcome, data: torch.Tensor) -> dict:
+        """The run's row, less the provenance the store adds."""
+
+
+def train_run(
+    run: Run, workload: Workload, device: torch.device, checkpoint: Path | None,
+    on_progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train one run (or continue it from its checkpoint) and return its row."""
+    data = workload.training_data(run).to(device)
+    model, outcome = train_to_saturation(
+        run.model, data, run.train, device,
+        checkpoint_path=checkpoint,
+        attention_backend=run.backends.attention,
+        logprob_backend=run.backends.logprob,
+        on_progress=on_progress,
+        stop_signal=workload.stop_signal(run, data),
+    )
+    return {**workload.result(run, model, outcome, data), **provenance(run.backends, device)}
+
+
+class SweepProgress:
+    """One bar for the sweep (planned runs, finished ones counted in) and one per run's steps."""
+
+    def __init__(self, total: int, done: int, desc: str, enabled: bool):
+        self.enabled = enabled
+        self.bar = progress_bar(total=total, initial=done, desc=desc, disable=not enabled)
+
+    def run_started(self, run: Run) -> tuple[Callable[[dict], None], Callable[[], None]]:
+        """The run's step callback for the training loop, and what closes its bar."""
+        self.bar.set_postfix_str(f"{run.role} {run.label}")
+        steps = progress_bar(total=run.train.max_steps, desc=f"  {run.label}", leave=False, disable=not self.enabled)
+        return step_progress(steps, run.train.max_steps), steps.close
+
+    def run_finished(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Executor(Protocol):
+    def execute(self, runs: list[Run], workload: Workload, store: RunStore, progress: SweepProgress) -> None:
+        """Train every run; store.record(row) for each as it finishes."""
+
+
+@dataclass
+class LocalExecutor:
+    """One run at a time, in this process."""
+
+    device: torch.device
+
+    def execute(self, runs: list[Run], workload: Workload, store: RunStore, progress: SweepProgress) -> None:
+        for run in runs:
+            on_step, close_bar = progress.run_started(run)
+            try:
+                row = train_run(run, workload, self.device, store.checkpoint_path(run.run_id), on_step)
+            finally:
+                close_bar()
+            store.record(row)
+            progress.run_finished()
