@@ -1,0 +1,97 @@
+"""The sweep layer: a Run's id and pickling, and the local executor training runs into a store."""
+
+import math
+import pickle
+from dataclasses import replace
+
+import pytest
+import torch
+
+from memk.memorize.data import uniform_random_sequences
+from memk.memorize.model import GPTConfig
+from memk.memorize.runtime import Backends
+from memk.memorize.schedule import TrainConfig
+from memk.memorize.store import RunStore
+from memk.memorize.sweep import LocalExecutor, Run, SweepProgress, train_run
+from memk.memorize.train import train_to_saturation, uniform_code_signal
+
+MODEL = GPTConfig(1, 8, 1, 16, 8)
+TRAIN = TrainConfig(lr=1e-2, warmup_steps=2, batch_size=8, max_steps=20, cooldown_steps=4, min_steps=10, eval_every=5)
+BACKENDS = Backends("sdpa", "reference")
+
+
+def run(n=12, **changes):
+    return replace(Run("tiny", MODEL, n, TRAIN, BACKENDS, role="capacity"), **changes)
+
+
+def test_the_id_follows_what_shapes_the_result_and_only_that():
+    base = run()
+    assert base.run_id.startswith("tiny-") and base.run_id == run().run_id
+    for changed in (run(n=13), run(model=GPTConfig(1, 8, 2, 16, 8)), run(train=replace(TRAIN, seed=1)),
+                    run(train=replace(TRAIN, lr=2e-2)), run(context=("reference-1",))):
+        assert changed.run_id != base.run_id
+    assert run(size_factor=0.5).run_id == base.run_id  # a label of the size, not the size
+
+
+def test_a_run_pickles_to_an_equal_run():
+    r = run(context=("ref", 64), size_factor=2.0)
+    back = pickle.loads(pickle.dumps(r))
+    assert back == r and back.run_id == r.run_id
+
+
+class CountingWorkload:
+    """Uniform data; counts what the executor asks for."""
+
+    def __init__(self):
+        self.trained = []
+
+    def training_data(self, r):
+        return uniform_random_sequences(r.n_sequences, r.model.vocab_size, r.model.seq_len, seed=r.train.seed)
+
+    def stop_signal(self, r, data):
+        return uniform_code_signal(data, r.train.precision)
+
+    def result(self, r, model, outcome, data):
+        self.trained.append(r.run_id)
+        return {"run_id": r.run_id, "memorized_bits": outcome.memorized_bits, "steps": outcome.steps}
+
+
+def test_the_local_executor_trains_what_is_left_and_records_each_row(tmp_path):
+    runs = [run(n=6), run(n=12), run(n=24)]
+    workload = CountingWorkload()
+    with RunStore(tmp_path) as store:
+        LocalExecutor(torch.device("cpu")).execute(runs[:1], workload, store, SweepProgress(3, 0, "t", enabled=False))
+    with RunStore(tmp_path) as store:
+        todo = store.todo(runs)
+        LocalExecutor(torch.device("cpu")).execute(todo, workload, store, SweepProgress(3, 1, "t", enabled=False))
+        rows = store.rows_of(runs)
+    assert workload.trained == [r.run_id for r in runs]  # each run trained once
+    assert [r["run_id"] for r in rows] == [r.run_id for r in runs]
+    assert all(r["device"] == "cpu" and r["logprob_backend"] == "reference" for r in rows)
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))
+    # The row is what training the run by hand gives.
+    data = CountingWorkload().training_data(runs[1])
+    _, outcome = train_to_saturation(MODEL, data, TRAIN, torch.device("cpu"), attention_backend="sdpa",
+                                     logprob_backend="reference")
+    assert rows[1]["memorized_bits"] == pytest.approx(outcome.memorized_bits, rel=1e-9)
+    assert rows[1]["steps"] == outcome.steps
+
+
+def test_train_run_continues_a_run_from_its_checkpoint(tmp_path):
+    r = run(n=12)
+    straight = train_run(r, CountingWorkload(), torch.device("cpu"), None)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_12(p):
+        if p["step"] == 12:
+            raise Killed
+
+    checkpoint = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        train_run(r, CountingWorkload(), torch.device("cpu"), checkpoint, on_progress=kill_at_12)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 10
+    resumed = train_run(r, CountingWorkload(), torch.device("cpu"), checkpoint)
+    assert resumed["steps"] == straight["steps"]
+    assert math.isclose(resumed["memorized_bits"], straight["memorized_bits"], rel_tol=1e-6)
