@@ -4,12 +4,12 @@ double descent and membership inference (PAPER.md; Morris et al. 2025, sections 
 One experiment, on one data source:
 - text (a UTF-8 file, a Hugging Face dataset, or the built-in corpus), tokenized with a
   byte-level BPE trained on it, cut into S-token sequences, deduplicated, with a fixed
-  held-out split (memorize/corpus.py); or a sparse random Markov chain whose H(x | θ)
-  is exact (memorize/markov.py).
-- The reference θ: a model (by default the largest of the run) trained on the whole
-  training pool, a superset of every dataset the sweep trains on. For the Markov source
-  the exact generator is θ, and the reference model's estimate is reported beside it:
-  the check that the estimate used for text is right.
+  held-out split; or a sparse random Markov chain whose H(x | θ) is exact
+  (memorize/sources.py).
+- The reference θ (memorize/reference.py): a model (by default the largest of the run)
+  trained on the whole training pool, a superset of every dataset the sweep trains on.
+  For the Markov source the exact generator is θ, and the reference model's estimate is
+  reported beside it: the check that the estimate used for text is right.
 - The sweep: each model on nested prefixes of the training pool whose sizes are given as
   multiples of the model's capacity, both in bits. Capacity = α · parameters, α from the
   capacity pipeline's fit. A dataset's bits = n · H(x | θ) per sequence: exact for the
@@ -21,12 +21,14 @@ One experiment, on one data source:
   sequences.
 - F1 is fitted as a sigmoid of capacity / dataset size (memorize/membership.py). The law
   predicts F1 for the check runs (models and sizes outside the fit); the prediction is
-  written to prediction.json before those runs train, then compared with what they give.
+  written to prediction.json before those runs train, then compared with what they give
+  (memorize/generalization_summary.py).
 
-The output folder holds: experiment.json, the corpus (tokenizer.json, corpus.npz,
+The runs go through the sweep layer (memorize/sweep.py): planned as Runs, trained by an
+executor, their rows kept by the run store. The output folder holds: experiment.json, the corpus (tokenizer.json, corpus.npz,
 corpus.json) or nothing for the Markov source, reference/ (model and its code lengths),
 runs.jsonl (a row per finished run, rewritten atomically as each finishes),
-prediction.json, summary.json, and four PNG plots.
+prediction.json, summary.json, and three PNG plots (four for the Markov source).
 """
 
 from __future__ import annotations

@@ -127,11 +127,11 @@ def fit_f1_law(ratios, f1s) -> dict:
         except (RuntimeError, ValueError, optimize.OptimizeWarning):
             continue
         sse = float(((f1_law(r, *params) - f) ** 2).sum())
-        if best is None or sse < best[1]:
-            best = (params, sse)
+        if best is None or sse < best_sse:
+            best, best_sse = params, sse
     if best is None:
         raise ValueError("the F1 law did not fit these points from any starting point; check the F1 values")
-    (c1, c2, c3), sse = best
+    (c1, c2, c3), sse = best, best_sse
     sst = float(((f - f.mean()) ** 2).sum())
     return {
         "c1": float(c1),

@@ -1,4 +1,4 @@
-"""The two capacity plots, as PNG files."""
+"""The experiments' plots, as PNG files: capacity (run-capacity) and generalization (run-generalization)."""
 
 from __future__ import annotations
 
@@ -64,14 +64,14 @@ def plot_capacity_vs_params(summary: dict, path: Path) -> None:
 
 def plot_generalization(summary: dict, out_dir: Path) -> list[Path]:
     """The generalization experiment's plots; returns the files written."""
-    out_dir = Path(out_dir)
-    paths = [out_dir / "memorization.png", out_dir / "double_descent.png", out_dir / "membership.png"]
-    _plot_memorization(summary, paths[0])
-    _plot_double_descent(summary, paths[1])
-    _plot_membership(summary, paths[2])
-    if "reference_check" in summary:
-        paths.append(out_dir / "reference_check.png")
-        _plot_reference_check(summary, paths[3])
+    plots = {"memorization.png": _plot_memorization, "double_descent.png": _plot_double_descent,
+             "membership.png": _plot_membership}
+    if "reference_check" in summary:  # the Markov source: the reference model against the exact generator
+        plots["reference_check.png"] = _plot_reference_check
+    paths = []
+    for name, plot in plots.items():
+        paths.append(Path(out_dir) / name)
+        plot(summary, paths[-1])
     return paths
 
 
