@@ -1,6 +1,7 @@
 """The `memk` command line: parses options, calls memk.memorize and memk.bench, prints. No logic of its own.
 
 It sits above the packages it drives, so none of them imports it (or each other back).
+torch and the experiments are imported only when a command runs: `memk --help` is instant.
 """
 
 from __future__ import annotations
@@ -10,16 +11,53 @@ from pathlib import Path
 
 import click
 
-from memk.bench.cli import bench
-from memk.kernels import BackendUnavailable
-from memk.memorize import capacity, generalization
+from memk.memorize.constants import PAPER_ALPHA, PRECISIONS, SOURCES
 from memk.memorize.errors import ConfigError
-from memk.memorize.generalization_summary import format_summary
-from memk.memorize.schedule import PRECISIONS
-from memk.memorize.sources import SOURCES
+
+# What each preset is, for --help (tests/test_cli.py checks the names against the experiments').
+CAPACITY_PRESETS = {
+    "default": "four 1-layer models, V 64, S 32, float32: about ten minutes on a 2-core CPU",
+    "paper": "the paper's grid (1-8 layers, d 32-512, V 2048, S 64, batch 2048, bfloat16): GPU days",
+    "smoke": "two tiny models, seconds: for tests",
+}
+GENERALIZATION_PRESETS = {
+    "default": "the built-in text, BPE 2048, S 64, 1-layer models: about 16 minutes on a 2-core CPU",
+    "markov": "the default's design on a Markov chain with exact entropy: about 4 minutes",
+    "gpu": "1-4 layers, d 64-256, bfloat16, batch 512: for a GPU and a corpus of 10^5+ sequences",
+    "smoke": "tiny models, seconds: for tests",
+}
+# The subcommands that live in other packages, imported only when asked for.
+LAZY_COMMANDS = {"bench": ("memk.bench.cli", "bench", "Benchmark memk's kernels and GPT-2 training against the baselines.")}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def preset_help(presets: dict[str, str]) -> str:
+    return "; ".join(f"{name}: {what}" for name, what in presets.items())
+
+
+class MemkGroup(click.Group):
+    """A click group whose LAZY_COMMANDS load on first use, so listing commands imports nothing heavy."""
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx, name):
+        if name in LAZY_COMMANDS:
+            import importlib
+
+            module, attr, _ = LAZY_COMMANDS[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx, formatter):
+        rows = []
+        for name in self.list_commands(ctx):
+            short = LAZY_COMMANDS[name][2] if name in LAZY_COMMANDS else super().get_command(ctx, name).get_short_help_str()
+            rows.append((name, short))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=MemkGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def cli():
     """memk: how much do language models memorize, in bits."""
 
@@ -40,17 +78,18 @@ def training_options(command):
 
 
 @cli.command("run-capacity")
-@click.option("--preset", "preset_name", default="default", show_default=True, help=f"one of: {', '.join(capacity.PRESETS)}")
+@click.option("--preset", "preset_name", type=click.Choice(list(CAPACITY_PRESETS)), default="default", show_default=True,
+              help=preset_help(CAPACITY_PRESETS))
 @click.option("--models", help="models to train, e.g. '1x32,2x64x4' (LAYERSxD_MODEL[xHEADS])")
 @click.option("--vocab-size", type=int, help="vocabulary size V of the random data")
 @click.option("--seq-len", type=int, help="sequence length S (tokens 1..S-1 are coded)")
 @click.option("--sizes", help="dataset sizes in sequences for every model, e.g. '50,100,200'")
 @click.option("--size-factors",
-              help=f"dataset sizes as multiples of the capacity expected at {capacity.PAPER_ALPHA} bits/param")
+              help=f"dataset sizes as multiples of the capacity expected at {PAPER_ALPHA} bits/param")
 @click.option("--precision", type=click.Choice([*PRECISIONS, "both"]), help="training precision")
 @click.option("--cooldown-steps", type=int, help="steps of linear learning-rate decay that end each run")
 @click.option("--seed", type=int, help="seed of the data stream and the model init")
-@click.option("--out", type=click.Path(path_type=Path), help="output folder [default: runs/capacity-PRESET]")
+@click.option("--out", help="output folder [default: runs/capacity-PRESET]")
 @training_options
 def run_capacity(preset_name, out, no_progress, **options):
     """Train GPT-2 models on random data and measure capacity in bits per parameter.
@@ -58,15 +97,19 @@ def run_capacity(preset_name, out, no_progress, **options):
     Re-running with the same options and --out resumes: finished runs are kept and the
     run in progress continues from its last checkpoint.
     """
+    from memk.memorize import capacity
+    from memk.memorize.options import output_folder
+
     exp = capacity.experiment_from_options(preset_name, **options)
-    out = out or Path("runs") / f"capacity-{preset_name}"
+    out = output_folder(out, Path("runs") / f"capacity-{preset_name}")
     summary = capacity.run_capacity(exp, out, progress=not no_progress)
     click.echo(capacity.format_table(summary))
     click.echo(f"results in {out}/: runs.jsonl, summary.json, capacity_curves.png, capacity_vs_params.png")
 
 
 @cli.command("run-generalization")
-@click.option("--preset", "preset_name", default="default", show_default=True, help=f"one of: {', '.join(generalization.PRESETS)}")
+@click.option("--preset", "preset_name", type=click.Choice(list(GENERALIZATION_PRESETS)), default="default",
+              show_default=True, help=preset_help(GENERALIZATION_PRESETS))
 @click.option("--source", type=click.Choice(SOURCES), help="text (a corpus) or markov (a synthetic chain with exact entropy)")
 @click.option("--text", help="a UTF-8 text file to use as the corpus [default: the built-in corpus]")
 @click.option("--hf-dataset", help="a Hugging Face dataset name, or a folder saved with save_to_disk")
@@ -87,7 +130,7 @@ def run_capacity(preset_name, out, no_progress, **options):
 @click.option("--capacity-summary", help="take α from a run-capacity summary.json instead")
 @click.option("--precision", type=click.Choice(PRECISIONS), help="training precision")
 @click.option("--seed", type=int, help="seed of the data split, the Markov chain and the model init")
-@click.option("--out", type=click.Path(path_type=Path), help="output folder [default: runs/generalization-PRESET]")
+@click.option("--out", help="output folder [default: runs/generalization-PRESET]")
 @training_options
 def run_generalization(preset_name, out, no_progress, **options):
     """Train GPT-2 models on real text (or a Markov chain): unintended memorization,
@@ -96,14 +139,15 @@ def run_generalization(preset_name, out, no_progress, **options):
     Re-running with the same options and --out resumes: the corpus, the reference model
     and finished runs are kept, and the run in progress continues from its checkpoint.
     """
+    from memk.memorize import generalization
+    from memk.memorize.generalization_summary import format_summary
+    from memk.memorize.options import output_folder
+
     exp = generalization.experiment_from_options(preset_name, **options)
-    out = out or Path("runs") / f"generalization-{preset_name}"
+    out = output_folder(out, Path("runs") / f"generalization-{preset_name}")
     summary = generalization.run_generalization(exp, out, progress=not no_progress)
     click.echo(format_summary(summary))
     click.echo(f"results in {out}/: runs.jsonl, summary.json, prediction.json, reference/, *.png")
-
-
-cli.add_command(bench)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,13 +157,29 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         click.echo(f"memk: error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
-    except (ConfigError, BackendUnavailable) as e:
+    except ConfigError as e:
+        click.echo(f"memk: error: {e}", err=True)
+        sys.exit(2)
+    except FloatingPointError as e:  # training diverged: the message says to lower the learning rate
         click.echo(f"memk: error: {e}", err=True)
         sys.exit(2)
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("memk: interrupted; run the same command again to resume", err=True)
         sys.exit(130)
+    except Exception as e:
+        if _is_backend_unavailable(e):  # a backend named on purpose cannot run here
+            click.echo(f"memk: error: {e}", err=True)
+            sys.exit(2)
+        raise
     sys.exit(code or 0)
+
+
+def _is_backend_unavailable(error: Exception) -> bool:
+    if "memk.kernels" not in sys.modules:  # nothing of the kernels ran: it cannot be theirs
+        return False
+    from memk.kernels import BackendUnavailable
+
+    return isinstance(error, BackendUnavailable)
 
 
 if __name__ == "__main__":

@@ -23,17 +23,15 @@ import torch
 from scipy import stats
 
 from .bits import uniform_sequence_entropy_bits
+from .constants import PAPER_ALPHA
 from .data import uniform_random_sequences
 from .model import GPT, GPTConfig, count_parameters
-from .options import check_experiment, override_training, parse_models, parse_numbers, pick_preset, reshape_models
+from .options import check_experiment, choose_sizes, override_training, parse_models, pick_preset, reshape_models
 from .runtime import Backends, resolve_backends
 from .schedule import PRECISIONS, RunOutcome, TrainConfig
 from .store import RunStore
 from .sweep import Executor, LocalExecutor, Run, SweepProgress
 from .train import StopSignal, uniform_code_signal
-
-PAPER_ALPHA = 3.6  # bits per parameter, GPT-family models (Morris et al. 2025)
-
 
 @dataclass(frozen=True)
 class CapacityExperiment:
@@ -107,7 +105,7 @@ def validate(exp: CapacityExperiment) -> torch.device:
     """Check everything that can be checked before training; return the device."""
     return check_experiment(
         models=exp.models, precisions=exp.precisions, dataset_sizes=exp.dataset_sizes,
-        size_factors={"size factors": exp.size_factors}, device=exp.device,
+        size_factors={"size factors": exp.size_factors}, seed=exp.seed, device=exp.device,
         attention_backend=exp.attention_backend, logprob_backend=exp.logprob_backend,
     )
 
@@ -162,8 +160,8 @@ def run_capacity(exp: CapacityExperiment, out_dir: Path, progress: bool = True, 
     """Run (or resume) every planned run, then fit and write the summary and plots."""
     device = validate(exp)
     runs = plan(exp, resolve_backends(device, exp.attention_backend, exp.logprob_backend))
-    with RunStore(out_dir) as store:
-        store.write_json("experiment.json", exp.to_dict())
+    with RunStore(out_dir, "capacity") as store:
+        store.write_experiment(exp.to_dict())
         todo = store.todo(runs)
         bar = SweepProgress(total=len(runs), done=len(runs) - len(todo), desc="sweep", enabled=progress)
         try:
@@ -306,10 +304,7 @@ def experiment_from_options(
         changes["models"] = parse_models(models, vocab, length)
     elif vocab_size is not None or seq_len is not None:
         changes["models"] = reshape_models(exp.models, vocab, length)
-    if sizes is not None:
-        changes["dataset_sizes"] = parse_numbers(sizes, int, "dataset sizes")
-    if size_factors is not None:
-        changes["size_factors"] = parse_numbers(size_factors, float, "size factors")
+    changes.update(choose_sizes(sizes, size_factors))
     if precision is not None:
         changes["precisions"] = PRECISIONS if precision == "both" else (precision,)
     for key, value in (("device", device), ("seed", seed), ("attention_backend", attention_backend),

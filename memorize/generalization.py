@@ -34,6 +34,7 @@ prediction.json, summary.json, and three PNG plots (four for the Markov source).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -42,12 +43,14 @@ from typing import Callable
 import torch
 
 from .bits import model_sequence_bits, uniform_sequence_entropy_bits, unintended_memorization
-from .capacity import PAPER_ALPHA
+from .constants import PAPER_ALPHA
 from .errors import ConfigError
 from .generalization_summary import fit_law, summarize
 from .membership import f1_law, loss_threshold_attack
 from .model import GPT, GPTConfig, count_parameters
-from .options import check_experiment, override_training, parse_models, parse_numbers, pick_preset, reshape_models
+from .options import (
+    check_experiment, choose_sizes, override_training, parse_models, parse_numbers, pick_preset, reshape_models,
+)
 from .outputs import content_digest
 from .reference import Reference, reference_id, train_reference
 from .runtime import Backends, resolve_backends
@@ -202,12 +205,15 @@ def validate(exp: GeneralizationExperiment) -> torch.device:
             raise ConfigError(f"model {m.name} does not match the data (V={src.vocab_size}, S={src.seq_len})")
     if exp.n_attack < 1:
         raise ConfigError(f"the attack needs at least 1 member and 1 non-member, got {exp.n_attack}")
-    if not exp.alpha > 0:
-        raise ConfigError(f"alpha (bits per parameter) must be positive, got {exp.alpha}")
+    if not (exp.alpha > 0 and math.isfinite(exp.alpha)):
+        raise ConfigError(f"alpha (bits per parameter) must be a positive finite number, got {exp.alpha}")
+    twice = sorted({m.name for m in exp.check_models if exp.check_models.count(m) > 1})
+    if twice:
+        raise ConfigError(f"check model {', '.join(twice)} is named twice; give each model once")
     return check_experiment(
         models=exp.models, precisions=(exp.precision,), dataset_sizes=exp.dataset_sizes,
         size_factors={"size factors": exp.size_factors, "check size factors": exp.check_size_factors},
-        device=exp.device, attention_backend=exp.attention_backend, logprob_backend=exp.logprob_backend,
+        seed=exp.seed, device=exp.device, attention_backend=exp.attention_backend, logprob_backend=exp.logprob_backend,
     )
 
 
@@ -382,8 +388,8 @@ def run_generalization(
     """Run (or resume) the reference, the sweep, the prediction and the check runs; summarise."""
     device = validate(exp)
     backends = resolve_backends(device, exp.attention_backend, exp.logprob_backend)
-    with RunStore(out_dir) as store:
-        store.write_json("experiment.json", exp.to_dict())
+    with RunStore(out_dir, "generalization") as store:
+        store.write_experiment(exp.to_dict())
         data = load_source(exp.source, exp.n_heldout, exp.seed, store.folder)
         # Fail before training the reference where the pool cannot hold the sizes even at the
         # most bits a sequence can carry.
@@ -423,7 +429,7 @@ def run_generalization(
 def _prediction(store: RunStore, runs: list[Run], exp, bits_per_sequence: float) -> dict:
     """The stored prediction for this plan, or a new one from the sweep's rows, written at once."""
     plan_id = content_digest(sorted(r.run_id for r in runs))
-    prediction = store.read_json("prediction.json")
+    prediction = store.read_json("prediction.json", then="and the prediction is made again from the sweep")
     if prediction is None or prediction["plan_id"] != plan_id:  # none yet, or made for another plan
         sweep_rows = store.rows_of(r for r in runs if r.role == "sweep")
         prediction = {"plan_id": plan_id, **predict_checks(sweep_rows, runs, exp, bits_per_sequence)}
@@ -496,10 +502,7 @@ def experiment_from_options(
         changes["reference_model"] = parsed[0]
     elif exp.reference_model is not None:
         changes["reference_model"] = shapes(None, (exp.reference_model,))[0]
-    if sizes is not None:
-        changes["dataset_sizes"] = parse_numbers(sizes, int, "dataset sizes")
-    if size_factors is not None:
-        changes["size_factors"] = parse_numbers(size_factors, float, "size factors")
+    changes.update(choose_sizes(sizes, size_factors))
     if check_size_factors is not None:
         changes["check_size_factors"] = parse_numbers(check_size_factors, float, "check size factors")
     if heldout is not None:

@@ -113,7 +113,7 @@ def fit_f1_law(ratios, f1s) -> dict:
     r_mid = float(r_sorted[above[0]]) if len(above) else float(np.median(r))
     spread = float(r.max() - r.min()) or 1.0
 
-    best = None
+    best, best_sse = None, np.inf
     for c2_0 in (4.0 / spread) * np.logspace(-2, 2, 9):
         try:
             params, _ = optimize.curve_fit(

@@ -6,7 +6,9 @@ Every problem is a ConfigError whose message names the option and the fix.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable, Iterable, TypeVar
 
 import torch
@@ -17,6 +19,7 @@ from .runtime import check_backends, resolve_device
 from .schedule import PRECISIONS, TrainConfig
 
 E = TypeVar("E")
+SEED_LIMIT = 2**32  # seeds feed numpy's and torch's generators, and batch seeds scale them by ~10^6
 
 
 def pick_preset(presets: dict[str, Callable[[], E]], name: str) -> E:
@@ -71,6 +74,10 @@ def override_training(
 ) -> TrainConfig:
     """The command line's changes to a preset's schedule: a new step cap keeps the preset's
     proportions (cool-down share, min_steps within the cap) unless the cool-down is given."""
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"--max-steps must be >= 1 (the step cap, cool-down included), got {max_steps}")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"--lr must be a positive finite number, got {lr}")
     try:
         if max_steps is not None:
             train = train.with_step_cap(max_steps, cooldown_steps)
@@ -81,12 +88,33 @@ def override_training(
         raise ConfigError(str(e)) from e
 
 
+def choose_sizes(sizes: str | None, size_factors: str | None) -> dict:
+    """--sizes or --size-factors (never both: one would be silently ignored) as experiment fields."""
+    if sizes is not None and size_factors is not None:
+        raise ConfigError("give either --sizes (sequences) or --size-factors (multiples of capacity), not both")
+    if sizes is not None:
+        return {"dataset_sizes": parse_numbers(sizes, int, "dataset sizes")}
+    if size_factors is not None:
+        return {"size_factors": parse_numbers(size_factors, float, "size factors")}
+    return {}
+
+
+def output_folder(out: str | None, default: Path) -> Path:
+    """--out as a folder; an empty one would silently mean the current folder."""
+    if out is None:
+        return default
+    if not out.strip():
+        raise ConfigError("--out is empty; give the folder to write to (or leave --out out for the default)")
+    return Path(out)
+
+
 def check_experiment(
     *,
     models: tuple[GPTConfig, ...],
     precisions: Iterable[str],
     dataset_sizes: tuple[int, ...] | None,
     size_factors: dict[str, tuple[float, ...]],
+    seed: int,
     device: str,
     attention_backend: str,
     logprob_backend: str,
@@ -98,9 +126,16 @@ def check_experiment(
     """
     if not models:
         raise ConfigError("no models to train: give at least one with --models")
+    named_twice = sorted({m.name for m in models if models.count(m) > 1})
+    if named_twice:
+        raise ConfigError(f"model {', '.join(named_twice)} is named twice; give each model once")
     for m in models:
         if m.seq_len < 2:
             raise ConfigError(f"seq_len must be >= 2 (the first token is context, the rest are coded), got {m.seq_len}")
+        if m.vocab_size < 2:
+            raise ConfigError(f"vocab size must be >= 2: with {m.vocab_size} token a sequence carries no bits")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"--seed must lie in [0, 2^32), got {seed}")
     for p in precisions:
         if p not in PRECISIONS:
             raise ConfigError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
@@ -109,8 +144,8 @@ def check_experiment(
             raise ConfigError(f"dataset sizes must be >= 1 sequence, got {list(dataset_sizes)}")
     else:
         for what, factors in size_factors.items():
-            if not factors or any(not f > 0 for f in factors):
-                raise ConfigError(f"{what} must be positive numbers, got {list(factors)}")
+            if not factors or any(not (f > 0 and math.isfinite(f)) for f in factors):
+                raise ConfigError(f"{what} must be positive finite numbers, got {list(factors)}")
     dev = resolve_device(device)
     check_backends(attention_backend, logprob_backend)
     return dev

@@ -1,30 +1,89 @@
-"""Files an experiment writes: atomically, and named by content.
+"""Files an experiment writes and reads back: atomically, named by content, damage set aside.
 
 Every file is written to a temporary name and renamed into place, so an interrupted run
-never leaves half a file for the resumed one to read. The output folder itself (its
-lock, runs.jsonl, checkpoints) is the run store's (memorize/store.py).
+never leaves half a file for the resumed one to read; a full disk is one clear error. A
+state file that cannot be read back all the same (damaged outside memk) is set aside
+with a one-line warning and its work redone (`read_state`). The output folder itself
+(its lock, runs.jsonl, checkpoints) is the run store's (memorize/store.py).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
+
+from .errors import DiskFull, warn
+
+T = TypeVar("T")
+DAMAGED = ".damaged"  # suffix of a state file set aside because it could not be read
+LOW_SPACE = 16 * 2**20  # bytes: below this, a failed write is taken for a full disk
+TMP_PREFIX = "."  # temporaries are hidden files beside their target: .NAME.tmp-PID
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call write(temporary path), then rename the result onto path."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        if _disk_full(e, path.parent):
+            raise DiskFull(
+                f"no space left on the device writing {path}; free some space and run the same command again "
+                "(finished runs are kept)"
+            ) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < LOW_SPACE
+    except OSError:
+        return False
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Delete what atomic writes killed mid-way left behind (under folder, recursively); how many.
+    Only safe while no other process writes there: the run store holds the folder's lock."""
+    removed = 0
+    for tmp in Path(folder).rglob(f"{TMP_PREFIX}*.tmp-*"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def read_state(path: Path, load: Callable[[Path], T], what: str, then: str) -> T | None:
+    """load(path), or None where there is no file. A file that cannot be read (cut short by a
+    kill or a full disk, damaged elsewhere) is set aside as PATH.damaged with a one-line
+    warning saying `then` (what happens instead), and None is returned."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return load(path)
+    except Exception as e:  # noqa: BLE001 - any damage (truncated zip, bad JSON, missing key) is handled alike
+        aside = set_aside(path)
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        warn(f"{what} {path} is damaged ({reason[:160]}); set aside as {aside.name}, {then}")
+        return None
+
+
+def set_aside(path: Path) -> Path:
+    aside = path.with_name(path.name + DAMAGED)
+    os.replace(path, aside)
+    return aside
 
 
 def atomic_write_text(path: Path, text: str) -> None:

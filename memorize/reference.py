@@ -19,7 +19,8 @@ import torch
 
 from .bits import coded_tokens, model_sequence_bits
 from .model import GPT, GPTConfig, count_parameters
-from .outputs import atomic_write, atomic_write_json, atomic_write_npz, content_digest
+from .errors import ConfigError
+from .outputs import atomic_write, atomic_write_json, atomic_write_npz, content_digest, read_state
 from .runtime import Backends, progress_bar, step_progress
 from .schedule import TrainConfig
 from .sources import SourceData
@@ -53,9 +54,12 @@ def train_reference(
     folder = Path(out_dir) / FOLDER
     folder.mkdir(exist_ok=True)
     meta_path, weights_path, bits_path = folder / "reference.json", folder / "model.pt", folder / "bits.npz"
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("reference_id") == ref_id and bits_path.exists():
-        bits = np.load(bits_path)
-        return Reference(config, bits["pool"], bits["heldout"], json.loads(meta_path.read_text()))
+    retrain = "and the reference is trained again"
+    meta = read_state(meta_path, lambda p: json.loads(p.read_text()), "reference description", retrain)
+    if isinstance(meta, dict) and meta.get("reference_id") == ref_id:
+        bits = read_state(bits_path, _load_bits, "reference code lengths", retrain)
+        if bits is not None:
+            return Reference(config, bits["pool"], bits["heldout"], meta)
 
     bar = progress_bar(total=train.max_steps, desc=f"reference {config.name}", leave=False, disable=not progress)
     model, outcome = train_to_saturation(
@@ -90,10 +94,20 @@ def train_reference(
     return Reference(config, pool_bits, heldout_bits, description)
 
 
+def _load_bits(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as npz:
+        return {"pool": npz["pool"], "heldout": npz["heldout"]}
+
+
 def load_reference_model(out_dir: Path, device="cpu") -> GPT:
     """The stored reference θ, for reuse (e.g. as the reference of another experiment)."""
     folder = Path(out_dir) / FOLDER
-    meta = json.loads((folder / "reference.json").read_text())
-    model = GPT(GPTConfig(**meta["model"]))
-    model.load_state_dict(torch.load(folder / "model.pt", map_location=device))
+    try:
+        meta = json.loads((folder / "reference.json").read_text())
+        model = GPT(GPTConfig(**meta["model"]))
+        model.load_state_dict(torch.load(folder / "model.pt", map_location=device))
+    except Exception as e:  # noqa: BLE001 - missing or damaged: one message naming the folder
+        raise ConfigError(
+            f"no readable reference model in {folder} ({type(e).__name__}); run run-generalization there again"
+        ) from e
     return model.to(device)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-PRECISIONS = ("float32", "bfloat16")
+from .constants import PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ class TrainConfig:
         for name in ("batch_size", "max_steps", "eval_every", "plateau_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be positive and finite, got {self.lr}")
 
     def to_dict(self) -> dict:
         return asdict(self)

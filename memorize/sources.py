@@ -17,11 +17,10 @@ import torch
 
 from . import corpus as corpus_lib
 from .bits import uniform_sequence_entropy_bits
+from .constants import SOURCES
 from .errors import ConfigError
 from .markov import MarkovSource
 from .outputs import content_digest
-
-SOURCES = ("text", "markov")
 
 
 @dataclass(frozen=True)
@@ -78,8 +77,12 @@ def check_source(src: SourceSpec, n_heldout: int) -> None:
     if src.kind == "markov":
         if src.text_path is not None or src.hf_dataset is not None:
             raise ConfigError("--text and --hf-dataset are text sources; drop them or use --source text")
-        if not 1 <= src.markov_branching <= src.vocab_size:
-            raise ConfigError(f"Markov branching must lie in [1, V={src.vocab_size}], got {src.markov_branching}")
+        if not 2 <= src.markov_branching <= src.vocab_size:
+            raise ConfigError(
+                f"Markov branching must lie in [2, V={src.vocab_size}], got {src.markov_branching}"
+                + ("; with one successor per state the chain is deterministic and its sequences carry no bits"
+                   if src.markov_branching == 1 else "")
+            )
         if src.markov_sequences <= n_heldout:
             raise ConfigError(
                 f"the Markov pool ({src.markov_sequences} sequences) must exceed the held-out split ({n_heldout})"

@@ -1,9 +1,11 @@
 """The run store: an experiment's output folder, owned by one process at a time.
 
-It holds the lock (two runs writing one folder would clobber it), runs.jsonl (one row
-per finished run, rewritten atomically as each finishes, so a kill loses no finished
-run), the checkpoints of runs in progress (removed as each run finishes), and the
-provenance every row carries. Resuming is asking it which runs are still to do.
+It holds the lock (two runs writing one folder would clobber it), the experiment's kind
+(a run-generalization never writes into a run-capacity folder), runs.jsonl (one row per
+finished run, rewritten atomically as each finishes, so a kill loses no finished run),
+the checkpoints of runs in progress (removed as each run finishes), and the provenance
+every row carries. Resuming is asking it which runs are still to do. A damaged row is
+set aside with a warning and its run redone; temporaries a kill left are removed.
 """
 
 from __future__ import annotations
@@ -15,16 +17,19 @@ from typing import Iterable, Protocol
 
 import torch
 
-from .errors import ConfigError
-from .outputs import atomic_write_json, atomic_write_text
+from .errors import ConfigError, warn
+from .outputs import atomic_write_json, atomic_write_text, read_state, remove_temporaries
 from .runtime import Backends
 
 ROWS = "runs.jsonl"
 CHECKPOINTS = "checkpoints"
+EXPERIMENT = "experiment.json"
 
 
-class Identified(Protocol):
+class PlannedRun(Protocol):
     run_id: str
+    legacy_run_id: str
+    backends: Backends
 
 
 def provenance(backends: Backends, device: torch.device) -> dict:
@@ -38,22 +43,44 @@ def provenance(backends: Backends, device: torch.device) -> dict:
     }
 
 
-class RunStore:
-    """Use as `with RunStore(folder) as store:`; the folder is created, checked and locked."""
+def _kind_of(experiment: dict) -> str | None:
+    """The experiment an experiment.json describes; files from before the kind was written are told by their keys."""
+    if "experiment" in experiment:
+        return experiment["experiment"]
+    if "source" in experiment:
+        return "generalization"
+    if "precisions" in experiment:
+        return "capacity"
+    return None
 
-    def __init__(self, folder: Path):
+
+class RunStore:
+    """Use as `with RunStore(folder, "capacity") as store:`; the folder is created, checked and locked."""
+
+    def __init__(self, folder: Path, experiment: str):
         self.folder = Path(folder)
+        self.experiment = experiment
         self.rows: list[dict] = []
         self._lock = None
 
     def __enter__(self) -> RunStore:
         self._prepare()
         self._lock = self._acquire_lock()
-        self.rows = self._load_rows()
+        try:
+            self._check_kind()
+            remove_temporaries(self.folder)  # ours alone to remove: we hold the lock
+            self.rows = self._load_rows()
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         if self._lock is not None:
+            try:
+                (self.folder / CHECKPOINTS).rmdir()  # only when empty: no run left in progress
+            except OSError:
+                pass
             self._lock.close()
             self._lock = None
 
@@ -81,41 +108,83 @@ class RunStore:
             )
         return handle
 
+    def _check_kind(self) -> None:
+        found = read_state(self.folder / EXPERIMENT, lambda p: json.loads(p.read_text()), "experiment file",
+                           "and it is written anew")
+        kind = _kind_of(found) if isinstance(found, dict) else None
+        if kind is not None and kind != self.experiment:
+            raise ConfigError(
+                f"{str(self.folder)!r} holds a run-{kind} experiment; give run-{self.experiment} another --out"
+            )
+
     def _load_rows(self) -> list[dict]:
         path = self.folder / ROWS
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows, damaged = [], []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("run_id"), str):
+                    raise ValueError("not a run's row")
+                rows.append(row)
+            except ValueError:
+                damaged.append((number, line))
+        if damaged:  # a line cut short (a kill elsewhere, a full disk): keep it aside, redo its run
+            aside = path.with_name(ROWS + ".damaged")
+            with open(aside, "a") as f:
+                f.writelines(line + "\n" for _, line in damaged)
+            self._write_rows(rows)
+            lines = ", ".join(str(n) for n, _ in damaged)
+            warn(f"{path} line {lines} is damaged; set aside in {aside.name}, and its run is done again")
+        return rows
+
+    def _write_rows(self, rows: list[dict]) -> None:
+        atomic_write_text(self.folder / ROWS, "".join(json.dumps(r) + "\n" for r in rows))
 
     def path(self, name: str) -> Path:
         return self.folder / name
 
+    def write_experiment(self, description: dict) -> None:
+        atomic_write_json(self.folder / EXPERIMENT, {"experiment": self.experiment, **description})
+
     def write_json(self, name: str, obj) -> None:
         atomic_write_json(self.folder / name, obj)
 
-    def read_json(self, name: str):
-        """The JSON file `name` of the folder, or None where there is none."""
-        path = self.folder / name
-        return json.loads(path.read_text()) if path.exists() else None
+    def read_json(self, name: str, then: str = "and it is made again"):
+        """The JSON file `name` of the folder; None where there is none or it is damaged (set aside)."""
+        return read_state(self.folder / name, lambda p: json.loads(p.read_text()), "state file", then)
 
     def checkpoint_path(self, name: str) -> Path:
         return self.folder / CHECKPOINTS / f"{name}.pt"
 
-    def finished_ids(self) -> set[str]:
-        return {r["run_id"] for r in self.rows}
+    def row_of(self, run: PlannedRun) -> dict | None:
+        """The finished row of this run: by its id, or by the id memk gave it before the
+        backends were part of ids, where the row records the same backends."""
+        by_id = {r["run_id"]: r for r in self.rows}
+        row = by_id.get(run.run_id)
+        if row is None:
+            legacy = by_id.get(run.legacy_run_id)
+            if legacy is not None and (legacy.get("attention_backend"), legacy.get("logprob_backend")) == tuple(
+                run.backends
+            ):
+                row = legacy
+        return row
 
-    def todo(self, runs: Iterable[Identified]) -> list[Identified]:
+    def todo(self, runs: Iterable[PlannedRun]) -> list[PlannedRun]:
         """The runs not finished yet, in plan order."""
-        done = self.finished_ids()
-        return [r for r in runs if r.run_id not in done]
+        return [r for r in runs if self.row_of(r) is None]
 
-    def rows_of(self, runs: Iterable[Identified]) -> list[dict]:
+    def rows_of(self, runs: Iterable[PlannedRun]) -> list[dict]:
         """The finished rows of these runs, in the order they finished (rows of other plans are kept, not used)."""
-        wanted = {r.run_id for r in runs}
-        return [r for r in self.rows if r["run_id"] in wanted]
+        found = [self.row_of(r) for r in runs]
+        wanted = {id(r) for r in found if r is not None}
+        return [r for r in self.rows if id(r) in wanted]
 
     def record(self, row: dict) -> None:
         """Add a finished run's row (runs.jsonl rewritten whole and atomically), then drop its checkpoint."""
         self.rows.append(row)
-        atomic_write_text(self.folder / ROWS, "".join(json.dumps(r) + "\n" for r in self.rows))
+        self._write_rows(self.rows)
         self.checkpoint_path(row["run_id"]).unlink(missing_ok=True)

@@ -41,9 +41,15 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        # The backends stay out of the digest, as in every runs.jsonl written so far.
-        digest = content_digest([self.model.to_dict(), self.n_sequences, self.train.to_dict(), *self.context])
+        backends = {"attention": self.backends.attention, "logprob": self.backends.logprob}
+        digest = content_digest([self.model.to_dict(), self.n_sequences, self.train.to_dict(), *self.context, backends])
         return f"{self.name}-{digest}"
+
+    @property
+    def legacy_run_id(self) -> str:
+        """The id memk gave this run before the backends were part of it (rows of such folders
+        still count where they record the same backends)."""
+        return f"{self.name}-{content_digest([self.model.to_dict(), self.n_sequences, self.train.to_dict(), *self.context])}"
 
     @property
     def label(self) -> str:

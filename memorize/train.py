@@ -19,7 +19,7 @@ import torch
 
 from .bits import autocast_context, model_sequence_bits, uniform_sequence_entropy_bits, unintended_memorization
 from .model import GPT, GPTConfig
-from .outputs import atomic_write
+from .outputs import atomic_write, read_state
 from .schedule import RunOutcome, Schedule, TrainConfig, batch_indices
 
 
@@ -43,8 +43,19 @@ def uniform_code_signal(data: torch.Tensor, precision: str) -> StopSignal:
     return measure
 
 
+CHECKPOINT_KEYS = {"model", "optimizer", "step", "curve", "best", "loss", "cooldown_start", "stop_reason", "train_seconds"}
+
+
 def save_checkpoint(state: dict, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    state = torch.load(path, map_location=device, weights_only=False)
+    missing = CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise KeyError(f"no {', '.join(sorted(missing))}")
+    return state
 
 
 def train_to_saturation(
@@ -72,8 +83,11 @@ def train_to_saturation(
     measure = stop_signal or uniform_code_signal(data_on_device, cfg.precision)
 
     schedule, elapsed = Schedule(cfg), 0.0
-    if checkpoint_path is not None and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+
+    state = None if checkpoint_path is None else read_state(
+        checkpoint_path, lambda p: load_checkpoint(p, device), "checkpoint", "and the run starts over"
+    )
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state)

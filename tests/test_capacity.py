@@ -88,10 +88,10 @@ def test_plan_is_every_precision_model_and_size_once_with_ids_that_follow_what_s
     assert not {r.run_id for r in runs} & {r.run_id for r in capacity.plan(reseeded, BACKENDS)}
 
 
-def test_run_ids_are_those_earlier_output_folders_hold():
-    # runs.jsonl of `memk run-capacity --preset smoke` before the sweep layer existed: the same
-    # ids, so folders written then resume instead of training again.
-    ids = [r.run_id for r in capacity.plan(capacity.preset("smoke"), BACKENDS)]
+def test_legacy_run_ids_are_those_earlier_output_folders_hold():
+    # runs.jsonl of `memk run-capacity --preset smoke` before the backends entered run ids: the
+    # same ids, so folders written then resume where their rows record the same backends.
+    ids = [r.legacy_run_id for r in capacity.plan(capacity.preset("smoke"), BACKENDS)]
     assert ids == [
         "L1-d8-h1-V16-S8-N69-float32-seed0-64f241e9",
         "L1-d8-h1-V16-S8-N278-float32-seed0-85b4644d",
@@ -137,7 +137,16 @@ def test_summary_takes_the_plateau_as_capacity_and_fits_per_precision():
         (dict(sizes="0,5"), ">= 1"),
         (dict(models="2by64"), "LAYERSxD_MODEL"),
         (dict(preset_name="huge"), "unknown preset"),
-        (dict(max_steps=0), "max_steps"),
+        (dict(max_steps=0), "--max-steps must be >= 1"),
+        (dict(max_steps=-1), "--max-steps must be >= 1"),  # not blamed on the cool-down
+        (dict(sizes="10,20", size_factors="1,2"), "either --sizes .* or --size-factors"),
+        (dict(size_factors="1,inf"), "size factors must be positive finite numbers"),
+        (dict(vocab_size=1), "vocab size must be >= 2"),
+        (dict(seed=-1), r"--seed must lie in \[0, 2\^32\)"),
+        (dict(seed=2**64), r"--seed must lie in \[0, 2\^32\)"),
+        (dict(lr=float("inf")), "--lr must be a positive finite number"),
+        (dict(lr=0.0), "--lr must be a positive finite number"),
+        (dict(models="1x8x1,1x16,1x8x1"), "L1-d8-h1-V16-S8 is named twice"),
         (dict(max_steps=50, cooldown_steps=80), "cooldown_steps"),
         (dict(attention_backend="fast"), "unknown attention backend"),
     ],

@@ -80,12 +80,40 @@ def _one_line_error(result, needle):
     [
         (["--models", "1x30x4"], "divisible by n_head"),
         (["--sizes", "0,3"], "dataset sizes must be >= 1"),
-        (["--preset", "gigantic"], "unknown preset"),
+        (["--preset", "gigantic"], "'gigantic' is not one of 'default', 'paper', 'smoke'"),
         (["--max-steps", "lots"], "max-steps"),
+        (["--max-steps", "-1"], "--max-steps must be >= 1"),
+        (["--out", ""], "--out is empty"),
+        (["--size-factors", "inf"], "positive finite"),
+        (["--vocab-size", "1"], "vocab size must be >= 2"),
+        (["--seed", "-1"], "--seed must lie in"),
+        (["--seed", str(2**64)], "--seed must lie in"),
+        (["--lr", "inf"], "--lr must be a positive finite number"),
+        (["--lr", "1e30", "--no-progress"], "training diverged"),
+        (["--sizes", "10", "--size-factors", "1"], "not both"),
+        (["--models", "1x8x1,1x8x1"], "named twice"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
-    _one_line_error(memk("run-capacity", "--preset", "smoke", "--out", str(tmp_path), *args), needle)
+    _one_line_error(memk("run-capacity", "--preset", "smoke", "--out", str(tmp_path / "out"), *args), needle)
+
+
+def test_help_imports_no_torch_and_names_every_preset():
+    code = ("import sys; from memk.cli import main; "
+            "assert 'torch' not in sys.modules, 'memk --help would import torch'")
+    assert subprocess.run([sys.executable, "-c", code], cwd=OUTSIDE).returncode == 0
+    from memk.cli import main
+    from memk.memorize import capacity, generalization
+
+    assert list(main.CAPACITY_PRESETS) == list(capacity.PRESETS)
+    assert list(main.GENERALIZATION_PRESETS) == list(generalization.PRESETS)
+    result = memk("run-generalization", "--help")
+    assert result.returncode == 0 and "markov: " in result.stdout
+
+
+def test_one_experiment_never_writes_into_the_others_folder(tmp_path):
+    (tmp_path / "experiment.json").write_text(json.dumps({"experiment": "capacity"}))
+    _one_line_error(memk("run-generalization", "--preset", "smoke", "--out", str(tmp_path)), "holds a run-capacity")
 
 
 def test_unwritable_output_folder_is_one_line_and_exit_2(tmp_path):

@@ -228,6 +228,10 @@ def test_cli_reads_a_hugging_face_dataset_saved_to_disk(tmp_path):
         (None, ["--alpha", "-1"], "alpha"),
         (None, ["--capacity-summary", "/nonexistent/summary.json"], "cannot read capacity summary"),
         (None, ["--models", "1x7x2"], "divisible"),
+        (None, ["--alpha", "inf"], "positive finite"),
+        (None, ["--check-size-factors", "inf"], "check size factors must be positive finite"),
+        (None, ["--source", "markov", "--markov-branching", "1"], "chain is deterministic"),
+        (None, ["--check-models", "1x8x1,1x8x1"], "named twice"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, make, args, needle):

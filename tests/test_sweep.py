@@ -28,7 +28,8 @@ def test_the_id_follows_what_shapes_the_result_and_only_that():
     base = run()
     assert base.run_id.startswith("tiny-") and base.run_id == run().run_id
     for changed in (run(n=13), run(model=GPTConfig(1, 8, 2, 16, 8)), run(train=replace(TRAIN, seed=1)),
-                    run(train=replace(TRAIN, lr=2e-2)), run(context=("reference-1",))):
+                    run(train=replace(TRAIN, lr=2e-2)), run(context=("reference-1",)),
+                    run(backends=Backends("sdpa", "fused")), run(backends=Backends("reference", "reference"))):
         assert changed.run_id != base.run_id
     assert run(size_factor=0.5).run_id == base.run_id  # a label of the size, not the size
 
@@ -59,9 +60,9 @@ class CountingWorkload:
 def test_the_local_executor_trains_what_is_left_and_records_each_row(tmp_path):
     runs = [run(n=6), run(n=12), run(n=24)]
     workload = CountingWorkload()
-    with RunStore(tmp_path) as store:
+    with RunStore(tmp_path, "capacity") as store:
         LocalExecutor(torch.device("cpu")).execute(runs[:1], workload, store, SweepProgress(3, 0, "t", enabled=False))
-    with RunStore(tmp_path) as store:
+    with RunStore(tmp_path, "capacity") as store:
         todo = store.todo(runs)
         LocalExecutor(torch.device("cpu")).execute(todo, workload, store, SweepProgress(3, 1, "t", enabled=False))
         rows = store.rows_of(runs)

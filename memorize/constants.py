@@ -1,0 +1,9 @@
+"""Names and numbers the command line needs before torch is imported (memk --help stays fast)."""
+
+PRECISIONS = ("float32", "bfloat16")  # training precisions: float32, or bfloat16 autocast over float32 weights
+SOURCES = ("text", "markov")  # run-generalization's data: a corpus, or a Markov chain with exact entropy
+
+# Morris et al. 2025: GPT-family models store about 3.6 bits per parameter; 3.51 trained in
+# bfloat16, 3.83 in float32.
+PAPER_ALPHA = 3.6
+PAPER_ALPHA_BY_PRECISION = {"bfloat16": 3.51, "float32": 3.83}
