@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backends import BackendUnavailable
+from .interfaces import BackendUnavailable
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): the kernels work in base 2
 LN2 = 0.6931471805599453
