@@ -810,16 +810,5 @@ def cases_for(groups: list[Group]) -> list[Case]:
     return [Case(g, v) for g in groups for v in g.variants]
 
 
-def resolve_device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA device here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {name!r}")
-    return device
-
-
 def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"

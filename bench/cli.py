@@ -10,6 +10,7 @@ import sys
 import click
 
 from . import cases as C
+from .common import resolve_device
 from .run import RunOptions, format_record, format_table, run_groups, write_json
 
 
@@ -35,7 +36,7 @@ def bench(suites, device, dtypes, quick, json_path, pattern, max_time):
     is refused and gets no number. A case whose backend cannot run here is listed as skipped.
     """
     try:
-        dev = C.resolve_device(device)
+        dev = resolve_device(device)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     names = list(C.SUITES) if "all" in suites else list(dict.fromkeys(suites))

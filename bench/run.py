@@ -22,6 +22,7 @@ from memk import kernels
 
 from . import timing
 from .cases import Case, Group, Runner, Skip
+from .common import format_bytes, format_rate, format_time, synced
 
 SCHEMA = "memk-bench/1"
 # The fields every result carries (tests/test_bench.py checks them).
@@ -83,17 +84,6 @@ def prepare(case: Case, inputs: dict, device: torch.device) -> tuple[Runner, dic
     return runner, check
 
 
-def _synced(fn: Callable, device: torch.device) -> Callable:
-    if device.type != "cuda":
-        return fn
-
-    def call():
-        fn()
-        torch.cuda.synchronize(device)
-
-    return call
-
-
 def _check_json(check: dict | None) -> dict | None:
     if check is None:
         return None
@@ -125,7 +115,7 @@ def run_case(case: Case, inputs: dict, device: torch.device, env: dict, max_time
         return record
     try:
         record["check"] = _check_json(check)
-        fn = _synced(runner.call, device)
+        fn = synced(runner.call, device)
         if device.type == "cuda":
             t = timing.time_cuda(runner.call)
         else:
@@ -241,31 +231,6 @@ def write_json(report: dict, path: str) -> None:
 # ---- the table ----------------------------------------------------------------------------
 
 
-def _fmt_time(s: float) -> str:
-    if s >= 1:
-        return f"{s:.3f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.2f} ms"
-    return f"{s * 1e6:.1f} us"
-
-
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _fmt_rate(value: float, unit: str) -> str:
-    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if value >= scale:
-            return f"{value / scale:.2f} {prefix}{unit}"
-    return f"{value:.1f} {unit}"
-
-
 def format_record(r: dict) -> list[str]:
     if r["status"] != "ok":
         return [r["group"], r["variant"], r["status"], "", "", "", r["reason"] or ""]
@@ -273,8 +238,8 @@ def format_record(r: dict) -> list[str]:
     extra = ""
     if r["tflops"] is not None and r["device"] == "cuda":
         extra = f"  {r['tflops']:.1f} TFLOP/s" + (f", MFU {100 * r['mfu']['value']:.1f}%" if r["mfu"] else "")
-    return [r["group"], r["variant"], _fmt_time(r["time"]["median_s"]),
-            _fmt_rate(r["throughput"]["value"], r["throughput"]["unit"]), _fmt_bytes(r["memory"]["peak_bytes"]),
+    return [r["group"], r["variant"], format_time(r["time"]["median_s"]),
+            format_rate(r["throughput"]["value"], r["throughput"]["unit"]), format_bytes(r["memory"]["peak_bytes"]),
             ratios or ("(baseline)" if r["role"] == "baseline" else ""), extra.strip()]
 
 

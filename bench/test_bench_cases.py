@@ -1,10 +1,10 @@
 """Every memk bench case as a pytest-benchmark test (see bench/conftest.py for the options)."""
 
 import pytest
-import torch
 
 from memk.bench import cases as C
 from memk.bench import run, timing
+from memk.bench.common import synced
 
 _inputs = run.InputCache()  # consecutive cases share their group's inputs, as in `memk bench`
 
@@ -29,11 +29,7 @@ def test_case(benchmark, memk_case, memk_device):
         device_name=env["device_name"], torch=env["torch"], triton=env["triton"], cuda=env["cuda"],
         torch_threads=env["torch_threads"], date=env["date"],
     )
-    call = runner.call
-    if memk_device.type == "cuda":
-        def call():
-            runner.call()
-            torch.cuda.synchronize(memk_device)
+    call = synced(runner.call, memk_device)
     try:
         benchmark(call)
         runner.reset()

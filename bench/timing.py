@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from .common import synchronize
+
 
 @dataclass
 class Timing:
@@ -139,11 +141,6 @@ def time_cuda(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 1
     return _summarise(per_call, 1, "CUDA events, L2 flushed per rep")
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---- memory -------------------------------------------------------------------------------
 
 
@@ -184,11 +181,11 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
     so on CPU this can undercount a case that reuses buffers freed by the one before.
     """
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
-        torch.cuda.synchronize(device)
+        synchronize(device)
         return {"peak_bytes": int(torch.cuda.max_memory_allocated(device) - base), "kind": "cuda allocator peak above baseline"}
     _malloc_trim()  # hand freed heap pages back, so a reused free block cannot hide this call's peak
     before = _proc_status_kib("VmRSS")

@@ -16,6 +16,7 @@ from memk.bench import cases as C
 from memk.bench import report as R
 from memk.bench import run
 from memk.bench.cli import bench
+from memk.bench.common import format_bytes, format_rate, format_time
 from memk.kernels import backends, reference
 
 CPU = torch.device("cpu")
@@ -114,6 +115,13 @@ def test_scaling_exponent_of_a_power_law():
              "time": {"median_s": 1e-9 * n ** 1.5}} for n in (1024, 4096, 16384)]
     (s,) = run.scaling(recs)
     assert s["exponent"] == pytest.approx(1.5)
+
+
+def test_times_rates_and_sizes_have_three_significant_digits_in_the_largest_unit_reached():
+    assert [format_time(s) for s in (1.5, 0.0512345, 0.00821, 1.44e-5)] == ["1.5 s", "51.2 ms", "8.21 ms", "14.4 µs"]
+    assert format_time(0.9996) == "1000 ms" and format_time(1234.5) == "1234 s"  # never an exponent
+    assert format_rate(942570, "tokens/s") == "943 ktokens/s" and format_rate(0.5, "sequences/s") == "0.5 sequences/s"
+    assert [format_bytes(n) for n in (None, 0, 512, 40 * 1024, 1571 * 2**20)] == ["–", "0 B", "512 B", "40 KiB", "1.53 GiB"]
 
 
 # ---- wrong, missing and unavailable kernels -----------------------------------------------
