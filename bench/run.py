@@ -21,7 +21,7 @@ import torch
 from memk import kernels
 
 from . import timing
-from .cases import Case, Group, Runner, Skip
+from .case import Case, Group, Runner, Skip
 from .common import format_bytes, format_rate, format_time, synced
 
 SCHEMA = "memk-bench/1"

@@ -2,8 +2,8 @@
 
 import pytest
 
-from memk.bench import cases as C
 from memk.bench import run, timing
+from memk.bench.case import Skip
 from memk.bench.common import synced
 
 _inputs = run.InputCache()  # consecutive cases share their group's inputs, as in `memk bench`
@@ -13,7 +13,7 @@ def test_case(benchmark, memk_case, memk_device):
     inputs = _inputs.get(memk_case.group, memk_device)
     try:
         runner, check = run.prepare(memk_case, inputs, memk_device)
-    except C.Skip as exc:
+    except Skip as exc:
         pytest.skip(str(exc))
     except run.Refused as exc:
         pytest.fail(str(exc))  # a wrong answer gets no timing
