@@ -126,15 +126,19 @@ def _op_runner(fn: Callable, op: str, backward: bool) -> Callable[[dict, torch.d
         cycle = Cycle(inputs["copies"])
         upstream = inputs["upstream"]
 
+        def backpropagate(out: torch.Tensor) -> None:
+            # token_logprobs gives one value per token and takes an upstream gradient; mean cross_entropy is a scalar
+            if op == "token_logprobs":
+                out.backward(upstream)
+            else:
+                out.backward()
+
         def call():
             logits, targets = cycle.next()
             out = fn(logits, targets)
             if backward:
                 logits.grad = None
-                if op == "token_logprobs":
-                    out.backward(upstream)
-                else:
-                    out.backward()
+                backpropagate(out)
             return out
 
         def outputs():
@@ -143,10 +147,7 @@ def _op_runner(fn: Callable, op: str, backward: bool) -> Callable[[dict, torch.d
             out = fn(logits, targets)
             result = {"out": out.detach()}
             if backward:
-                if op == "token_logprobs":
-                    out.backward(upstream)
-                else:
-                    out.backward()
+                backpropagate(out)
                 result["grad"] = logits.grad
                 logits.grad = None
             return result

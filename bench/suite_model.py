@@ -10,6 +10,7 @@ with), checked against the float64 reference model's bits.
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
+from typing import NamedTuple
 
 import torch
 
@@ -40,14 +41,28 @@ def _model_configs(device: torch.device, quick: bool):
     return [(1, 32, 2), (2, 64, 2), (4, 128, 4)]
 
 
-def _backend_pairs(device: torch.device, logprob: list[str] | None, attention: list[str] | None):
-    """(attention, logprob) backend pairs: the reference model first, then memk's fused paths."""
-    pairs = [("sdpa", "reference")]
+class ModelBackends(NamedTuple):
+    """The backends one model variant is built with."""
+
+    attention: str
+    logprob: str
+
+    def label(self, dtype: str) -> str:
+        """The variant's name, e.g. "sdpa+fused bfloat16"."""
+        return f"{self.attention}+{self.logprob} {dtype}"
+
+
+REFERENCE_MODEL = ModelBackends("sdpa", "reference")
+
+
+def _model_backends(device: torch.device, logprob: list[str] | None, attention: list[str] | None) -> list[ModelBackends]:
+    """The reference model first, then memk's fused paths (memk attention on CUDA only)."""
+    combos = [REFERENCE_MODEL]
     for lp in candidate_logprob_backends(logprob):
-        pairs.append(("sdpa", lp))
+        combos.append(ModelBackends("sdpa", lp))
         if device.type == "cuda":
-            pairs += [(att, lp) for att in candidate_attention_backends(attention)]
-    return pairs
+            combos += [ModelBackends(att, lp) for att in candidate_attention_backends(attention)]
+    return combos
 
 
 def _model_flops_per_token(config) -> float:
@@ -58,11 +73,16 @@ def _model_flops_per_token(config) -> float:
     return 6.0 * matmul_params + 12.0 * L * (config.seq_len - 1) * d
 
 
-def _build_model(config, attention: str, logprob: str, device: torch.device, state: dict):
+def _build_model(config, backends: ModelBackends, device: torch.device, state: dict):
+    """The GPT with these backends and the given weights; Skip where a backend cannot run here."""
     from memk.memorize.model import GPT
 
+    if backends.logprob != "reference":
+        logprob_ops_or_skip(backends.logprob)  # a missing or unbuildable backend says why
+    if backends.attention not in ("sdpa", "reference"):
+        packed_attention_or_skip(backends.attention, device)
     try:
-        model = GPT(config, attention_backend=attention, logprob_backend=logprob)
+        model = GPT(config, attention_backend=backends.attention, logprob_backend=backends.logprob)
     except kernels.BackendUnavailable as exc:
         raise Skip(f"backend unavailable: {exc}") from exc
     except ValueError as exc:
@@ -85,6 +105,7 @@ def _model_inputs(config, batch: int, n_batches: int, seed: int):
 
 
 def _autocast(device: torch.device, dtype: str):
+    """Autocast to dtype for the 16-bit dtypes; for float32 and tf32, autocast explicitly off."""
     if dtype in ("bfloat16", "float16"):
         return torch.autocast(device.type, dtype=TORCH_DTYPES[dtype])
     return torch.autocast(device.type, enabled=False)
@@ -92,6 +113,7 @@ def _autocast(device: torch.device, dtype: str):
 
 @contextmanager
 def _tf32(enabled: bool):
+    """TF32 matmuls and convolutions on or off until the context exits, then as they were."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
@@ -100,10 +122,11 @@ def _tf32(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def _float64_reference(inputs: dict, device: torch.device, need_grads: bool):
-    """Loss, gradients and bits of the reference model (explicit attention, plain log-probs) in float64."""
+def _float64_reference(inputs: dict, device: torch.device):
+    """Loss, gradients and bits of the reference model (explicit attention, plain log-probs) in
+    float64, on the check batch; computed once per group and kept in its inputs."""
     if "float64" not in inputs:
-        model = _build_model(inputs["config"], "reference", "reference", device, inputs["state"]).double()
+        model = _build_model(inputs["config"], ModelBackends("reference", "reference"), device, inputs["state"]).double()
         x = inputs["check_batch"]
         loss = model.loss(x)
         loss.backward()
@@ -118,34 +141,37 @@ def _float64_reference(inputs: dict, device: torch.device, need_grads: bool):
     return inputs["float64"]
 
 
-_MODEL_TOL = {  # relative error allowed against float64, by compute dtype: (loss or bits, gradients)
-    "float32": (1e-5, 1e-4),
-    "tf32": (5e-3, 5e-2),
-    "bfloat16": (3e-2, 5e-2),
-    "float16": (5e-3, 5e-2),
+class ModelTolerance(NamedTuple):
+    """Relative error allowed against the float64 reference model."""
+
+    value: float  # the loss (train) or the bits (bits)
+    grads: float  # each parameter's gradient, as a norm (train)
+
+
+_MODEL_TOL = {  # by compute dtype
+    "float32": ModelTolerance(1e-5, 1e-4),
+    "tf32": ModelTolerance(5e-3, 5e-2),
+    "bfloat16": ModelTolerance(3e-2, 5e-2),
+    "float16": ModelTolerance(5e-3, 5e-2),
 }
 
 
 def _train_check(device: torch.device):
     def check(inputs: dict, outputs: dict) -> dict[str, tuple[float, float]]:
-        ref = _float64_reference(inputs, device, need_grads=True)
-        loss_tol, grad_tol = _MODEL_TOL[outputs["dtype"]]
+        ref = _float64_reference(inputs, device)
+        tol = _MODEL_TOL[outputs["dtype"]]
         loss_err = abs(outputs["loss"].double().item() - ref["loss"].item()) / abs(ref["loss"].item())
         grad_err = max(norm_rel_err(outputs["grads"][n], g) for n, g in ref["grads"].items())
-        return {"loss": (loss_err, loss_tol), "grads (worst parameter)": (grad_err, grad_tol)}
+        return {"loss": (loss_err, tol.value), "grads (worst parameter)": (grad_err, tol.grads)}
 
     return check
 
 
-def _train_variant(attention: str, logprob: str, dtype: str, compare_to: tuple[str, ...]) -> Variant:
+def _train_variant(backends: ModelBackends, dtype: str, compare_to: tuple[str, ...]) -> Variant:
     def build(inputs: dict, device: torch.device) -> Runner:
         if dtype == "tf32" and device.type != "cuda":
             raise Skip("TF32 is a CUDA tensor-core mode")
-        if logprob != "reference":
-            logprob_ops_or_skip(logprob)
-        if attention not in ("sdpa", "reference"):
-            packed_attention_or_skip(attention, device)
-        model = _build_model(inputs["config"], attention, logprob, device, inputs["state"])
+        model = _build_model(inputs["config"], backends, device, inputs["state"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
         cycle = Cycle(inputs["batches"])
         stack = ExitStack()
@@ -171,32 +197,36 @@ def _train_variant(attention: str, logprob: str, dtype: str, compare_to: tuple[s
 
         return Runner(call, outputs, stack.close, reset=lambda: optimizer.zero_grad(set_to_none=True))
 
-    name = f"{attention}+{logprob} {dtype}"
-    return Variant(name, "baseline" if not compare_to else "candidate", build,
-                   f"GPT(attention_backend={attention!r}, logprob_backend={logprob!r}), "
+    return Variant(backends.label(dtype), "baseline" if not compare_to else "candidate", build,
+                   f"GPT(attention_backend={backends.attention!r}, logprob_backend={backends.logprob!r}), "
                    + (f"{dtype} autocast" if dtype in ("bfloat16", "float16") else dtype) + ", AdamW step",
                    compare_to, dtype=dtype)
 
 
 def train_groups(device: torch.device, dtypes: list[str], quick: bool, logprob: list[str] | None = None,
                  attention: list[str] | None = None) -> list[Group]:
+    """The train suite's groups: one per model size, every backend combination and dtype its variants.
+
+    logprob, attention: the memk backends to compare (default: every registered candidate).
+    """
     from memk.memorize.model import GPTConfig, count_parameters
 
     batch = 16 if quick else (2048 if device.type == "cuda" else 32)
     dtypes = [d for d in dtypes if d in ("float32", "tf32", "bfloat16", "float16")]
-    pairs = _backend_pairs(device, logprob, attention)
+    combos = _model_backends(device, logprob, attention)
     groups = []
     for n_layer, d_model, n_head in _model_configs(device, quick):
         config = GPTConfig(n_layer=n_layer, d_model=d_model, n_head=n_head, vocab_size=2048, seq_len=64)
         variants = []
         for dtype in dtypes:
-            for att, lp in pairs:
+            for backends in combos:
                 compare = []
-                if (att, lp) != pairs[0] or dtype != dtypes[0]:
-                    compare.append(f"{pairs[0][0]}+{pairs[0][1]} {dtypes[0]}")  # the float32 reference model
-                    if (att, lp) != pairs[0]:
-                        compare.append(f"{pairs[0][0]}+{pairs[0][1]} {dtype}")  # the reference at this dtype
-                variants.append(_train_variant(att, lp, dtype, tuple(dict.fromkeys(compare))))
+                if backends != REFERENCE_MODEL or dtype != dtypes[0]:
+                    # the reference model in the first dtype (float32 by default)
+                    compare.append(REFERENCE_MODEL.label(dtypes[0]))
+                    if backends != REFERENCE_MODEL:
+                        compare.append(REFERENCE_MODEL.label(dtype))  # the reference at this dtype
+                variants.append(_train_variant(backends, dtype, tuple(dict.fromkeys(compare))))
         tokens = batch * (config.seq_len - 1)
         groups.append(Group(
             suite="train",
@@ -218,19 +248,15 @@ def train_groups(device: torch.device, dtypes: list[str], quick: bool, logprob: 
 
 def _bits_check(device: torch.device):
     def check(inputs: dict, outputs: dict) -> dict[str, tuple[float, float]]:
-        ref = _float64_reference(inputs, device, need_grads=False)
-        return {"bits": (max_rel_err(outputs["bits"], ref["bits"]), _MODEL_TOL[outputs["dtype"]][0])}
+        ref = _float64_reference(inputs, device)
+        return {"bits": (max_rel_err(outputs["bits"], ref["bits"]), _MODEL_TOL[outputs["dtype"]].value)}
 
     return check
 
 
-def _bits_variant(attention: str, logprob: str, dtype: str, compare_to: tuple[str, ...]) -> Variant:
+def _bits_variant(backends: ModelBackends, dtype: str, compare_to: tuple[str, ...]) -> Variant:
     def build(inputs: dict, device: torch.device) -> Runner:
-        if logprob != "reference":
-            logprob_ops_or_skip(logprob)
-        if attention not in ("sdpa", "reference"):
-            packed_attention_or_skip(attention, device)
-        model = _build_model(inputs["config"], attention, logprob, device, inputs["state"]).eval()
+        model = _build_model(inputs["config"], backends, device, inputs["state"]).eval()
 
         def bits_of(batches):
             with torch.inference_mode(), _autocast(device, dtype):
@@ -239,12 +265,14 @@ def _bits_variant(attention: str, logprob: str, dtype: str, compare_to: tuple[st
         return Runner(lambda: bits_of(inputs["batches"]),
                       lambda: {"bits": bits_of([inputs["check_batch"]]), "dtype": dtype})
 
-    return Variant(f"{attention}+{logprob} {dtype}", "baseline" if not compare_to else "candidate", build,
-                   f"GPT.sequence_bits over the dataset, {attention} attention, {logprob} log-probs, {dtype}", compare_to)
+    description = (f"GPT.sequence_bits over the dataset, {backends.attention} attention, "
+                   f"{backends.logprob} log-probs, {dtype}")
+    return Variant(backends.label(dtype), "baseline" if not compare_to else "candidate", build, description, compare_to)
 
 
 def bits_groups(device: torch.device, dtypes: list[str], quick: bool, logprob: list[str] | None = None,
                 attention: list[str] | None = None) -> list[Group]:
+    """The bits suite's groups: one per model size and dtype, every backend combination its variants."""
     from memk.memorize.model import GPTConfig, count_parameters
 
     if quick:
@@ -253,13 +281,13 @@ def bits_groups(device: torch.device, dtypes: list[str], quick: bool, logprob: l
         n_seqs, batch = 16384, 2048
     else:
         n_seqs, batch = 1024, 256
-    pairs = _backend_pairs(device, logprob, attention)
+    combos = _model_backends(device, logprob, attention)
     groups = []
     for dtype in [d for d in dtypes if d in ("float32", "bfloat16")]:
         for n_layer, d_model, n_head in _model_configs(device, quick):
             config = GPTConfig(n_layer=n_layer, d_model=d_model, n_head=n_head, vocab_size=2048, seq_len=64)
-            base = f"{pairs[0][0]}+{pairs[0][1]} {dtype}"
-            variants = [_bits_variant(att, lp, dtype, () if i == 0 else (base,)) for i, (att, lp) in enumerate(pairs)]
+            base = REFERENCE_MODEL.label(dtype)
+            variants = [_bits_variant(b, dtype, () if b == REFERENCE_MODEL else (base,)) for b in combos]
             groups.append(Group(
                 suite="bits",
                 family=f"sequence_bits {n_seqs} seqs {dtype}",
