@@ -94,6 +94,11 @@ class Case:
     def id(self) -> str:
         return f"{self.group.key}/{self.variant.name}".replace(" ", "_")
 
+    @property
+    def dtype(self) -> str:
+        """The dtype this case computes in: the variant's own where the group mixes dtypes (train)."""
+        return self.variant.dtype or self.group.dtype
+
 
 # ---- checking against float64 -------------------------------------------------------------
 

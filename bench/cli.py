@@ -47,8 +47,8 @@ def bench(suites, device, dtypes, quick, json_path, pattern, max_time):
     click.echo(f"memk bench: {n_cases} cases in {len(groups)} groups on {dev.type}" + (" (quick)" if quick else ""), err=True)
 
     def progress(record):
-        cells = format_record(record)
-        click.echo(f"  {record['id']}: {cells[2]} {cells[3]} {cells[5] or cells[6]}".rstrip(), err=True)
+        row = format_record(record)
+        click.echo(f"  {record['id']}: {row.median} {row.throughput} {row.speed_up or row.note}".rstrip(), err=True)
 
     options = RunOptions(max_time=max_time if max_time is not None else (0.15 if quick else 1.0), progress=progress)
     report = run_groups(groups, dev, options, case_filter=(lambda c: pattern in c.id) if pattern else None)

@@ -23,9 +23,9 @@ def test_case(benchmark, memk_case, memk_device):
     benchmark.name = variant.name
     benchmark.extra_info.update(
         suite=group.suite, family=group.family, variant=variant.name, role=variant.role,
-        compare_to=list(variant.compare_to), dtype=group.dtype, params=group.params,
+        compare_to=list(variant.compare_to), dtype=memk_case.dtype, params=group.params,
         sweep={"axis": group.sweep_axis, "value": group.sweep_value}, work=group.work, work_unit=group.work_unit,
-        check={k: {"error": e, "tolerance": t} for k, (e, t) in check.items()},
+        check=run.check_json(check),
         device_name=env["device_name"], torch=env["torch"], triton=env["triton"], cuda=env["cuda"],
         torch_threads=env["torch_threads"], date=env["date"],
     )

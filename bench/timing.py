@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -285,9 +285,14 @@ GPU_PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
 ]
 
 
-def peak_tflops(device_name: str, dtype: str) -> tuple[float, str] | None:
-    """(peak dense TFLOP/s, source) for a device name and a compute dtype, or None if unknown."""
+class PeakTflops(NamedTuple):
+    tflops: float  # dense peak for one compute dtype
+    source: str  # the datasheet it comes from
+
+
+def peak_tflops(device_name: str, dtype: str) -> PeakTflops | None:
+    """The peak dense TFLOP/s of a device name in a compute dtype, with its source, or None if unknown."""
     for key, source, peaks in GPU_PEAK_TFLOPS:
         if key in device_name and dtype in peaks:
-            return peaks[dtype], f"{source}, dense {dtype}"
+            return PeakTflops(peaks[dtype], f"{source}, dense {dtype}")
     return None
