@@ -7,8 +7,6 @@ and suite_model.py (train and bits).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .case import TORCH_DTYPES, Case, Group
@@ -23,6 +21,7 @@ _BUILDERS = {"logprob": logprob_groups, "attention": attention_groups, "train": 
 
 
 def default_dtypes(suite: str, device: torch.device) -> list[str]:
+    """The dtypes a suite runs in when none are asked for (cli.py's --dtype help says the same)."""
     if device.type == "cuda":
         return {"logprob": ["bfloat16", "float32"], "attention": ["bfloat16"], "train": ["float32", "tf32", "bfloat16"],
                 "bits": ["float32"]}[suite]
@@ -41,7 +40,3 @@ def groups_for(suites: list[str], device: torch.device, dtypes: list[str] | None
 
 def cases_for(groups: list[Group]) -> list[Case]:
     return [Case(g, v) for g in groups for v in g.variants]
-
-
-def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"

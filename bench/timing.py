@@ -5,9 +5,10 @@ long against the timer's resolution, then many rounds, report the median), with 
 count recorded. `pytest bench/ --benchmark-only` uses pytest-benchmark itself; `memk bench`
 uses `time_cpu` below, which follows the same recipe so the two agree.
 
-GPU: triton.testing.do_bench (warm-up, CUDA events, the L2 cache flushed before every
-repetition, median over the repetitions); the cases also rotate several copies of their
-inputs. Every timed call ends with a device synchronisation.
+GPU: triton.testing.do_bench (warm-up, CUDA events around each repetition, the L2 cache
+flushed before every repetition, median over the repetitions); the cases also rotate several
+copies of their inputs. Where a host clock or memory counter reads GPU work (pytest-benchmark,
+peak_memory), the call ends with a device synchronisation (common.synced, common.synchronize).
 """
 
 from __future__ import annotations
