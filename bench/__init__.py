@@ -1,1 +1,14 @@
-"""memk.bench: benchmark cases shared by `memk bench` and pytest-benchmark."""
+"""memk.bench: benchmark cases shared by `memk bench` and pytest-benchmark.
+
+    case.py             what a case is (Group, Variant, Runner, Case, Skip) and what every suite builds with
+    suite_logprob.py    the logprob suite
+    suite_attention.py  the attention suite
+    suite_model.py      the train and bits suites (the GPT model)
+    cases.py            which cases a run has: suites, default dtypes, selection
+    run.py              build, check against float64, time, ratios, JSON, the terminal table
+    timing.py           CPU and CUDA timing, peak memory, environment metadata
+    common.py           device choice and synchronisation, formatting of times, rates and sizes
+    cli.py              `memk bench`
+    conftest.py, test_bench_cases.py    `pytest bench/`
+    report.py           the README section and plots from bench/results/*.json
+"""

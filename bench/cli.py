@@ -10,6 +10,7 @@ import sys
 import click
 
 from . import cases as C
+from .common import resolve_device
 from .run import RunOptions, format_record, format_table, run_groups, write_json
 
 
@@ -35,7 +36,7 @@ def bench(suites, device, dtypes, quick, json_path, pattern, max_time):
     is refused and gets no number. A case whose backend cannot run here is listed as skipped.
     """
     try:
-        dev = C.resolve_device(device)
+        dev = resolve_device(device)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
     names = list(C.SUITES) if "all" in suites else list(dict.fromkeys(suites))
@@ -46,8 +47,8 @@ def bench(suites, device, dtypes, quick, json_path, pattern, max_time):
     click.echo(f"memk bench: {n_cases} cases in {len(groups)} groups on {dev.type}" + (" (quick)" if quick else ""), err=True)
 
     def progress(record):
-        cells = format_record(record)
-        click.echo(f"  {record['id']}: {cells[2]} {cells[3]} {cells[5] or cells[6]}".rstrip(), err=True)
+        row = format_record(record)
+        click.echo(f"  {record['id']}: {row.median} {row.throughput} {row.speed_up or row.note}".rstrip(), err=True)
 
     options = RunOptions(max_time=max_time if max_time is not None else (0.15 if quick else 1.0), progress=progress)
     report = run_groups(groups, dev, options, case_filter=(lambda c: pattern in c.id) if pattern else None)

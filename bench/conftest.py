@@ -8,6 +8,7 @@ and checked against float64 before pytest-benchmark times it. Options (given aft
 import pytest
 
 from memk.bench import cases as C
+from memk.bench.common import resolve_device
 
 
 def pytest_addoption(parser):
@@ -19,7 +20,7 @@ def pytest_addoption(parser):
 
 
 def _device(config):
-    return C.resolve_device(config.getoption("--memk-device"))
+    return resolve_device(config.getoption("--memk-device"))
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ from collections import defaultdict
 
 import click
 
+from .common import format_bytes, format_rate, format_time
+
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -89,25 +91,9 @@ def plot_suite(report: dict, suite: str, path: str, xlabel: str) -> str | None:
 # ---- the headline table -------------------------------------------------------------------
 
 
-def _fmt_time(s: float) -> str:
-    return f"{s:.3g} s" if s >= 1 else (f"{s * 1e3:.3g} ms" if s >= 1e-3 else f"{s * 1e6:.3g} µs")
-
-
-def _fmt_rate(value: float, unit: str) -> str:
-    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if value >= scale:
-            return f"{value / scale:.3g} {prefix}{unit}"
-    return f"{value:.3g} {unit}"
-
-
-def _fmt_bytes(n) -> str:
-    if n is None:
-        return "–"
-    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
-
-
 def _headline_groups(results: list[dict]) -> list[str]:
-    """The groups the README shows: per family, one representative size."""
+    """The keys of the groups the README shows: per family one representative size, except the
+    attention suite, which shows every sequence length of its D64 families and nothing else."""
     by_family: dict[tuple[str, str], set] = defaultdict(set)
     for r in results:
         by_family[(r["suite"], r["family"])].add(r["sweep"]["value"])
@@ -126,7 +112,7 @@ def _headline_groups(results: list[dict]) -> list[str]:
             size = sizes[-1]  # the largest model measured
         chosen.append((suite, family, size))
     keys = []
-    for suite, family, size in chosen:
+    for _suite, family, size in chosen:
         key = next(r["group"] for r in results if r["family"] == family and r["sweep"]["value"] == size)
         keys.append(key)
     return keys
@@ -146,8 +132,8 @@ def headline_rows(path: str, report: dict) -> list[list[str]]:
         for r in shown:
             if r["status"] == "ok":
                 ratios = ", ".join(f"**{x:.2f}×** vs {name}" for name, x in r["ratios"].items()) or "baseline"
-                cells = [_fmt_time(r["time"]["median_s"]), _fmt_rate(r["throughput"]["value"], r["throughput"]["unit"]),
-                         ratios, _fmt_bytes(r["memory"]["peak_bytes"])]
+                cells = [format_time(r["time"]["median_s"]), format_rate(r["throughput"]["value"], r["throughput"]["unit"]),
+                         ratios, format_bytes(r["memory"]["peak_bytes"])]
                 if r["mfu"]:
                     cells[1] += f", {r['tflops']:.1f} TFLOP/s, MFU {100 * r['mfu']['value']:.1f}% ({r['mfu']['peak_source']})"
             else:

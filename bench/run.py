@@ -14,14 +14,15 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from memk import kernels
 
 from . import timing
-from .cases import Case, Group, Runner, Skip
+from .case import Case, Group, Runner, Skip
+from .common import format_bytes, format_rate, format_time, synced
 
 SCHEMA = "memk-bench/1"
 # The fields every result carries (tests/test_bench.py checks them).
@@ -83,18 +84,8 @@ def prepare(case: Case, inputs: dict, device: torch.device) -> tuple[Runner, dic
     return runner, check
 
 
-def _synced(fn: Callable, device: torch.device) -> Callable:
-    if device.type != "cuda":
-        return fn
-
-    def call():
-        fn()
-        torch.cuda.synchronize(device)
-
-    return call
-
-
-def _check_json(check: dict | None) -> dict | None:
+def check_json(check: dict | None) -> dict | None:
+    """{name: (error, tolerance)} as JSON: {name: {"error", "tolerance"}}, a non-finite error as text."""
     if check is None:
         return None
     return {k: {"error": (e if math.isfinite(e) else str(e)), "tolerance": t} for k, (e, t) in check.items()}
@@ -105,7 +96,7 @@ def run_case(case: Case, inputs: dict, device: torch.device, env: dict, max_time
     g, v = case.group, case.variant
     record = {
         "id": case.id, "suite": g.suite, "family": g.family, "group": g.key, "variant": v.name, "role": v.role,
-        "description": v.description, "compare_to": list(v.compare_to), "dtype": v.dtype or g.dtype, "device": device.type,
+        "description": v.description, "compare_to": list(v.compare_to), "dtype": case.dtype, "device": device.type,
         "device_name": env["device_name"], "torch": env["torch"], "triton": env["triton"], "cuda": env["cuda"],
         "date": env["date"], "params": g.params, "sweep": {"axis": g.sweep_axis, "value": g.sweep_value},
         "status": None, "reason": None, "check": None, "time": None, "throughput": None, "tflops": None,
@@ -117,27 +108,27 @@ def run_case(case: Case, inputs: dict, device: torch.device, env: dict, max_time
         record.update(status="skipped", reason=str(exc))
         return record
     except Refused as exc:
-        record.update(status="refused", reason=str(exc), check=_check_json(exc.check))
+        record.update(status="refused", reason=str(exc), check=check_json(exc.check))
         return record
     except Exception as exc:  # a variant that crashes is reported, and the suite goes on
         record.update(status="error", reason=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
         traceback.print_exc(file=sys.stderr)
         return record
     try:
-        record["check"] = _check_json(check)
-        fn = _synced(runner.call, device)
+        record["check"] = check_json(check)
+        fn = synced(runner.call, device)
         if device.type == "cuda":
-            t = timing.time_cuda(runner.call)
+            t = timing.time_cuda(runner.call)  # CUDA events time the kernels; no host sync inside the timed call
         else:
             t = timing.time_cpu(fn, max_time=max_time, min_rounds=5 if max_time >= 0.5 else 3)
         record["time"] = t.to_dict()
         record["throughput"] = {"value": g.work / t.median_s, "unit": f"{g.work_unit}/s"}
         if g.flops:
             record["tflops"] = g.flops / t.median_s / 1e12
-            dtype = v.dtype or g.dtype
-            peak = timing.peak_tflops(env["device_name"], dtype) if device.type == "cuda" else None
+            peak = timing.peak_tflops(env["device_name"], case.dtype) if device.type == "cuda" else None
             if peak:
-                record["mfu"] = {"value": record["tflops"] / peak[0], "peak_tflops": peak[0], "peak_source": peak[1]}
+                record["mfu"] = {"value": record["tflops"] / peak.tflops, "peak_tflops": peak.tflops,
+                                 "peak_source": peak.source}
         runner.reset()  # last call's gradients would otherwise be reused and hide this call's
         record["memory"] = timing.peak_memory(fn, device)
         record["status"] = "ok"
@@ -241,50 +232,39 @@ def write_json(report: dict, path: str) -> None:
 # ---- the table ----------------------------------------------------------------------------
 
 
-def _fmt_time(s: float) -> str:
-    if s >= 1:
-        return f"{s:.3f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.2f} ms"
-    return f"{s * 1e6:.1f} us"
+class TableRow(NamedTuple):
+    """One line of the terminal table, every cell text."""
+
+    group: str
+    variant: str
+    median: str  # the status instead, for a case that was not timed
+    throughput: str
+    peak_memory: str
+    speed_up: str
+    note: str  # why it was not timed; on CUDA, TFLOP/s and MFU
 
 
-def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+TABLE_HEADER = TableRow("group", "variant", "median", "throughput", "peak mem", "speed-up", "")
 
 
-def _fmt_rate(value: float, unit: str) -> str:
-    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if value >= scale:
-            return f"{value / scale:.2f} {prefix}{unit}"
-    return f"{value:.1f} {unit}"
-
-
-def format_record(r: dict) -> list[str]:
+def format_record(r: dict) -> TableRow:
     if r["status"] != "ok":
-        return [r["group"], r["variant"], r["status"], "", "", "", r["reason"] or ""]
+        return TableRow(r["group"], r["variant"], r["status"], "", "", "", r["reason"] or "")
     ratios = ", ".join(f"x{x:.2f} vs {name}" for name, x in r["ratios"].items())
-    extra = ""
+    note = ""
     if r["tflops"] is not None and r["device"] == "cuda":
-        extra = f"  {r['tflops']:.1f} TFLOP/s" + (f", MFU {100 * r['mfu']['value']:.1f}%" if r["mfu"] else "")
-    return [r["group"], r["variant"], _fmt_time(r["time"]["median_s"]),
-            _fmt_rate(r["throughput"]["value"], r["throughput"]["unit"]), _fmt_bytes(r["memory"]["peak_bytes"]),
-            ratios or ("(baseline)" if r["role"] == "baseline" else ""), extra.strip()]
+        note = f"{r['tflops']:.1f} TFLOP/s" + (f", MFU {100 * r['mfu']['value']:.1f}%" if r["mfu"] else "")
+    return TableRow(r["group"], r["variant"], format_time(r["time"]["median_s"]),
+                    format_rate(r["throughput"]["value"], r["throughput"]["unit"]), format_bytes(r["memory"]["peak_bytes"]),
+                    ratios or ("(baseline)" if r["role"] == "baseline" else ""), note)
 
 
 def format_table(report: dict) -> str:
-    header = ["group", "variant", "median", "throughput", "peak mem", "speed-up", ""]
-    rows = [header] + [format_record(r) for r in report["results"]]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    rows = [TABLE_HEADER] + [format_record(r) for r in report["results"]]
+    widths = [max(len(cell) for cell in column) for column in list(zip(*rows))[:-1]]  # the note is not padded
     lines = []
     for row in rows:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row.note)
     env = report["env"]
     lines.append("")
     lines.append(f"{env['device_name']} ({env['device_type']}, {env['torch_threads']} threads), torch {env['torch']}, "

@@ -1,10 +1,10 @@
 """Every memk bench case as a pytest-benchmark test (see bench/conftest.py for the options)."""
 
 import pytest
-import torch
 
-from memk.bench import cases as C
 from memk.bench import run, timing
+from memk.bench.case import Skip
+from memk.bench.common import synced
 
 _inputs = run.InputCache()  # consecutive cases share their group's inputs, as in `memk bench`
 
@@ -13,7 +13,7 @@ def test_case(benchmark, memk_case, memk_device):
     inputs = _inputs.get(memk_case.group, memk_device)
     try:
         runner, check = run.prepare(memk_case, inputs, memk_device)
-    except C.Skip as exc:
+    except Skip as exc:
         pytest.skip(str(exc))
     except run.Refused as exc:
         pytest.fail(str(exc))  # a wrong answer gets no timing
@@ -23,17 +23,13 @@ def test_case(benchmark, memk_case, memk_device):
     benchmark.name = variant.name
     benchmark.extra_info.update(
         suite=group.suite, family=group.family, variant=variant.name, role=variant.role,
-        compare_to=list(variant.compare_to), dtype=group.dtype, params=group.params,
+        compare_to=list(variant.compare_to), dtype=memk_case.dtype, params=group.params,
         sweep={"axis": group.sweep_axis, "value": group.sweep_value}, work=group.work, work_unit=group.work_unit,
-        check={k: {"error": e, "tolerance": t} for k, (e, t) in check.items()},
+        check=run.check_json(check),
         device_name=env["device_name"], torch=env["torch"], triton=env["triton"], cuda=env["cuda"],
         torch_threads=env["torch_threads"], date=env["date"],
     )
-    call = runner.call
-    if memk_device.type == "cuda":
-        def call():
-            runner.call()
-            torch.cuda.synchronize(memk_device)
+    call = synced(runner.call, memk_device)
     try:
         benchmark(call)
         runner.reset()

@@ -5,9 +5,10 @@ long against the timer's resolution, then many rounds, report the median), with 
 count recorded. `pytest bench/ --benchmark-only` uses pytest-benchmark itself; `memk bench`
 uses `time_cpu` below, which follows the same recipe so the two agree.
 
-GPU: triton.testing.do_bench (warm-up, CUDA events, the L2 cache flushed before every
-repetition, median over the repetitions); the cases also rotate several copies of their
-inputs. Every timed call ends with a device synchronisation.
+GPU: triton.testing.do_bench (warm-up, CUDA events around each repetition, the L2 cache
+flushed before every repetition, median over the repetitions); the cases also rotate several
+copies of their inputs. Where a host clock or memory counter reads GPU work (pytest-benchmark,
+peak_memory), the call ends with a device synchronisation (common.synced, common.synchronize).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
+
+from .common import synchronize
 
 
 @dataclass
@@ -139,11 +142,6 @@ def time_cuda(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 1
     return _summarise(per_call, 1, "CUDA events, L2 flushed per rep")
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---- memory -------------------------------------------------------------------------------
 
 
@@ -184,11 +182,11 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> dict:
     so on CPU this can undercount a case that reuses buffers freed by the one before.
     """
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
-        torch.cuda.synchronize(device)
+        synchronize(device)
         return {"peak_bytes": int(torch.cuda.max_memory_allocated(device) - base), "kind": "cuda allocator peak above baseline"}
     _malloc_trim()  # hand freed heap pages back, so a reused free block cannot hide this call's peak
     before = _proc_status_kib("VmRSS")
@@ -288,9 +286,14 @@ GPU_PEAK_TFLOPS: list[tuple[str, str, dict[str, float]]] = [
 ]
 
 
-def peak_tflops(device_name: str, dtype: str) -> tuple[float, str] | None:
-    """(peak dense TFLOP/s, source) for a device name and a compute dtype, or None if unknown."""
+class PeakTflops(NamedTuple):
+    tflops: float  # dense peak for one compute dtype
+    source: str  # the datasheet it comes from
+
+
+def peak_tflops(device_name: str, dtype: str) -> PeakTflops | None:
+    """The peak dense TFLOP/s of a device name in a compute dtype, with its source, or None if unknown."""
     for key, source, peaks in GPU_PEAK_TFLOPS:
         if key in device_name and dtype in peaks:
-            return peaks[dtype], f"{source}, dense {dtype}"
+            return PeakTflops(peaks[dtype], f"{source}, dense {dtype}")
     return None

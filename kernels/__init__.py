@@ -6,8 +6,6 @@ PyTorch and always available.
 """
 
 from .backends import (
-    BackendUnavailable,
-    LogprobOps,
     attention_backends,
     default_attention_backend,
     default_logprob_backend,
@@ -17,6 +15,7 @@ from .backends import (
     register_attention_backend,
     register_logprob_backend,
 )
+from .interfaces import BackendUnavailable, LogprobOps
 
 # The fused log-prob ops; importing them compiles nothing (the kernels build on first call).
 from .fused_logprob import cross_entropy, sequence_bits, token_logprobs

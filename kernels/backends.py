@@ -1,33 +1,20 @@
 """Backend registry: the seam between models and kernel implementations.
 
-A model asks for ops by backend name ("reference", "sdpa", later "fused", "triton")
-and never imports an implementation. Backends register a loader, so a backend that
-needs compiling (CUDA/C++) or Triton is only built when someone asks for it, and a
-failure to build is an error that names the alternatives, never a silent switch.
+A model asks for ops by backend name (log-prob: "reference", "fused"; attention: "reference",
+"sdpa", "triton") and never imports an implementation. Backends register a loader, so a
+backend that needs compiling (CUDA/C++) or Triton is only built when someone asks for it, and
+a failure to build is an error that names the alternatives, never a silent switch.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from . import reference
-
-
-@dataclass(frozen=True)
-class LogprobOps:
-    """The three log-prob ops one backend provides (signatures as in memk.kernels.reference)."""
-
-    token_logprobs: Callable[..., torch.Tensor]
-    cross_entropy: Callable[..., torch.Tensor]
-    sequence_bits: Callable[..., torch.Tensor]
-
-
-# packed attention: (qkv: (batch, seq, 3·d_model), n_head) -> (batch, seq, d_model), causal.
-PackedAttention = Callable[[torch.Tensor, int], torch.Tensor]
+from .interfaces import BackendUnavailable, LogprobOps, PackedAttention
 
 
 def _load_fused_logprob() -> LogprobOps:
@@ -59,11 +46,7 @@ _ATTENTION_LOADERS: dict[str, Callable[[], PackedAttention]] = {
     "sdpa": lambda: reference.packed_causal_attention_sdpa,
     "triton": _load_triton_attention,
 }
-_loaded: dict[tuple[str, str], object] = {}
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend exists but cannot run here (no compiler, no CUDA, ...)."""
+_loaded: dict[tuple[str, str], object] = {}  # (kind, name) -> what its loader returned, loaded once
 
 
 def register_logprob_backend(name: str, loader: Callable[[], LogprobOps]) -> None:

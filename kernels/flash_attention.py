@@ -44,10 +44,11 @@ import triton
 import triton.language as tl
 
 from . import reference
-from .backends import BackendUnavailable
+from .interfaces import BackendUnavailable
 
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): the kernels work in base 2
-LN2 = 0.6931471805599453
+# exp(x) = exp2(x * LOG2E): the kernels work in base 2. Inside @triton.jit functions it and ln 2
+# are written as literals (1.4426950408889634, 0.6931471805599453): jit code reads no plain globals.
+LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 # Longest sequences the one-tile kernels take; longer ones go to the blocked kernels. The
 # one-tile backward holds about ten (seq x head_dim) or (seq x seq) tiles at once, so it stops

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .backends import BackendUnavailable, LogprobOps
+from .interfaces import BackendUnavailable, LogprobOps
 from .reference import check_logits_targets
 
 LN2 = math.log(2.0)

@@ -15,7 +15,11 @@ from memk import kernels
 from memk.bench import cases as C
 from memk.bench import report as R
 from memk.bench import run
+from memk.bench.case import candidate_attention_backends, candidate_logprob_backends
 from memk.bench.cli import bench
+from memk.bench.common import format_bytes, format_rate, format_time
+from memk.bench.suite_attention import attention_groups
+from memk.bench.suite_logprob import logprob_groups
 from memk.kernels import backends, reference
 
 CPU = torch.device("cpu")
@@ -116,6 +120,13 @@ def test_scaling_exponent_of_a_power_law():
     assert s["exponent"] == pytest.approx(1.5)
 
 
+def test_times_rates_and_sizes_have_three_significant_digits_in_the_largest_unit_reached():
+    assert [format_time(s) for s in (1.5, 0.0512345, 0.00821, 1.44e-5)] == ["1.5 s", "51.2 ms", "8.21 ms", "14.4 µs"]
+    assert format_time(0.9996) == "1000 ms" and format_time(1234.5) == "1234 s"  # never an exponent
+    assert format_rate(942570, "tokens/s") == "943 ktokens/s" and format_rate(0.5, "sequences/s") == "0.5 sequences/s"
+    assert [format_bytes(n) for n in (None, 0, 512, 40 * 1024, 1571 * 2**20)] == ["–", "0 B", "512 B", "40 KiB", "1.53 GiB"]
+
+
 # ---- wrong, missing and unavailable kernels -----------------------------------------------
 
 
@@ -145,7 +156,7 @@ class _WrongGradient(torch.autograd.Function):
 
 
 def _run_logprob(backends_, op, backward, with_baseline=False):
-    groups = [g for g in C.logprob_groups(CPU, ["float32"], quick=True, backends=backends_)
+    groups = [g for g in logprob_groups(CPU, ["float32"], quick=True, backends=backends_)
               if g.params["op"] == op and (g.params["pass"] == "fwd+bwd") == backward]
     wanted = None if with_baseline else (lambda c: c.variant.role == "candidate")
     return run.run_groups(groups, CPU, run.RunOptions(max_time=0.01), case_filter=wanted)["results"]
@@ -184,7 +195,7 @@ def test_nan_answer_is_refused(registry):
 
 def test_wrong_attention_is_refused(registry):
     registry.register_attention_backend("bench-wrong", lambda: lambda qkv, n_head: reference.packed_causal_attention_sdpa(qkv, n_head) * 1.001)
-    groups = [g for g in C.attention_groups(CPU, ["float32"], quick=True, backends=["bench-wrong"])
+    groups = [g for g in attention_groups(CPU, ["float32"], quick=True, backends=["bench-wrong"])
               if g.params["pass"] == "fwd" and g.params["head_dim"] == 32]
     results = run.run_groups(groups, CPU, run.RunOptions(max_time=0.01),
                              case_filter=lambda c: c.variant.role == "candidate")["results"]
@@ -209,8 +220,8 @@ def test_missing_and_unavailable_backends_are_skipped_with_the_reason(registry):
 def test_memk_backends_are_benchmarked_when_they_run_here(quick_report):
     """memk's fused log-prob backend is a candidate always; where it loads, its cases are timed."""
     report, _ = quick_report
-    assert "fused" in C.candidate_logprob_backends() and "reference" not in C.candidate_logprob_backends()
-    assert "triton" in C.candidate_attention_backends()
+    assert "fused" in candidate_logprob_backends() and "reference" not in candidate_logprob_backends()
+    assert "triton" in candidate_attention_backends()
     fused = [r for r in report["results"] if r["variant"] in ("memk:fused", "sdpa+fused float32")]
     assert fused
     try:
