@@ -87,3 +87,20 @@ def test_uniform_code_signal_is_the_uniform_entropy_less_the_model_code_length()
     expected = np.maximum(0.0, 7 * 4.0 - bits).sum()  # (S-1)·log2 V = 7 · 4 bits per sequence
     signal = uniform_code_signal(data, "float32")(model)
     assert signal.total == pytest.approx(expected, rel=1e-12) and signal.mean_model_bits == pytest.approx(bits.mean())
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_starts_over(tmp_path, capsys):
+    config = GPTConfig(1, 16, 2, 16, 8)
+    data = uniform_random_sequences(40, 16, 8, seed=0)
+    cfg = TrainConfig(lr=1e-2, warmup_steps=5, batch_size=16, max_steps=40, min_steps=40, eval_every=20, cooldown_steps=10)
+    _, straight = train_to_saturation(config, data, cfg, torch.device("cpu"))
+    ckpt = tmp_path / "run.pt"
+    train_to_saturation(config, data, TrainConfig(**{**cfg.to_dict(), "max_steps": 20, "min_steps": 20}),
+                        torch.device("cpu"), checkpoint_path=ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])  # cut short, as by a full disk
+    _, resumed = train_to_saturation(config, data, cfg, torch.device("cpu"), checkpoint_path=ckpt)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"checkpoint {ckpt} is damaged" in err[0] and "starts over" in err[0]
+    assert (tmp_path / "run.pt.damaged").exists()
+    assert resumed.steps == straight.steps
+    np.testing.assert_allclose([b for _, b in resumed.curve], [b for _, b in straight.curve], rtol=1e-6)
