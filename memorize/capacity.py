@@ -27,7 +27,7 @@ from .constants import PAPER_ALPHA
 from .data import uniform_random_sequences
 from .model import GPT, GPTConfig, count_parameters
 from .options import check_experiment, choose_sizes, override_training, parse_models, pick_preset, reshape_models
-from .runtime import Backends, resolve_backends
+from .runtime import Backends, check_fits, resolve_backends, training_memory_bytes
 from .schedule import PRECISIONS, RunOutcome, TrainConfig
 from .store import RunStore
 from .sweep import Executor, LocalExecutor, Run, SweepProgress
@@ -160,6 +160,10 @@ def run_capacity(exp: CapacityExperiment, out_dir: Path, progress: bool = True, 
     """Run (or resume) every planned run, then fit and write the summary and plots."""
     device = validate(exp)
     runs = plan(exp, resolve_backends(device, exp.attention_backend, exp.logprob_backend))
+    largest = max(runs, key=lambda r: training_memory_bytes(r.model, r.n_sequences, r.train.batch_size))
+    check_fits(training_memory_bytes(largest.model, largest.n_sequences, largest.train.batch_size), device,
+               f"{largest.model.name} on {largest.n_sequences:,} sequences",
+               "train on fewer sequences (--sizes / --size-factors) or with a smaller --batch-size")
     with RunStore(out_dir, "capacity") as store:
         store.write_experiment(exp.to_dict())
         todo = store.todo(runs)

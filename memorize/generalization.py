@@ -53,7 +53,7 @@ from .options import (
 )
 from .outputs import content_digest
 from .reference import Reference, reference_id, train_reference
-from .runtime import Backends, resolve_backends
+from .runtime import Backends, check_fits, resolve_backends, training_memory_bytes
 from .schedule import RunOutcome, TrainConfig
 from .sources import SourceData, SourceSpec, check_source, load_source
 from .store import RunStore
@@ -388,6 +388,9 @@ def run_generalization(
     """Run (or resume) the reference, the sweep, the prediction and the check runs; summarise."""
     device = validate(exp)
     backends = resolve_backends(device, exp.attention_backend, exp.logprob_backend)
+    if exp.source.kind == "markov":  # the chain is sampled, deduplicated and split on the CPU: ~4 copies at once
+        check_fits(4 * exp.source.markov_sequences * exp.source.seq_len * 8, torch.device("cpu"),
+                   f"drawing {exp.source.markov_sequences:,} Markov sequences", "lower --markov-sequences")
     with RunStore(out_dir, "generalization") as store:
         store.write_experiment(exp.to_dict())
         data = load_source(exp.source, exp.n_heldout, exp.seed, store.folder)
@@ -399,6 +402,9 @@ def run_generalization(
         reference = train_reference(ref_config, ref_train, data, store.folder, ref_checkpoint, device, backends, progress)
         bits_per_sequence = source_bits_per_sequence(data, reference)
         runs = plan(exp, bits_per_sequence, len(data.train_pool), reference.reference_id, backends)
+        for run in runs:  # datasets are views of the pool, already in memory
+            check_fits(training_memory_bytes(run.model, run.n_sequences, run.train.batch_size, dataset_copies=0), device,
+                       f"{run.model.name} at batch {run.train.batch_size}", "use a smaller --batch-size")
         workload = SourceWorkload(exp, data, reference, bits_per_sequence)
         executor = executor or LocalExecutor(device)
 

@@ -13,6 +13,9 @@ import torch
 from memk import kernels
 
 from .errors import ConfigError
+from .model import GPTConfig, count_parameters
+
+EVAL_BATCH = 512  # sequences per forward pass when a model codes a dataset (bits.model_sequence_bits)
 
 
 class Backends(NamedTuple):
@@ -72,3 +75,39 @@ def step_progress(bar, max_steps: int) -> Callable[[dict], None]:
             bar.set_postfix(loss=f"{p['loss']:.3f}", bits=f"{p['bits']:.0f}")
 
     return on_progress
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory a run could still take on the device: CUDA's free memory, or the kernel's
+    MemAvailable on the CPU; None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def training_memory_bytes(config: GPTConfig, n_sequences: int, batch_size: int, dataset_copies: int = 2) -> int:
+    """A generous estimate of what training one run holds at its peak: the dataset (int64,
+    `dataset_copies` at once while it is drawn), the parameters with their gradients and AdamW
+    moments, one step's activations and the logits of an evaluation batch."""
+    d, V, S, L = config.d_model, config.vocab_size, config.seq_len, config.n_layer
+    dataset = dataset_copies * n_sequences * S * 8
+    weights = 4 * 4 * count_parameters(config)
+    activations = 4 * 3 * batch_size * S * (L * (16 * d + 2 * config.n_head * S) + 2 * V)
+    evaluation = 4 * 2 * min(n_sequences, EVAL_BATCH) * S * V
+    return dataset + weights + activations + evaluation
+
+
+def check_fits(need: int, device: torch.device, what: str, fix: str) -> None:
+    """ConfigError, before anything is allocated, where `need` bytes exceed what the device has free."""
+    free = free_memory_bytes(device)
+    if free is not None and need > free:
+        raise ConfigError(
+            f"{what} needs about {need / 2**30:.1f} GiB, but {device.type} has {free / 2**30:.1f} GiB free; {fix}"
+        )

@@ -92,6 +92,7 @@ def _one_line_error(result, needle):
         (["--lr", "1e30", "--no-progress"], "training diverged"),
         (["--sizes", "10", "--size-factors", "1"], "not both"),
         (["--models", "1x8x1,1x8x1"], "named twice"),
+        (["--sizes", "1000000000"], "GiB free; train on fewer sequences"),  # refused before any memory is taken
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):

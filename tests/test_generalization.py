@@ -232,6 +232,7 @@ def test_cli_reads_a_hugging_face_dataset_saved_to_disk(tmp_path):
         (None, ["--check-size-factors", "inf"], "check size factors must be positive finite"),
         (None, ["--source", "markov", "--markov-branching", "1"], "chain is deterministic"),
         (None, ["--check-models", "1x8x1,1x8x1"], "named twice"),
+        (None, ["--source", "markov", "--markov-sequences", "10000000000"], "GiB free; lower --markov-sequences"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, make, args, needle):
