@@ -18,17 +18,24 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_capacity_curves(summary: dict, path: Path) -> None:
-    """Memorized bits against dataset size (bits), one line per model, capacity marked."""
+    """Memorized bits against dataset size (bits), one line per model, capacity marked; the runs
+    that stopped at the step cap (still gaining bits: a lower bound) drawn hollow."""
     blocks = summary["precisions"]
     fig, axes = plt.subplots(1, len(blocks), figsize=(6.5 * len(blocks), 4.8), squeeze=False)
     for ax, (precision, block) in zip(axes[0], blocks.items()):
         largest = 1.0
+        capped_shown = False
         for i, m in enumerate(block["models"]):
             color = f"C{i}"
             x = [p["dataset_bits"] for p in m["points"]]
             y = [p["memorized_bits"] for p in m["points"]]
             largest = max(largest, *x)
             ax.plot(x, y, "o-", color=color, label=f"{m['model_name']} ({m['parameters']:,} params)")
+            capped = [(px, py) for px, py, p in zip(x, y, m["points"]) if p.get("stop_reason") == "step_cap"]
+            if capped:
+                ax.plot(*zip(*capped), "o", color="white", markeredgecolor=color, markersize=7, zorder=3,
+                        label=None if capped_shown else "stopped at the step cap (still gaining)")
+                capped_shown = True
             ax.axhline(m["capacity_bits"], color=color, ls="--", lw=0.8)
         line = np.geomspace(min(p["dataset_bits"] for m in block["models"] for p in m["points"]), largest, 50)
         ax.plot(line, line, color="gray", lw=0.8, ls=":", label="all data memorized")
@@ -42,17 +49,23 @@ def plot_capacity_curves(summary: dict, path: Path) -> None:
 
 
 def plot_capacity_vs_params(summary: dict, path: Path) -> None:
-    """Capacity against parameter count, with the fitted α and the paper's 3.6 bits/param."""
+    """Capacity against parameter count: the fitted α with its confidence band, and the paper's α."""
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     top = 1.0
     for i, (precision, block) in enumerate(summary["precisions"].items()):
         p = np.array([m["parameters"] for m in block["models"]], dtype=float)
         c = np.array([m["capacity_bits"] for m in block["models"]], dtype=float)
         top = max(top, p.max())
-        alpha = block["fit"]["through_origin"]["alpha"]
+        fit = block["fit"]["through_origin"]
+        alpha = fit["alpha"]
         ax.plot(p, c, "o", color=f"C{i}", label=f"{precision} runs")
         xs = np.linspace(0, p.max() * 1.05, 50)
         ax.plot(xs, alpha * xs, "-", color=f"C{i}", label=f"{precision} fit: α = {alpha:.2f} bits/param")
+        if fit.get("ci"):  # the slope's interval, drawn as the band of lines it allows
+            low, high = fit["ci"]
+            level = int(100 * block["fit"]["confidence"])
+            ax.fill_between(xs, low * xs, high * xs, color=f"C{i}", alpha=0.15,
+                            label=f"{precision} {level}% interval: [{low:.2f}, {high:.2f}]")
     xs = np.linspace(0, top * 1.05, 50)
     ax.plot(xs, summary["paper_alpha"] * xs, "k--", lw=0.8, label=f"paper: {summary['paper_alpha']} bits/param")
     ax.set_xlabel("parameters")
