@@ -53,7 +53,7 @@ from .options import (
 )
 from .outputs import content_digest
 from .reference import Reference, reference_id, train_reference
-from .runtime import Backends, check_fits, resolve_backends, training_memory_bytes
+from .runtime import Backends, check_fits, resolve_backends, training_memory_bytes, use_cpu_threads
 from .schedule import RunOutcome, TrainConfig
 from .sources import SourceData, SourceSpec, check_source, load_source
 from .store import RunStore
@@ -399,6 +399,7 @@ def run_generalization(
         plan(exp, data.most_bits_per_sequence(), len(data.train_pool), ref_id="")
         ref_config, ref_train = exp.reference_model_config(), exp.reference_train_config()
         ref_checkpoint = store.checkpoint_path(f"reference-{reference_id(ref_config, ref_train, data)}")
+        use_cpu_threads(device, ref_config, ref_train.batch_size)
         reference = train_reference(ref_config, ref_train, data, store.folder, ref_checkpoint, device, backends, progress)
         bits_per_sequence = source_bits_per_sequence(data, reference)
         runs = plan(exp, bits_per_sequence, len(data.train_pool), reference.reference_id, backends)

@@ -64,6 +64,14 @@ def count_parameters(config: GPTConfig) -> int:
     return V * d + S * d + L * block + layer_norm  # + final LayerNorm
 
 
+def training_flops_per_token(config: GPTConfig) -> float:
+    """Training FLOPs per predicted token: 6 x (the matmul parameters + the tied head) plus the
+    attention scores and values (12 L S d, PaLM's convention: causal mask not discounted)."""
+    d, L = config.d_model, config.n_layer
+    matmul_params = L * 12 * d * d + d * config.vocab_size
+    return 6.0 * matmul_params + 12.0 * L * (config.seq_len - 1) * d
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, attention_backend: str):
         super().__init__()

@@ -6,6 +6,7 @@ through its public functions only.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, NamedTuple
 
 import torch
@@ -13,9 +14,13 @@ import torch
 from memk import kernels
 
 from .errors import ConfigError
-from .model import GPTConfig, count_parameters
+from .model import GPTConfig, count_parameters, training_flops_per_token
 
 EVAL_BATCH = 512  # sequences per forward pass when a model codes a dataset (bits.model_sequence_bits)
+THREADS_ENV = "MEMK_NUM_THREADS"  # pins the CPU threads of every run
+# Training FLOPs per step below which a run takes one CPU thread: a second gains little there,
+# and a busy CPU makes OpenMP's waiting threads cost far more (bench/results/cpu-threads-2core.json).
+ONE_THREAD_BELOW_FLOPS = 3e8
 
 
 class Backends(NamedTuple):
@@ -38,6 +43,25 @@ def resolve_device(device: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r} is not supported: use cpu or cuda")
     return dev
+
+
+def cpu_threads_for(config: GPTConfig, batch_size: int) -> int:
+    """The CPU threads a run of this model and batch trains with: MEMK_NUM_THREADS or
+    OMP_NUM_THREADS where set, else one for small steps and every core this process may use."""
+    for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+        pinned = os.environ.get(name, "").strip()
+        if pinned:
+            if not pinned.isdigit() or int(pinned) < 1:
+                raise ConfigError(f"{name}={pinned!r} is not a thread count; set it to a positive integer or unset it")
+            return int(pinned)
+    flops = training_flops_per_token(config) * batch_size * (config.seq_len - 1)
+    return 1 if flops < ONE_THREAD_BELOW_FLOPS else len(os.sched_getaffinity(0))
+
+
+def use_cpu_threads(device: torch.device, config: GPTConfig, batch_size: int) -> None:
+    """Set torch's CPU threads for a run (cpu_threads_for); nothing on CUDA."""
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads_for(config, batch_size))
 
 
 def check_backends(attention_backend: str, logprob_backend: str) -> None:

@@ -39,6 +39,7 @@ def provenance(backends: Backends, device: torch.device) -> dict:
         "attention_backend": backends.attention,
         "logprob_backend": backends.logprob,
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

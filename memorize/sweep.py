@@ -20,7 +20,7 @@ import torch
 
 from .model import GPT, GPTConfig
 from .outputs import content_digest
-from .runtime import Backends, progress_bar, step_progress
+from .runtime import Backends, progress_bar, step_progress, use_cpu_threads
 from .schedule import RunOutcome, TrainConfig
 from .store import RunStore, provenance
 from .train import StopSignal, train_to_saturation
@@ -75,6 +75,7 @@ def train_run(
     on_progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train one run (or continue it from its checkpoint) and return its row."""
+    use_cpu_threads(device, run.model, run.train.batch_size)
     data = workload.training_data(run).to(device)
     model, outcome = train_to_saturation(
         run.model, data, run.train, device,
