@@ -2,14 +2,17 @@
 
 `token_logprobs`, `cross_entropy` and `sequence_bits` here compute what their namesakes in
 memk.kernels.reference compute, without materializing log-probabilities or probabilities:
-the forward reads each row of logits once and keeps two floats per token (log p(target)
-and the row's log-sum-exp); the backward reads the row again and writes the gradient,
-g * (onehot - exp(x - lse)), in the logits' dtype. Arithmetic is float32 (float64 for
-float64 logits) whatever the logits' dtype, with a single-pass online log-sum-exp. A row
-with a NaN or +inf logit gives NaN; a -inf logit is an ordinary logit of probability 0.
+the forward reads each row of logits once and keeps three floats per token: log p(target),
+and the row's max m and log sum exp(x - m), kept apart; the backward reads the row again and
+writes the gradient, g * (onehot - exp((x - m) - log_sum)), in the logits' dtype. Arithmetic
+is float32 (float64 for float64 logits) whatever the logits' dtype, with a single-pass online
+log-sum-exp. Because m + log_sum is never rounded to one float, the results are shift
+invariant: log_softmax(x + c) is as accurate as log_softmax(x) for any offset c the dtype can
+hold (csrc/logprob_math.h says why). A row with a NaN or +inf logit gives NaN; a -inf logit
+is an ordinary logit of probability 0.
 
 The kernels are C++ (CPU: parallel over rows, vectorized) and CUDA, in csrc/; they are
-registered as the torch operators memk::logprob_fwd and memk::logprob_bwd (with autograd and
+registered as the torch operators memk::logprob_fwd_v2 and memk::logprob_bwd_v2 (with autograd and
 fake/meta implementations, so they work under torch.compile) and compiled with
 torch.utils.cpp_extension on first use, then cached (TORCH_EXTENSIONS_DIR sets where; the
 CUDA part is built only where torch has CUDA and nvcc is found). Importing this module
@@ -149,34 +152,34 @@ def _register_python_parts() -> None:
     def acc_dtype(logits: torch.Tensor) -> torch.dtype:
         return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
-    @torch.library.register_fake("memk::logprob_fwd")
+    @torch.library.register_fake("memk::logprob_fwd_v2")
     def _fwd_fake(logits, targets, ignore_index, check_targets):
         rows = logits.shape[0]
-        return logits.new_empty((rows,), dtype=acc_dtype(logits)), logits.new_empty((rows,), dtype=acc_dtype(logits))
+        return tuple(logits.new_empty((rows,), dtype=acc_dtype(logits)) for _ in range(3))  # logp, row_max, log_sum
 
-    @torch.library.register_fake("memk::logprob_bwd")
-    def _bwd_fake(grad_logp, logits, targets, lse, ignore_index):
+    @torch.library.register_fake("memk::logprob_bwd_v2")
+    def _bwd_fake(grad_logp, logits, targets, row_max, log_sum, ignore_index):
         return logits.new_empty(logits.shape)
 
     def setup_context(ctx, inputs, output):
         logits, targets, ignore_index, _check = inputs
-        _logp, lse = output
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(logits, targets, lse)
+        _logp, row_max, log_sum = output
+        ctx.mark_non_differentiable(row_max, log_sum)
+        ctx.save_for_backward(logits, targets, row_max, log_sum)
         ctx.ignore_index = ignore_index
 
-    def backward(ctx, grad_logp, _grad_lse):
-        logits, targets, lse = ctx.saved_tensors
-        grad = torch.ops.memk.logprob_bwd(grad_logp.contiguous(), logits, targets, lse, ctx.ignore_index)
+    def backward(ctx, grad_logp, _grad_row_max, _grad_log_sum):
+        logits, targets, row_max, log_sum = ctx.saved_tensors
+        grad = torch.ops.memk.logprob_bwd_v2(grad_logp.contiguous(), logits, targets, row_max, log_sum, ctx.ignore_index)
         return grad, None, None, None
 
-    torch.library.register_autograd("memk::logprob_fwd", backward, setup_context=setup_context)
+    torch.library.register_autograd("memk::logprob_fwd_v2", backward, setup_context=setup_context)
 
 
 def _logprobs(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int | None, check_targets: bool | None
 ) -> torch.Tensor:
-    """log p(target) shaped like targets (0 where target == ignore_index), through memk::logprob_fwd."""
+    """log p(target) shaped like targets (0 where target == ignore_index), through memk::logprob_fwd_v2."""
     check_logits_targets(logits, targets)
     if logits.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
@@ -197,7 +200,7 @@ def _logprobs(
     rows = logits.reshape(-1, vocab)  # a view where the batch axes merge, else one copy
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
     check = CHECK_TARGETS if check_targets is None else bool(check_targets)
-    logp, _lse = torch.ops.memk.logprob_fwd(rows, flat_targets, ignore_index, check)
+    logp, _row_max, _log_sum = torch.ops.memk.logprob_fwd_v2(rows, flat_targets, ignore_index, check)
     return logp.reshape(targets.shape)
 
 
