@@ -68,7 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd_cpu(const at::Tensor&
   at::Tensor row_max = at::empty({rows.n_rows}, options);
   at::Tensor log_sum = at::empty({rows.n_rows}, options);
   BadTargets bad{0, 0};
-  if (rows.n_rows > 0) logprob_forward_cpu(rows, logp.data_ptr(), RowStats{row_max.data_ptr(), log_sum.data_ptr()}, &bad);
+  if (rows.n_rows > 0)
+    logprob_forward_cpu(rows, logp.data_ptr(), RowStats{row_max.data_ptr(), log_sum.data_ptr()}, &bad);
   if (check_targets && bad.count > 0) raise_bad_targets(bad.count, bad.example, rows);
   return {logp, row_max, log_sum};
 }
@@ -96,7 +97,8 @@ at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits
 TORCH_LIBRARY(memk, m) {
   // (log p(target), row max m, log sum exp(x - m)) per row of 2-D logits; the last two are
   // what the backward needs, kept apart so that no precision is lost to the size of m.
-  m.def("logprob_fwd_v2(Tensor logits, Tensor targets, int? ignore_index, bool check_targets) -> (Tensor, Tensor, Tensor)");
+  m.def("logprob_fwd_v2(Tensor logits, Tensor targets, int? ignore_index, bool check_targets) "
+        "-> (Tensor, Tensor, Tensor)");
   // d(sum_i grad_logp[i] * logp[i]) / d logits, from the forward's row_max and log_sum.
   m.def("logprob_bwd_v2(Tensor grad_logp, Tensor logits, Tensor targets, Tensor row_max, Tensor log_sum, "
         "int? ignore_index) -> Tensor");

@@ -304,8 +304,10 @@ void test_huge_logits() {
   RowsArgs a{x.data(), kFloat32, 2, vocab, vocab, t.data(), 0, false};
   logprob_forward_cpu(a, logp.data(), RowStats{row_max.data(), log_sum.data()}, nullptr);
   logprob_backward_cpu(a, g.data(), ConstRowStats{row_max.data(), log_sum.data()}, grad.data());
-  check(close(logp[0], std::log(0.1), 1e-6, 1e-6), "ten logits of 3e38: log p = log(1/10), got " + std::to_string(logp[0]));
-  check(close(logp[1], std::log(0.5), 1e-6, 1e-6), "two logits of FLT_MAX: log p = log(1/2), got " + std::to_string(logp[1]));
+  check(close(logp[0], std::log(0.1), 1e-6, 1e-6),
+        "ten logits of 3e38: log p = log(1/10), got " + std::to_string(logp[0]));
+  check(close(logp[1], std::log(0.5), 1e-6, 1e-6),
+        "two logits of FLT_MAX: log p = log(1/2), got " + std::to_string(logp[1]));
   bool grad_ok = true;
   for (int64_t j = 0; j < vocab; ++j) {
     grad_ok &= close(grad[j], (j == 3 ? 1.0 : 0.0) - 0.1, 1e-6, 1e-6);

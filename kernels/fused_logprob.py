@@ -170,7 +170,8 @@ def _register_python_parts() -> None:
 
     def backward(ctx, grad_logp, _grad_row_max, _grad_log_sum):
         logits, targets, row_max, log_sum = ctx.saved_tensors
-        grad = torch.ops.memk.logprob_bwd_v2(grad_logp.contiguous(), logits, targets, row_max, log_sum, ctx.ignore_index)
+        grad_logp = grad_logp.contiguous()
+        grad = torch.ops.memk.logprob_bwd_v2(grad_logp, logits, targets, row_max, log_sum, ctx.ignore_index)
         return grad, None, None, None
 
     torch.library.register_autograd("memk::logprob_fwd_v2", backward, setup_context=setup_context)
