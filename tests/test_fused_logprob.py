@@ -10,6 +10,7 @@ the end with an error naming the lock.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -68,13 +69,17 @@ def test_next_run_completes_after_a_first_build_is_killed(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    try:
+
+    def batons() -> list[Path]:
         # Mid-build: torch has taken its lock and written the ninja file, so the compilers run.
-        batons = lambda: [p for p in root.rglob("lock") if (p.parent / "build.ninja").exists()]  # noqa: E731
-        _wait_for(lambda: batons(), "the build to start", first)
+        return [p for p in root.rglob("lock") if (p.parent / "build.ninja").exists()]
+
+    try:
+        _wait_for(batons, "the build to start", first)
         baton = batons()[0]
     finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # already gone: _wait_for says why
+            os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     assert baton.exists(), "the killed build should have left torch's lock behind (the case under test)"
 
