@@ -1,7 +1,7 @@
-// Thin torch layer over the CPU log-prob kernel: defines the memk::logprob_fwd / logprob_bwd
+// Thin torch layer over the CPU log-prob kernel: defines the memk::logprob_fwd_v2 / logprob_bwd_v2
 // operators and their CPU implementations. The CUDA implementations live in
 // logprob_binding_cuda.cpp (built only where torch has CUDA); autograd and the fake
-// (meta) implementations are registered from Python, in memk/kernels/cross_entropy.py.
+// (meta) implementations are registered from Python, in memk/kernels/fused_logprob.py.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -59,39 +59,52 @@ void raise_bad_targets(int64_t count, int64_t example, const RowsArgs& rows) {
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> logprob_fwd_cpu(const at::Tensor& logits, const at::Tensor& targets,
-                                                   std::optional<int64_t> ignore_index, bool check_targets) {
-  const RowsArgs rows = check_rows(logits, targets, ignore_index, "memk::logprob_fwd");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprob_fwd_cpu(const at::Tensor& logits, const at::Tensor& targets,
+                                                               std::optional<int64_t> ignore_index,
+                                                               bool check_targets) {
+  const RowsArgs rows = check_rows(logits, targets, ignore_index, "memk::logprob_fwd_v2");
   const auto options = logits.options().dtype(acc_dtype(logits));
   at::Tensor logp = at::empty({rows.n_rows}, options);
-  at::Tensor lse = at::empty({rows.n_rows}, options);
+  at::Tensor row_max = at::empty({rows.n_rows}, options);
+  at::Tensor log_sum = at::empty({rows.n_rows}, options);
   BadTargets bad{0, 0};
-  if (rows.n_rows > 0) logprob_forward_cpu(rows, logp.data_ptr(), lse.data_ptr(), &bad);
+  if (rows.n_rows > 0)
+    logprob_forward_cpu(rows, logp.data_ptr(), RowStats{row_max.data_ptr(), log_sum.data_ptr()}, &bad);
   if (check_targets && bad.count > 0) raise_bad_targets(bad.count, bad.example, rows);
-  return {logp, lse};
+  return {logp, row_max, log_sum};
 }
 
 at::Tensor logprob_bwd_cpu(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& targets,
-                           const at::Tensor& lse, std::optional<int64_t> ignore_index) {
-  const RowsArgs rows = check_rows(logits, targets, ignore_index, "memk::logprob_bwd");
-  check_row_values(grad_logp, logits, "grad_logp", "memk::logprob_bwd");
-  check_row_values(lse, logits, "lse", "memk::logprob_bwd");
+                           const at::Tensor& row_max, const at::Tensor& log_sum, std::optional<int64_t> ignore_index) {
+  const RowsArgs rows = check_rows(logits, targets, ignore_index, "memk::logprob_bwd_v2");
+  check_row_values(grad_logp, logits, "grad_logp", "memk::logprob_bwd_v2");
+  check_row_values(row_max, logits, "row_max", "memk::logprob_bwd_v2");
+  check_row_values(log_sum, logits, "log_sum", "memk::logprob_bwd_v2");
   at::Tensor grad = at::empty({rows.n_rows, rows.vocab}, logits.options());
-  if (rows.n_rows > 0) logprob_backward_cpu(rows, grad_logp.data_ptr(), lse.data_ptr(), grad.data_ptr());
+  if (rows.n_rows > 0)
+    logprob_backward_cpu(rows, grad_logp.data_ptr(), ConstRowStats{row_max.data_ptr(), log_sum.data_ptr()},
+                         grad.data_ptr());
   return grad;
 }
 
 }  // namespace
 }  // namespace memk
 
+// The names carry a version: torch.compile's on-disk caches (AOTAutograd, FX graphs) know a C++
+// operator by its name alone, so a graph compiled against an older schema would be reused and
+// fail (or an older memk would reuse ours). Bump the suffix whenever a schema changes.
+// v2: the forward returns the row max and log-sum separately (v1 returned their sum, the lse).
 TORCH_LIBRARY(memk, m) {
-  // (log p(target), log-sum-exp) per row of 2-D logits; lse is what the backward needs.
-  m.def("logprob_fwd(Tensor logits, Tensor targets, int? ignore_index, bool check_targets) -> (Tensor, Tensor)");
-  // d(sum_i grad_logp[i] * logp[i]) / d logits, from the forward's lse.
-  m.def("logprob_bwd(Tensor grad_logp, Tensor logits, Tensor targets, Tensor lse, int? ignore_index) -> Tensor");
+  // (log p(target), row max m, log sum exp(x - m)) per row of 2-D logits; the last two are
+  // what the backward needs, kept apart so that no precision is lost to the size of m.
+  m.def("logprob_fwd_v2(Tensor logits, Tensor targets, int? ignore_index, bool check_targets) "
+        "-> (Tensor, Tensor, Tensor)");
+  // d(sum_i grad_logp[i] * logp[i]) / d logits, from the forward's row_max and log_sum.
+  m.def("logprob_bwd_v2(Tensor grad_logp, Tensor logits, Tensor targets, Tensor row_max, Tensor log_sum, "
+        "int? ignore_index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(memk, CPU, m) {
-  m.impl("logprob_fwd", &memk::logprob_fwd_cpu);
-  m.impl("logprob_bwd", &memk::logprob_bwd_cpu);
+  m.impl("logprob_fwd_v2", &memk::logprob_fwd_cpu);
+  m.impl("logprob_bwd_v2", &memk::logprob_bwd_cpu);
 }

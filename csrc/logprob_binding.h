@@ -15,7 +15,8 @@ namespace memk {
 RowsArgs check_rows(const at::Tensor& logits, const at::Tensor& targets, std::optional<int64_t> ignore_index,
                     const char* op);
 
-// Checks a per-row float tensor (grad_logp, lse): (rows,), contiguous, of the accumulation dtype.
+// Checks a per-row float tensor (grad_logp, row_max, log_sum): (rows,), contiguous, of the
+// accumulation dtype.
 void check_row_values(const at::Tensor& values, const at::Tensor& logits, const char* name, const char* op);
 
 // The per-row outputs' dtype: float32, or float64 for float64 logits.

@@ -87,10 +87,10 @@ MEMK_HD void add_chunk(f32x8& m, f32x8& s, f32x8 v0, f32x8 v1, f32x8 v2, f32x8 v
   m = m_new;
 }
 
-// log sum exp of one row in float, 8 lanes at a time; the last partial chunk is padded
-// with -inf (exp(-inf - m) adds 0). The lanes' states merge at the end.
+// (max, sum of exp(x - max)) of one row in float, 8 lanes at a time; the last partial chunk
+// is padded with -inf (exp(-inf - m) adds 0). The lanes' states merge at the end.
 template <typename T>
-MEMK_HD float row_lse_float(const T* __restrict__ x, int64_t vocab) {
+MEMK_HD LseState<float> row_state_float(const T* __restrict__ x, int64_t vocab) {
   using L = Lanes<T>;
   f32x8 m = splat<f32x8>(-FLT_MAX), s = splat<f32x8>(0.0f);
   int64_t j = 0;
@@ -104,38 +104,40 @@ MEMK_HD float row_lse_float(const T* __restrict__ x, int64_t vocab) {
   }
   LseState<float> st{m[0], s[0]};
   for (int l = 1; l < kLanes; ++l) st.merge(LseState<float>{m[l], s[l]});
-  return st.lse();
+  return st;
 }
 
-// grad row = -g * exp(x - lse), 8 lanes at a time (the target's entry is fixed by the caller).
+// grad row = -g * exp((x - m) - log_sum), 8 lanes at a time (the target's entry is fixed by
+// the caller).
 template <typename T>
-MEMK_HD void row_grad_float(const T* __restrict__ x, int64_t vocab, float neg_g, float lse, T* __restrict__ out) {
+MEMK_HD void row_grad_float(const T* __restrict__ x, int64_t vocab, float neg_g, float m, float log_sum,
+                            T* __restrict__ out) {
   using L = Lanes<T>;
   int64_t j = 0;
-  for (; j + kLanes <= vocab; j += kLanes) L::store(out + j, exp_poly(L::load(x + j) - lse) * neg_g);
-  for (; j < vocab; ++j) out[j] = Elem<T>::store(neg_g * fast_exp(Elem<T>::load(x[j]) - lse));
+  for (; j + kLanes <= vocab; j += kLanes) L::store(out + j, exp_poly((L::load(x + j) - m) - log_sum) * neg_g);
+  for (; j < vocab; ++j) out[j] = Elem<T>::store(neg_g * fast_exp((Elem<T>::load(x[j]) - m) - log_sum));
 }
 
 // float64 logits (gradcheck, tests): plain double arithmetic, one element at a time.
-MEMK_HD double row_lse_double(const double* __restrict__ x, int64_t vocab) {
+MEMK_HD LseState<double> row_state_double(const double* __restrict__ x, int64_t vocab) {
   LseState<double> st = LseState<double>::empty();
   for (int64_t j = 0; j < vocab; ++j) st.add(x[j]);
-  return st.lse();
+  return st;
 }
 
 template <typename T>
-MEMK_HD typename Elem<T>::Acc row_lse(const T* __restrict__ x, int64_t vocab) {
+MEMK_HD LseState<typename Elem<T>::Acc> row_state(const T* __restrict__ x, int64_t vocab) {
   if constexpr (std::is_same<T, double>::value) {
-    return row_lse_double(x, vocab);
+    return row_state_double(x, vocab);
   } else {
-    return row_lse_float(x, vocab);
+    return row_state_float(x, vocab);
   }
 }
 
 template <typename T>
 MEMK_HD void forward_rows(const RowsArgs& a, int64_t begin, int64_t end, typename Elem<T>::Acc* logp,
-                          typename Elem<T>::Acc* lse, std::atomic<int64_t>* bad_count,
-                          std::atomic<int64_t>* bad_example) {
+                          typename Elem<T>::Acc* row_max, typename Elem<T>::Acc* log_sum,
+                          std::atomic<int64_t>* bad_count, std::atomic<int64_t>* bad_example) {
   using A = typename Elem<T>::Acc;
   const T* logits = static_cast<const T*>(a.logits);
   for (int64_t i = begin; i < end; ++i) {
@@ -143,25 +145,29 @@ MEMK_HD void forward_rows(const RowsArgs& a, int64_t begin, int64_t end, typenam
     const int kind = classify_target(t, a.vocab, a.ignore_index, a.has_ignore);
     if (kind == kTargetIgnored) {
       logp[i] = A(0);
-      lse[i] = A(0);
+      row_max[i] = A(0);
+      log_sum[i] = A(0);
       continue;
     }
     const T* x = logits + i * a.row_stride;
-    const A row = row_lse(x, a.vocab);
-    lse[i] = row;
+    const LseState<A> st = row_state(x, a.vocab);
+    const A ls = st.log_sum();
+    row_max[i] = st.m;
+    log_sum[i] = ls;
     if (kind == kTargetOutOfRange) {
       bad_count->fetch_add(1, std::memory_order_relaxed);
       bad_example->store(t, std::memory_order_relaxed);
       logp[i] = std::numeric_limits<A>::quiet_NaN();
     } else {
-      logp[i] = Elem<T>::load(x[t]) - row;
+      logp[i] = logprob_of(Elem<T>::load(x[t]), st.m, ls);
     }
   }
 }
 
 template <typename T>
 MEMK_HD void backward_rows(const RowsArgs& a, int64_t begin, int64_t end, const typename Elem<T>::Acc* grad_logp,
-                           const typename Elem<T>::Acc* lse, T* __restrict__ grad) {
+                           const typename Elem<T>::Acc* row_max, const typename Elem<T>::Acc* log_sum,
+                           T* __restrict__ grad) {
   using A = typename Elem<T>::Acc;
   const T* logits = static_cast<const T*>(a.logits);
   const int64_t vocab = a.vocab;
@@ -175,13 +181,13 @@ MEMK_HD void backward_rows(const RowsArgs& a, int64_t begin, int64_t end, const 
       continue;
     }
     const A g = kind == kTargetValid ? grad_logp[i] : std::numeric_limits<A>::quiet_NaN();
-    const A row = lse[i];
+    const A m = row_max[i], ls = log_sum[i];
     if constexpr (std::is_same<A, double>::value) {
-      for (int64_t j = 0; j < vocab; ++j) out[j] = Elem<T>::store(-g * fast_exp(Elem<T>::load(x[j]) - row));
+      for (int64_t j = 0; j < vocab; ++j) out[j] = Elem<T>::store(-g * fast_exp((Elem<T>::load(x[j]) - m) - ls));
     } else {
-      row_grad_float(x, vocab, -g, row, out);
+      row_grad_float(x, vocab, -g, m, ls, out);
     }
-    if (kind == kTargetValid) out[t] = Elem<T>::store(logprob_grad(g, Elem<T>::load(x[t]), row, true));
+    if (kind == kTargetValid) out[t] = Elem<T>::store(logprob_grad(g, Elem<T>::load(x[t]), m, ls, true));
   }
 }
 
@@ -189,13 +195,14 @@ MEMK_HD void backward_rows(const RowsArgs& a, int64_t begin, int64_t end, const 
 // once per ISA.
 #define MEMK_CPU_DRIVERS(NAME, T)                                                                            \
   MEMK_CPU_CLONES void forward_##NAME(const RowsArgs& a, int64_t begin, int64_t end, Elem<T>::Acc* logp,    \
-                                      Elem<T>::Acc* lse, std::atomic<int64_t>* bad_count,                    \
-                                      std::atomic<int64_t>* bad_example) {                                   \
-    forward_rows<T>(a, begin, end, logp, lse, bad_count, bad_example);                                       \
+                                      Elem<T>::Acc* row_max, Elem<T>::Acc* log_sum,                          \
+                                      std::atomic<int64_t>* bad_count, std::atomic<int64_t>* bad_example) {  \
+    forward_rows<T>(a, begin, end, logp, row_max, log_sum, bad_count, bad_example);                          \
   }                                                                                                          \
   MEMK_CPU_CLONES void backward_##NAME(const RowsArgs& a, int64_t begin, int64_t end,                       \
-                                       const Elem<T>::Acc* grad_logp, const Elem<T>::Acc* lse, T* grad) {    \
-    backward_rows<T>(a, begin, end, grad_logp, lse, grad);                                                   \
+                                       const Elem<T>::Acc* grad_logp, const Elem<T>::Acc* row_max,           \
+                                       const Elem<T>::Acc* log_sum, T* grad) {                               \
+    backward_rows<T>(a, begin, end, grad_logp, row_max, log_sum, grad);                                      \
   }
 
 MEMK_CPU_DRIVERS(f32, float)
@@ -204,13 +211,13 @@ MEMK_CPU_DRIVERS(f16, f16_t)
 #undef MEMK_CPU_DRIVERS
 
 // float64 is for exactness, not speed: no clones.
-void forward_f64(const RowsArgs& a, int64_t begin, int64_t end, double* logp, double* lse,
+void forward_f64(const RowsArgs& a, int64_t begin, int64_t end, double* logp, double* row_max, double* log_sum,
                  std::atomic<int64_t>* bad_count, std::atomic<int64_t>* bad_example) {
-  forward_rows<double>(a, begin, end, logp, lse, bad_count, bad_example);
+  forward_rows<double>(a, begin, end, logp, row_max, log_sum, bad_count, bad_example);
 }
-void backward_f64(const RowsArgs& a, int64_t begin, int64_t end, const double* grad_logp, const double* lse,
-                  double* grad) {
-  backward_rows<double>(a, begin, end, grad_logp, lse, grad);
+void backward_f64(const RowsArgs& a, int64_t begin, int64_t end, const double* grad_logp, const double* row_max,
+                  const double* log_sum, double* grad) {
+  backward_rows<double>(a, begin, end, grad_logp, row_max, log_sum, grad);
 }
 
 // Rows per task: at least ~16K elements, so that small vocabularies do not pay per-task overhead.
@@ -218,21 +225,19 @@ int64_t grain(int64_t vocab) { return vocab >= 16384 ? 1 : 16384 / vocab; }
 
 }  // namespace
 
-void logprob_forward_cpu(const RowsArgs& a, void* logp, void* lse, BadTargets* bad) {
+void logprob_forward_cpu(const RowsArgs& a, void* logp, RowStats stats, BadTargets* bad) {
   std::atomic<int64_t> bad_count{0}, bad_example{0};
   at::parallel_for(0, a.n_rows, grain(a.vocab), [&](int64_t begin, int64_t end) {
+    float* lp = static_cast<float*>(logp);
+    float* mx = static_cast<float*>(stats.row_max);
+    float* ls = static_cast<float*>(stats.log_sum);
     switch (a.dtype) {
-      case kFloat32:
-        forward_f32(a, begin, end, static_cast<float*>(logp), static_cast<float*>(lse), &bad_count, &bad_example);
-        break;
-      case kBFloat16:
-        forward_bf16(a, begin, end, static_cast<float*>(logp), static_cast<float*>(lse), &bad_count, &bad_example);
-        break;
-      case kFloat16:
-        forward_f16(a, begin, end, static_cast<float*>(logp), static_cast<float*>(lse), &bad_count, &bad_example);
-        break;
+      case kFloat32: forward_f32(a, begin, end, lp, mx, ls, &bad_count, &bad_example); break;
+      case kBFloat16: forward_bf16(a, begin, end, lp, mx, ls, &bad_count, &bad_example); break;
+      case kFloat16: forward_f16(a, begin, end, lp, mx, ls, &bad_count, &bad_example); break;
       case kFloat64:
-        forward_f64(a, begin, end, static_cast<double*>(logp), static_cast<double*>(lse), &bad_count, &bad_example);
+        forward_f64(a, begin, end, static_cast<double*>(logp), static_cast<double*>(stats.row_max),
+                    static_cast<double*>(stats.log_sum), &bad_count, &bad_example);
         break;
     }
   });
@@ -242,24 +247,18 @@ void logprob_forward_cpu(const RowsArgs& a, void* logp, void* lse, BadTargets* b
   }
 }
 
-void logprob_backward_cpu(const RowsArgs& a, const void* grad_logp, const void* lse, void* grad_logits) {
+void logprob_backward_cpu(const RowsArgs& a, const void* grad_logp, ConstRowStats stats, void* grad_logits) {
   at::parallel_for(0, a.n_rows, grain(a.vocab), [&](int64_t begin, int64_t end) {
+    const float* g = static_cast<const float*>(grad_logp);
+    const float* mx = static_cast<const float*>(stats.row_max);
+    const float* ls = static_cast<const float*>(stats.log_sum);
     switch (a.dtype) {
-      case kFloat32:
-        backward_f32(a, begin, end, static_cast<const float*>(grad_logp), static_cast<const float*>(lse),
-                     static_cast<float*>(grad_logits));
-        break;
-      case kBFloat16:
-        backward_bf16(a, begin, end, static_cast<const float*>(grad_logp), static_cast<const float*>(lse),
-                      static_cast<bf16_t*>(grad_logits));
-        break;
-      case kFloat16:
-        backward_f16(a, begin, end, static_cast<const float*>(grad_logp), static_cast<const float*>(lse),
-                     static_cast<f16_t*>(grad_logits));
-        break;
+      case kFloat32: backward_f32(a, begin, end, g, mx, ls, static_cast<float*>(grad_logits)); break;
+      case kBFloat16: backward_bf16(a, begin, end, g, mx, ls, static_cast<bf16_t*>(grad_logits)); break;
+      case kFloat16: backward_f16(a, begin, end, g, mx, ls, static_cast<f16_t*>(grad_logits)); break;
       case kFloat64:
-        backward_f64(a, begin, end, static_cast<const double*>(grad_logp), static_cast<const double*>(lse),
-                     static_cast<double*>(grad_logits));
+        backward_f64(a, begin, end, static_cast<const double*>(grad_logp), static_cast<const double*>(stats.row_max),
+                     static_cast<const double*>(stats.log_sum), static_cast<double*>(grad_logits));
         break;
     }
   });

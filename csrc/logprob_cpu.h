@@ -12,12 +12,13 @@ struct BadTargets {
   int64_t example;  // one of them, for the error message
 };
 
-// logp[i] = log p(target_i), lse[i] = log sum_j exp(x_ij) for each row (0 and 0 for ignored
-// rows, NaN logp for out-of-range targets, which are also counted in *bad).
-void logprob_forward_cpu(const RowsArgs& rows, void* logp, void* lse, BadTargets* bad);
+// logp[i] = log p(target_i) and the row's stats (max and log sum exp(x - max), see
+// logprob_math.h) for each row (0, 0 and 0 for ignored rows; NaN logp for out-of-range
+// targets, which are also counted in *bad).
+void logprob_forward_cpu(const RowsArgs& rows, void* logp, RowStats stats, BadTargets* bad);
 
-// grad_logits[i, j] = grad_logp[i] * ([j == t_i] - exp(x_ij - lse[i])); zero rows where the
-// target is ignored, NaN rows where it is out of range.
-void logprob_backward_cpu(const RowsArgs& rows, const void* grad_logp, const void* lse, void* grad_logits);
+// grad_logits[i, j] = grad_logp[i] * ([j == t_i] - exp((x_ij - row_max[i]) - log_sum[i])); zero
+// rows where the target is ignored, NaN rows where it is out of range.
+void logprob_backward_cpu(const RowsArgs& rows, const void* grad_logp, ConstRowStats stats, void* grad_logits);
 
 }  // namespace memk

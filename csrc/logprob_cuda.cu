@@ -4,9 +4,10 @@
 // Forward: one row per group of TPR threads (32, 128 or 256 by row size; a 256-thread block
 // holds 256 / TPR rows). Each thread reads 16-byte vectors of the row, keeps an online
 // log-sum-exp (one rescale per vector), and the group merges the states by warp shuffles
-// (and shared memory across warps). Writes two floats per row: log p(target) and the lse.
+// (and shared memory across warps). Writes three floats per row: log p(target), and the
+// row's max m and log_sum = log sum exp(x - m), kept apart (see logprob_math.h).
 // Backward: the same row layout; reads the row once more and writes
-// grad = g * (onehot - exp(x - lse)) with 16-byte stores. Rows need not be 16-byte aligned
+// grad = g * (onehot - exp((x - m) - log_sum)) with 16-byte stores. Rows need not be 16-byte aligned
 // (any V, any row stride): a scalar head brings each row to alignment, a scalar tail ends it.
 #include <cuda_runtime.h>
 
@@ -98,7 +99,8 @@ __device__ __forceinline__ LseState<A> reduce_row(LseState<A> st) {
 template <typename T, int TPR>
 __global__ void __launch_bounds__(kBlock)
     logprob_forward_kernel(RowsArgs a, typename Elem<T>::Acc* __restrict__ logp,
-                           typename Elem<T>::Acc* __restrict__ lse, unsigned long long* __restrict__ bad) {
+                           typename Elem<T>::Acc* __restrict__ row_max, typename Elem<T>::Acc* __restrict__ log_sum,
+                           unsigned long long* __restrict__ bad) {
   using A = typename Elem<T>::Acc;
   constexpr int kRows = kBlock / TPR;
   const int lane = threadIdx.x % TPR;
@@ -113,11 +115,13 @@ __global__ void __launch_bounds__(kBlock)
   if (!active || lane != 0) return;
   if (kind == kTargetIgnored) {
     logp[row] = A(0);
-    lse[row] = A(0);
+    row_max[row] = A(0);
+    log_sum[row] = A(0);
     return;
   }
-  const A row_lse = st.lse();
-  lse[row] = row_lse;
+  const A ls = st.log_sum();
+  row_max[row] = st.m;
+  log_sum[row] = ls;
   if (kind == kTargetOutOfRange) {
     logp[row] = A(NAN);
     if (bad) {
@@ -125,14 +129,15 @@ __global__ void __launch_bounds__(kBlock)
       atomicExch(bad + 1, static_cast<unsigned long long>(t));
     }
   } else {
-    logp[row] = Elem<T>::load(x[t]) - row_lse;
+    logp[row] = logprob_of(Elem<T>::load(x[t]), st.m, ls);
   }
 }
 
 template <typename T, int TPR>
 __global__ void __launch_bounds__(kBlock)
     logprob_backward_kernel(RowsArgs a, const typename Elem<T>::Acc* __restrict__ grad_logp,
-                            const typename Elem<T>::Acc* __restrict__ lse, T* __restrict__ grad) {
+                            const typename Elem<T>::Acc* __restrict__ row_max,
+                            const typename Elem<T>::Acc* __restrict__ log_sum, T* __restrict__ grad) {
   using A = typename Elem<T>::Acc;
   constexpr int N = Pack<T>::N;
   constexpr int kRows = kBlock / TPR;
@@ -149,25 +154,25 @@ __global__ void __launch_bounds__(kBlock)
   }
   const T* __restrict__ x = static_cast<const T*>(a.logits) + row * a.row_stride;
   const A g = kind == kTargetValid ? grad_logp[row] : A(NAN);  // out-of-range target: a NaN row
-  const A row_lse = lse[row];
+  const A m = row_max[row], ls = log_sum[row];
   if ((reinterpret_cast<uintptr_t>(x) & 15u) != (reinterpret_cast<uintptr_t>(out) & 15u)) {
     // Input and output rows aligned differently (a strided view): no common vector path.
     for (int64_t j = lane; j < vocab; j += TPR)
-      out[j] = Elem<T>::store(logprob_grad(g, Elem<T>::load(x[j]), row_lse, j == t));
+      out[j] = Elem<T>::store(logprob_grad(g, Elem<T>::load(x[j]), m, ls, j == t));
     return;
   }
   const int64_t head = head_count(x, vocab);
-  if (lane < head) out[lane] = Elem<T>::store(logprob_grad(g, Elem<T>::load(x[lane]), row_lse, lane == t));
+  if (lane < head) out[lane] = Elem<T>::store(logprob_grad(g, Elem<T>::load(x[lane]), m, ls, lane == t));
   const int64_t n_vec = (vocab - head) / N;
   const uint4* __restrict__ xv = reinterpret_cast<const uint4*>(x + head);
   uint4* __restrict__ ov = reinterpret_cast<uint4*>(out + head);
-  // One 16-byte vector in, one out: grad = g * ([j == t] - exp(x - lse)).
+  // One 16-byte vector in, one out: grad = g * ([j == t] - exp((x - m) - log_sum)).
   auto grad_vector = [&](const Pack<T>& in, int64_t i) {
     Pack<T> res;
     const int64_t j0 = head + i * N;
     MEMK_UNROLL
     for (int k = 0; k < N; ++k)
-      res.e[k] = Elem<T>::store(logprob_grad(g, Elem<T>::load(in.e[k]), row_lse, j0 + k == t));
+      res.e[k] = Elem<T>::store(logprob_grad(g, Elem<T>::load(in.e[k]), m, ls, j0 + k == t));
     ov[i] = res.raw;
   };
   int64_t i = lane;
@@ -186,7 +191,7 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t tail = head + n_vec * N;
   if (tail + lane < vocab) {
     const int64_t j = tail + lane;
-    out[j] = Elem<T>::store(logprob_grad(g, Elem<T>::load(x[j]), row_lse, j == t));
+    out[j] = Elem<T>::store(logprob_grad(g, Elem<T>::load(x[j]), m, ls, j == t));
   }
 }
 
@@ -198,66 +203,69 @@ int threads_per_row(int64_t vocab) {
 }
 
 template <typename T, int TPR>
-void launch_forward(const RowsArgs& a, void* logp, void* lse, int64_t* bad, cudaStream_t stream) {
+void launch_forward(const RowsArgs& a, void* logp, RowStats stats, int64_t* bad, cudaStream_t stream) {
   using A = typename Elem<T>::Acc;
   constexpr int kRows = kBlock / TPR;
   const unsigned blocks = static_cast<unsigned>((a.n_rows + kRows - 1) / kRows);
-  logprob_forward_kernel<T, TPR><<<blocks, kBlock, 0, stream>>>(a, static_cast<A*>(logp), static_cast<A*>(lse),
-                                                                reinterpret_cast<unsigned long long*>(bad));
+  logprob_forward_kernel<T, TPR><<<blocks, kBlock, 0, stream>>>(
+      a, static_cast<A*>(logp), static_cast<A*>(stats.row_max), static_cast<A*>(stats.log_sum),
+      reinterpret_cast<unsigned long long*>(bad));
 }
 
 template <typename T, int TPR>
-void launch_backward(const RowsArgs& a, const void* grad_logp, const void* lse, void* grad, cudaStream_t stream) {
+void launch_backward(const RowsArgs& a, const void* grad_logp, ConstRowStats stats, void* grad,
+                     cudaStream_t stream) {
   using A = typename Elem<T>::Acc;
   constexpr int kRows = kBlock / TPR;
   const unsigned blocks = static_cast<unsigned>((a.n_rows + kRows - 1) / kRows);
-  logprob_backward_kernel<T, TPR><<<blocks, kBlock, 0, stream>>>(a, static_cast<const A*>(grad_logp),
-                                                                 static_cast<const A*>(lse), static_cast<T*>(grad));
+  logprob_backward_kernel<T, TPR><<<blocks, kBlock, 0, stream>>>(
+      a, static_cast<const A*>(grad_logp), static_cast<const A*>(stats.row_max), static_cast<const A*>(stats.log_sum),
+      static_cast<T*>(grad));
 }
 
 template <typename T>
-void forward_typed(const RowsArgs& a, void* logp, void* lse, int64_t* bad, cudaStream_t stream) {
+void forward_typed(const RowsArgs& a, void* logp, RowStats stats, int64_t* bad, cudaStream_t stream) {
   switch (threads_per_row<T>(a.vocab)) {
-    case 32: launch_forward<T, 32>(a, logp, lse, bad, stream); break;
-    case 128: launch_forward<T, 128>(a, logp, lse, bad, stream); break;
-    default: launch_forward<T, 256>(a, logp, lse, bad, stream); break;
+    case 32: launch_forward<T, 32>(a, logp, stats, bad, stream); break;
+    case 128: launch_forward<T, 128>(a, logp, stats, bad, stream); break;
+    default: launch_forward<T, 256>(a, logp, stats, bad, stream); break;
   }
 }
 
 template <typename T>
-void backward_typed(const RowsArgs& a, const void* grad_logp, const void* lse, void* grad, cudaStream_t stream) {
+void backward_typed(const RowsArgs& a, const void* grad_logp, ConstRowStats stats, void* grad, cudaStream_t stream) {
   switch (threads_per_row<T>(a.vocab)) {
-    case 32: launch_backward<T, 32>(a, grad_logp, lse, grad, stream); break;
-    case 128: launch_backward<T, 128>(a, grad_logp, lse, grad, stream); break;
-    default: launch_backward<T, 256>(a, grad_logp, lse, grad, stream); break;
+    case 32: launch_backward<T, 32>(a, grad_logp, stats, grad, stream); break;
+    case 128: launch_backward<T, 128>(a, grad_logp, stats, grad, stream); break;
+    default: launch_backward<T, 256>(a, grad_logp, stats, grad, stream); break;
   }
 }
 
 }  // namespace
 
-int logprob_forward_cuda(const RowsArgs& a, void* logp, void* lse, int64_t* bad, void* stream) {
+int logprob_forward_cuda(const RowsArgs& a, void* logp, RowStats stats, int64_t* bad, void* stream) {
   if (a.n_rows <= 0) return 0;
   if (a.vocab <= 0 || a.n_rows > static_cast<int64_t>(0x7fffffff) * (kBlock / 256)) return cudaErrorInvalidValue;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (a.dtype) {
-    case kFloat32: forward_typed<float>(a, logp, lse, bad, s); break;
-    case kFloat16: forward_typed<f16_t>(a, logp, lse, bad, s); break;
-    case kBFloat16: forward_typed<bf16_t>(a, logp, lse, bad, s); break;
-    case kFloat64: forward_typed<double>(a, logp, lse, bad, s); break;
+    case kFloat32: forward_typed<float>(a, logp, stats, bad, s); break;
+    case kFloat16: forward_typed<f16_t>(a, logp, stats, bad, s); break;
+    case kBFloat16: forward_typed<bf16_t>(a, logp, stats, bad, s); break;
+    case kFloat64: forward_typed<double>(a, logp, stats, bad, s); break;
     default: return cudaErrorInvalidValue;
   }
   return static_cast<int>(cudaGetLastError());
 }
 
-int logprob_backward_cuda(const RowsArgs& a, const void* grad_logp, const void* lse, void* grad, void* stream) {
+int logprob_backward_cuda(const RowsArgs& a, const void* grad_logp, ConstRowStats stats, void* grad, void* stream) {
   if (a.n_rows <= 0) return 0;
   if (a.vocab <= 0 || a.n_rows > static_cast<int64_t>(0x7fffffff) * (kBlock / 256)) return cudaErrorInvalidValue;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (a.dtype) {
-    case kFloat32: backward_typed<float>(a, grad_logp, lse, grad, s); break;
-    case kFloat16: backward_typed<f16_t>(a, grad_logp, lse, grad, s); break;
-    case kBFloat16: backward_typed<bf16_t>(a, grad_logp, lse, grad, s); break;
-    case kFloat64: backward_typed<double>(a, grad_logp, lse, grad, s); break;
+    case kFloat32: backward_typed<float>(a, grad_logp, stats, grad, s); break;
+    case kFloat16: backward_typed<f16_t>(a, grad_logp, stats, grad, s); break;
+    case kBFloat16: backward_typed<bf16_t>(a, grad_logp, stats, grad, s); break;
+    case kFloat64: backward_typed<double>(a, grad_logp, stats, grad, s); break;
     default: return cudaErrorInvalidValue;
   }
   return static_cast<int>(cudaGetLastError());

@@ -4,10 +4,16 @@
 //
 // One row is V logits x_j and a target t. The kernels compute, in float32 (float64 for
 // float64 logits) whatever the storage dtype:
-//   lse        = log sum_j exp(x_j)          single pass, online: (max m, sum s of exp(x - m))
-//   logp       = x_t - lse                   log p(target)
-//   d logp/dx_j = [j == t] - exp(x_j - lse)   the backward, from the saved lse alone
-// Non-finite inputs: NaN or +inf anywhere in a row makes lse (and so logp and the row's
+//   m, s        = max_j x_j, sum_j exp(x_j - m)   single pass, online (LseState)
+//   log_sum     = log s                           in [0, log V]
+//   logp        = (x_t - m) - log_sum             log p(target)
+//   d logp/dx_j = [j == t] - exp((x_j - m) - log_sum)   the backward, from the saved (m, log_sum)
+// The log-sum-exp m + log_sum is never formed as one number: that sum rounds to the spacing
+// of floats near m (float32: 1e-3 at |m| = 1e4, 8 at 1e8), and near FLT_MAX loses log_sum
+// entirely. x - m is exact wherever x and m are within a factor 2 of each other, so
+// keeping the two apart makes log p as accurate at any offset of the logits as at zero
+// (log_softmax(x + c) = log_softmax(x)).
+// Non-finite inputs: NaN or +inf anywhere in a row makes log_sum (and so logp and the row's
 // gradient) NaN; -inf is an ordinary logit of probability zero, as in torch.log_softmax.
 #pragma once
 
@@ -148,7 +154,7 @@ struct Elem<f16_t> {
 // ---------------------------------------------------------------------------------------
 // exp, max and the lowest finite value, per arithmetic type
 // ---------------------------------------------------------------------------------------
-// exp(x) for x <= 88 (the kernels pass x <= 0: a logit minus a running max or the lse).
+// exp(x) for x <= 88 (the kernels pass x <= 0: a logit minus a running max, or less log_sum too).
 // On the GPU the hardware exp2 unit. On the CPU a branch-free polynomial, written once for
 // float and for vectors of floats (GCC/Clang vector extensions), because calls to std::exp
 // do not vectorize: x = n ln2 + r, |r| <= ln2/2, exp(r) by its Taylor series to r^7
@@ -236,7 +242,8 @@ MEMK_HD double lowest<double>() {
 // ---------------------------------------------------------------------------------------
 // Online log-sum-exp
 // ---------------------------------------------------------------------------------------
-// State (m, s) stands for log(s) + m = log sum exp over the elements seen. m starts at the
+// State (m, s) stands for log sum exp = m + log(s) over the elements seen (kept apart; see the
+// top of this file). m starts at the
 // lowest finite value, not -inf, so that exp(m_old - m_new) is never exp(-inf - -inf) = NaN
 // for rows or lanes that have seen only -inf. NaN and +inf propagate: a NaN x makes
 // exp(x - m) NaN; +inf makes m = inf and exp(inf - inf) NaN.
@@ -274,8 +281,9 @@ MEMK_UNROLL
     m = m_new;
   }
 
-  // log sum exp; -inf for a row of all -inf (then logp = -inf - -inf = NaN, as torch).
-  MEMK_HD A lse() const { return m + acc_log(s); }
+  // log s: the log-sum-exp less m. s >= 1 once a finite logit is seen (the max adds exp(0)),
+  // so log_sum >= 0; -inf for a row of all -inf (then logp = (-inf - m) - -inf = NaN, as torch).
+  MEMK_HD A log_sum() const { return acc_log(s); }
 };
 
 // ---------------------------------------------------------------------------------------
@@ -290,10 +298,16 @@ MEMK_HD int classify_target(int64_t t, int64_t vocab, int64_t ignore_index, bool
   return (t < 0 || t >= vocab) ? kTargetOutOfRange : kTargetValid;
 }
 
-// d(g * logp)/dx_j = g * ([j == t] - p_j), p_j = exp(x_j - lse).
+// log p(target) from the logit x_t and the row's (m, log_sum).
 template <typename A>
-MEMK_HD A logprob_grad(A g, A x, A lse, bool is_target) {
-  const A p = fast_exp(x - lse);
+MEMK_HD A logprob_of(A x_t, A m, A log_sum) {
+  return (x_t - m) - log_sum;
+}
+
+// d(g * logp)/dx_j = g * ([j == t] - p_j), p_j = exp((x_j - m) - log_sum).
+template <typename A>
+MEMK_HD A logprob_grad(A g, A x, A m, A log_sum, bool is_target) {
+  const A p = fast_exp((x - m) - log_sum);
   return is_target ? g * (A(1) - p) : -g * p;
 }
 
@@ -301,8 +315,9 @@ MEMK_HD A logprob_grad(A g, A x, A lse, bool is_target) {
 // Launcher arguments (raw pointers; shared by the CPU and CUDA launchers)
 // ---------------------------------------------------------------------------------------
 // Logits are n_rows rows of `vocab` elements, row i at logits + i * row_stride (elements).
-// Targets: n_rows int64. Per-row outputs (logp, lse, grad_logp) are float for every dtype
-// but float64, whose are double. grad_logits is contiguous (n_rows, vocab) of the logits' dtype.
+// Targets: n_rows int64. Per-row values (logp, row_max, log_sum, grad_logp) are float for
+// every dtype but float64, whose are double. grad_logits is contiguous (n_rows, vocab) of the
+// logits' dtype.
 struct RowsArgs {
   const void* logits;
   DType dtype;
@@ -312,6 +327,18 @@ struct RowsArgs {
   const int64_t* targets;
   int64_t ignore_index;
   bool has_ignore;
+};
+
+// What the forward keeps per row for the backward: the row's max m and log_sum = log sum_j
+// exp(x_j - m), two arrays of n_rows (float, or double for float64 logits). Kept apart, never
+// added: see the top of this file.
+struct RowStats {
+  void* row_max;
+  void* log_sum;
+};
+struct ConstRowStats {
+  const void* row_max;
+  const void* log_sum;
 };
 
 }  // namespace memk

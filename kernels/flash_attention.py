@@ -30,7 +30,8 @@ program) come from triton.autotune over a few configs keyed on (seq_len, head_di
 key is the exact seq_len, so each new length autotunes (and compiles) once per process.
 
 Importing this module imports triton; memk.kernels imports it lazily. On CPU it runs only under
-the Triton interpreter (TRITON_INTERPRET=1, for tests): otherwise use the "sdpa" or "reference"
+the Triton interpreter (TRITON_INTERPRET=1, for tests), in float32 or float16 (the interpreter's
+bfloat16 dots are wrong, so bfloat16 is refused there): otherwise use the "sdpa" or "reference"
 attention backends.
 """
 
@@ -660,6 +661,14 @@ def _check_device(t: torch.Tensor) -> None:
 def _check_dtype_head_dim(t: torch.Tensor, head_dim: int) -> None:
     if t.dtype not in _DTYPES:
         raise TypeError(f"triton attention takes float16, bfloat16 or float32 inputs, got {t.dtype}; cast first")
+    if _INTERPRET and t.dtype == torch.bfloat16:
+        # The interpreter's bfloat16 dots come out wrong by orders of magnitude (checked with
+        # triton 3.9): refuse rather than return garbage.
+        raise TypeError(
+            "triton attention cannot run bfloat16 under the Triton interpreter (TRITON_INTERPRET=1), "
+            "whose bfloat16 dots are wrong: use float32 or float16 under the interpreter, "
+            "and bfloat16 on a CUDA GPU (without TRITON_INTERPRET)"
+        )
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(
             f"triton attention supports head_dim 1..{MAX_HEAD_DIM}, got {head_dim}; "

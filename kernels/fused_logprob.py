@@ -2,19 +2,33 @@
 
 `token_logprobs`, `cross_entropy` and `sequence_bits` here compute what their namesakes in
 memk.kernels.reference compute, without materializing log-probabilities or probabilities:
-the forward reads each row of logits once and keeps two floats per token (log p(target)
-and the row's log-sum-exp); the backward reads the row again and writes the gradient,
-g * (onehot - exp(x - lse)), in the logits' dtype. Arithmetic is float32 (float64 for
-float64 logits) whatever the logits' dtype, with a single-pass online log-sum-exp. A row
-with a NaN or +inf logit gives NaN; a -inf logit is an ordinary logit of probability 0.
+the forward reads each row of logits once and keeps three floats per token: log p(target),
+and the row's max m and log sum exp(x - m), kept apart; the backward reads the row again and
+writes the gradient, g * (onehot - exp((x - m) - log_sum)), in the logits' dtype. Arithmetic
+is float32 (float64 for float64 logits) whatever the logits' dtype, with a single-pass online
+log-sum-exp. Because m + log_sum is never rounded to one float, the results are shift
+invariant: log_softmax(x + c) is as accurate as log_softmax(x) for any offset c the dtype can
+hold (csrc/logprob_math.h says why). A row with a NaN or +inf logit gives NaN; a -inf logit
+is an ordinary logit of probability 0.
 
 The kernels are C++ (CPU: parallel over rows, vectorized) and CUDA, in csrc/; they are
-registered as the torch operators memk::logprob_fwd and memk::logprob_bwd (with autograd and
+registered as the torch operators memk::logprob_fwd_v2 and memk::logprob_bwd_v2 (with autograd and
 fake/meta implementations, so they work under torch.compile) and compiled with
-torch.utils.cpp_extension on first use, then cached (TORCH_EXTENSIONS_DIR sets where; the
-CUDA part is built only where torch has CUDA and nvcc is found). Importing this module
-compiles nothing. Without a compiler the ops raise BackendUnavailable, which names the
-pure-PyTorch `reference` backend as the way around it.
+torch.utils.cpp_extension on first use, then cached (the CUDA part is built only where torch
+has CUDA and nvcc is found). Importing this module compiles nothing. Without a compiler the
+ops raise BackendUnavailable, which names the pure-PyTorch `reference` backend as the way
+around it.
+
+Building: each Python environment, torch build and version of the sources gets its own build
+folder (build_directory()), under TORCH_EXTENSIONS_DIR or torch's default
+~/.cache/torch_extensions, so environments never rebuild over one another. A build holds an
+flock on memk-build.lock in that folder; the kernel drops it when the process ends, however
+it ends, so a dead build never blocks the next one. torch's own marker, a file named `lock`
+that a killed build leaves behind and that torch would wait on forever, is removed, with a
+one-line warning, by whoever holds memk's lock (once any compilers the dead build left
+running in the folder have finished). A process waiting for another's build, or for such
+compilers, says so on stderr after BUILD_WAIT_NOTICE_S and gives up after BUILD_WAIT_LIMIT_S
+with an error naming what it waited for and the fix.
 
 Validation and its cost: shapes, dtypes and devices are checked in Python (free). Targets
 outside [0, V) (other than ignore_index) are found by the forward kernel itself; raising
@@ -31,11 +45,21 @@ function, never shadowed by its module.)
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import os
 import shutil
+import sys
 import threading
+import time
 from pathlib import Path
+from typing import Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: builds are not locked against each other
+    fcntl = None
 
 import torch
 
@@ -49,6 +73,11 @@ REDUCTIONS = ("mean", "sum", "none")
 
 _CPU_SOURCES = ("logprob_cpu.cpp", "logprob_binding.cpp")
 _CUDA_SOURCES = ("logprob_cuda.cu", "logprob_binding_cuda.cpp")
+_CFLAGS = ("-O3",)
+_CUDA_CFLAGS = ("-O3", "-lineinfo")
+# Waiting for another process's build: say so after this long, give up after this long.
+BUILD_WAIT_NOTICE_S = 10.0
+BUILD_WAIT_LIMIT_S = 1200.0
 _FIX = (
     "use the pure-PyTorch backend instead: memk.kernels.logprob_ops('reference') "
     "(or logprob_backend='reference')"
@@ -109,6 +138,9 @@ def load_extension() -> None:
         with_cuda = _cuda_toolkit_found()
         try:
             _build(with_cuda)
+        except BackendUnavailable as exc:  # gave up waiting for another build: says what and how around it
+            _Extension.error = exc
+            raise
         except Exception as exc:  # compiler errors, missing headers, ...: say what and how around it
             _Extension.error = BackendUnavailable(
                 f"building the fused log-prob kernels failed ({type(exc).__name__}: {exc}); {_FIX}"
@@ -126,21 +158,170 @@ def _csrc_dir() -> Path:
     return Path(str(files("memk.csrc")))
 
 
+def _extension_name(with_cuda: bool) -> str:
+    return "memk_logprob_cuda" if with_cuda else "memk_logprob_cpu"
+
+
+def build_directory(with_cuda: bool) -> Path:
+    """The folder the kernels build in: one per Python environment, torch build and version of the sources.
+
+    <TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions>/memk/memk_logprob_{cpu,cuda}-py3X-torch<version>-<digest>,
+    the digest over the environment (sys.prefix), Python, torch and its CUDA version, the compiler
+    (CXX), the flags and the bytes of every source and header. A new version of the sources
+    builds in a new folder; old ones are left in place.
+    """
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    csrc = _csrc_dir()
+    digest = hashlib.sha256()
+    for part in (
+        os.path.realpath(sys.prefix),
+        sys.version,
+        torch.__version__,
+        str(torch.version.cuda),
+        str(cpp_extension.CUDA_HOME) if with_cuda else "",
+        os.environ.get("CXX", ""),
+        repr((_CFLAGS, _CUDA_CFLAGS if with_cuda else ())),
+    ):
+        digest.update(part.encode() + b"\0")
+    sources = _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())
+    headers = tuple(sorted(p.name for p in csrc.iterdir() if p.suffix in (".h", ".cuh")))
+    for name in sources + headers:
+        digest.update(name.encode() + b"\0" + (csrc / name).read_bytes() + b"\0")
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    folder = f"{_extension_name(with_cuda)}-{python}-torch{torch.__version__}-{digest.hexdigest()[:16]}"
+    return Path(root) / "memk" / folder
+
+
 def _build(with_cuda: bool) -> None:
     from torch.utils import cpp_extension
 
     csrc = _csrc_dir()
+    build_dir = build_directory(with_cuda)
     sources = [str(csrc / name) for name in _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())]
-    cpp_extension.load(
-        name="memk_logprob_cuda" if with_cuda else "memk_logprob_cpu",
-        sources=sources,
-        extra_include_paths=[str(csrc)],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-lineinfo"],
-        with_cuda=with_cuda,
-        is_python_module=False,
-        verbose=os.environ.get("MEMK_VERBOSE_BUILD", "0") == "1",
+    with _build_lock(build_dir):
+        _remove_stale_baton(build_dir)
+        cpp_extension.load(
+            name=_extension_name(with_cuda),
+            sources=sources,
+            extra_include_paths=[str(csrc)],
+            extra_cflags=list(_CFLAGS),
+            extra_cuda_cflags=list(_CUDA_CFLAGS),
+            build_directory=str(build_dir),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=os.environ.get("MEMK_VERBOSE_BUILD", "0") == "1",
+        )
+
+
+def _warn(message: str) -> None:
+    print(f"memk: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _lock_path(build_dir: Path) -> Path:
+    return build_dir / "memk-build.lock"
+
+
+def _lock_holder(lock: Path) -> str:
+    """'process <pid>' as the holder wrote it into the lock file, or 'another process'."""
+    try:
+        pid = int(lock.read_text().strip())
+    except (OSError, ValueError):
+        return "another process"
+    return f"process {pid}"
+
+
+def _wait_until(ready: Callable[[], bool], waiting_for: Callable[[], str], fix: str) -> None:
+    """Poll ready() until true; say what we wait for after BUILD_WAIT_NOTICE_S; give up after BUILD_WAIT_LIMIT_S."""
+    start = time.monotonic()
+    told = False
+    while not ready():
+        waited = time.monotonic() - start
+        if waited >= BUILD_WAIT_LIMIT_S:
+            raise BackendUnavailable(f"gave up after {waited:.0f} s waiting for {waiting_for()}; {fix}; or {_FIX}")
+        if not told and waited >= BUILD_WAIT_NOTICE_S:
+            _warn(f"waiting for {waiting_for()} (giving up after {BUILD_WAIT_LIMIT_S:.0f} s)")
+            told = True
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold the build folder's lock (an flock, so it dies with its process); wait a bounded time for it.
+
+    The lock file stays when released: deleting it would let a waiter that had opened the old
+    file and a newcomer that creates a new one both hold "the" lock. Its content, the holder's
+    pid, is for messages only.
+    """
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    lock = _lock_path(build_dir)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+
+    def acquired() -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+
+    try:
+        _wait_until(
+            acquired,
+            lambda: f"{_lock_holder(lock)}, which holds {lock} while it builds the fused log-prob kernels",
+            "if that process is stuck, end it and run again",
+        )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _processes_working_in(folder: Path) -> list[int]:
+    """Processes (not this one) whose working directory is `folder` (Linux /proc; [] elsewhere).
+
+    torch runs ninja, and ninja the compilers, in the build folder: a builder killed alone
+    (kill -9, the OOM killer) leaves them running there, orphaned.
+    """
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    target = os.path.realpath(folder)
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if os.readlink(entry / "cwd") == target:
+                found.append(int(entry.name))
+        except OSError:  # gone, or another user's
+            continue
+    return found
+
+
+def _remove_stale_baton(build_dir: Path) -> None:
+    """Remove torch's build marker `lock` if a killed build left it; call only holding _build_lock.
+
+    torch.utils.cpp_extension creates it with O_EXCL for the length of a build and waits, with
+    no limit, for it to disappear. Every memk build in this folder holds _build_lock for as long
+    as the marker exists, so one found while holding that lock was left by a dead process. Its
+    compilers may outlive it: wait for them before building over their outputs.
+    """
+    baton = build_dir / "lock"
+    if not baton.exists():
+        return
+    _wait_until(
+        lambda: not _processes_working_in(build_dir),
+        lambda: f"processes {', '.join(map(str, _processes_working_in(build_dir)))} left running in {build_dir} "
+        "by an interrupted build",
+        "end them (kill PID) and run again",
     )
+    _warn(f"removed {baton}, left by a build of the fused kernels that was interrupted; building again")
+    baton.unlink(missing_ok=True)
 
 
 def _register_python_parts() -> None:
@@ -149,34 +330,35 @@ def _register_python_parts() -> None:
     def acc_dtype(logits: torch.Tensor) -> torch.dtype:
         return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
-    @torch.library.register_fake("memk::logprob_fwd")
+    @torch.library.register_fake("memk::logprob_fwd_v2")
     def _fwd_fake(logits, targets, ignore_index, check_targets):
         rows = logits.shape[0]
-        return logits.new_empty((rows,), dtype=acc_dtype(logits)), logits.new_empty((rows,), dtype=acc_dtype(logits))
+        return tuple(logits.new_empty((rows,), dtype=acc_dtype(logits)) for _ in range(3))  # logp, row_max, log_sum
 
-    @torch.library.register_fake("memk::logprob_bwd")
-    def _bwd_fake(grad_logp, logits, targets, lse, ignore_index):
+    @torch.library.register_fake("memk::logprob_bwd_v2")
+    def _bwd_fake(grad_logp, logits, targets, row_max, log_sum, ignore_index):
         return logits.new_empty(logits.shape)
 
     def setup_context(ctx, inputs, output):
         logits, targets, ignore_index, _check = inputs
-        _logp, lse = output
-        ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(logits, targets, lse)
+        _logp, row_max, log_sum = output
+        ctx.mark_non_differentiable(row_max, log_sum)
+        ctx.save_for_backward(logits, targets, row_max, log_sum)
         ctx.ignore_index = ignore_index
 
-    def backward(ctx, grad_logp, _grad_lse):
-        logits, targets, lse = ctx.saved_tensors
-        grad = torch.ops.memk.logprob_bwd(grad_logp.contiguous(), logits, targets, lse, ctx.ignore_index)
+    def backward(ctx, grad_logp, _grad_row_max, _grad_log_sum):
+        logits, targets, row_max, log_sum = ctx.saved_tensors
+        grad_logp = grad_logp.contiguous()
+        grad = torch.ops.memk.logprob_bwd_v2(grad_logp, logits, targets, row_max, log_sum, ctx.ignore_index)
         return grad, None, None, None
 
-    torch.library.register_autograd("memk::logprob_fwd", backward, setup_context=setup_context)
+    torch.library.register_autograd("memk::logprob_fwd_v2", backward, setup_context=setup_context)
 
 
 def _logprobs(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int | None, check_targets: bool | None
 ) -> torch.Tensor:
-    """log p(target) shaped like targets (0 where target == ignore_index), through memk::logprob_fwd."""
+    """log p(target) shaped like targets (0 where target == ignore_index), through memk::logprob_fwd_v2."""
     check_logits_targets(logits, targets)
     if logits.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
@@ -197,7 +379,7 @@ def _logprobs(
     rows = logits.reshape(-1, vocab)  # a view where the batch axes merge, else one copy
     flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
     check = CHECK_TARGETS if check_targets is None else bool(check_targets)
-    logp, _lse = torch.ops.memk.logprob_fwd(rows, flat_targets, ignore_index, check)
+    logp, _row_max, _log_sum = torch.ops.memk.logprob_fwd_v2(rows, flat_targets, ignore_index, check)
     return logp.reshape(targets.shape)
 
 

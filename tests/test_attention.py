@@ -224,6 +224,21 @@ def test_bad_inputs_raise_clear_errors():
         attention_packed(torch.randn(1, 8, 48, device=DEVICE), 0)
 
 
+def test_bfloat16_under_the_interpreter_is_refused(monkeypatch):
+    # The interpreter's bfloat16 dots are wrong (errors of ~1e9): refuse, never return garbage.
+    monkeypatch.setattr(attention_module, "_INTERPRET", True)
+    q = torch.randn(1, 2, 17, 16, device=DEVICE, dtype=torch.bfloat16)
+    fix = r"interpreter.*float32 or float16.*bfloat16 on a CUDA GPU"
+    with pytest.raises(TypeError, match=fix):
+        attention(q, q, q)
+    with pytest.raises(TypeError, match=fix):
+        attention_packed(torch.randn(1, 17, 96, device=DEVICE, dtype=torch.bfloat16), 2)
+    with pytest.raises(TypeError, match=fix):
+        GPT(GPTConfig(n_layer=1, d_model=32, n_head=2, vocab_size=17, seq_len=8), attention_backend="triton").to(
+            DEVICE, torch.bfloat16
+        ).loss(torch.zeros(1, 8, dtype=torch.long, device=DEVICE))
+
+
 def test_cpu_tensor_outside_interpreter_names_the_alternatives(monkeypatch):
     monkeypatch.setattr(attention_module, "_INTERPRET", False)
     q = torch.randn(1, 1, 4, 16)
