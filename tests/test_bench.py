@@ -96,7 +96,7 @@ def test_ratios_are_against_the_named_baselines(quick_report):
     for r in report["results"]:  # candidates of kernel suites are compared with every baseline of their group
         if r["suite"] == "logprob" and r["role"] == "candidate":
             assert set(r["compare_to"]) == {"log_softmax+gather", "log_softmax+gather (compile)"} or \
-                set(r["compare_to"]) == {"F.cross_entropy", "F.cross_entropy (compile)"} or \
+                set(r["compare_to"]) == {"F.cross_entropy", "F.cross_entropy (compile)", "liger:cross_entropy"} or \
                 set(r["compare_to"]) == {"log_softmax+gather+sum", "log_softmax+gather+sum (compile)"}
 
 
