@@ -85,7 +85,8 @@ def time_cpu(
     One call is made first (the caller has already made at least one: the correctness
     check), then warm-up calls for `warmup_time`; calls per round grow until a round lasts
     at least 100x the timer's resolution and 1 ms; rounds fill `max_time`, at least `min_rounds`
-    (3 when one call alone outlasts `max_time`).
+    (3 when one call alone outlasts `max_time`), and stop at twice `max_time` once `min_rounds`
+    are in (calls slower than the planning call, on a busy machine, would overrun it).
     """
     precision = timer_precision()
     t0 = time.perf_counter()
@@ -101,11 +102,16 @@ def time_cpu(
         min_rounds = min(min_rounds, 3)
     rounds = int(min(max_rounds, max(min_rounds, max_time // max(iterations * single, 1e-9))))
     per_call = []
+    started = time.perf_counter()
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(iterations):
             fn()
         per_call.append((time.perf_counter() - t0) / iterations)
+        # The number of rounds was planned from one call; on a busy machine calls can take far
+        # longer than that one did: stop at twice the budget once min_rounds are in.
+        if len(per_call) >= min_rounds and time.perf_counter() - started > 2 * max_time:
+            break
     return _summarise(per_call, iterations, f"perf_counter, calibrated rounds (pytest-benchmark style), threads={torch.get_num_threads()}")
 
 

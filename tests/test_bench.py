@@ -415,3 +415,22 @@ def test_report_of_a_cuda_run_names_the_device_in_every_row(quick_report, tmp_pa
     assert rows and all(f"| {gpu} |" in row for row in rows)
     assert "GPU rows are owed" not in section
     assert "MFU" in section and "CUDA 13.0" in section
+
+
+def test_cpu_timing_stops_when_calls_turn_slower_than_planned():
+    """Rounds are planned from one call; if later calls are slower (a busy machine), timing stops
+    at twice its budget instead of running the planned rounds out."""
+    import time
+
+    from memk.bench import timing
+
+    calls = []
+
+    def fast_once_then_slow():
+        calls.append(1)
+        time.sleep(0.001 if len(calls) == 1 else 0.02)
+
+    t = timing.time_cpu(fast_once_then_slow, max_time=0.1, min_rounds=3, warmup_time=0.0)
+    assert t.iterations_per_round == 1
+    # planned from the 1 ms first call: 100 rounds of 20 ms (2 s); stopped after about 0.2 s
+    assert 3 <= t.rounds <= 20
