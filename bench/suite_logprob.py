@@ -22,7 +22,6 @@ from .case import (
     Cycle,
     Group,
     Runner,
-    Skip,
     Variant,
     candidate_logprob_backends,
     logprob_ops_or_skip,

@@ -2,7 +2,6 @@
 baseline, and a kernel with a wrong answer is refused before it is timed."""
 
 import json
-import math
 import os
 import subprocess
 import sys
