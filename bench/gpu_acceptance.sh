@@ -153,12 +153,12 @@ if [ -n "$COPY_TO" ]; then mkdir -p "$COPY_TO" && COPY_TO="$(cd "$COPY_TO" && pw
 # is measured and what is estimated). CPU: limits for a 2-core CI machine; the stages take far less.
 declare -A BUDGET
 if [ "$MODE" = gpu ]; then
-    BUDGET=([install]=20 [env]=10 [build]=90 [tests]=90 [bench-logprob]=60 [bench-attention]=30
-            [bench-train]=75 [science]=155 [report]=10)
+    BUDGET=([install]=20 [env]=15 [build]=90 [tests]=90 [bench-logprob]=60 [bench-attention]=30
+            [bench-train]=75 [science]=140 [report]=20)
     DEVICE=cuda INTERPRETER="" TEST_TIMEOUT=30 BENCH_SIZE=()
-    # 12 runs (3 models x 2 sizes x 2 precisions) of at most 3000 steps; a step of these models at
-    # batch 2048 is estimated at 2-5 ms on an H100 (unmeasured), so about two minutes of training
-    SCIENCE_SIZE=(--models 1x32x2,1x64x2,2x64x2 --batch-size 2048 --max-steps 3000 --lr 3e-3)
+    # 12 runs (3 models x 2 sizes x 2 precisions) of at most 2500 steps; a step of these models at
+    # batch 2048 is estimated at 2-5 ms on an H100 (unmeasured): about two minutes of training
+    SCIENCE_SIZE=(--models 1x32x2,1x64x2,2x64x2 --batch-size 2048 --max-steps 2500 --lr 3e-3)
 else
     BUDGET=([install]=120 [env]=30 [build]=150 [tests]=150 [bench-logprob]=90 [bench-attention]=90
             [bench-train]=90 [science]=90 [report]=60)
