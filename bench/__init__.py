@@ -1,14 +1,18 @@
 """memk.bench: benchmark cases shared by `memk bench` and pytest-benchmark.
 
     case.py             what a case is (Group, Variant, Runner, Case, Skip) and what every suite builds with
-    suite_logprob.py    the logprob suite
+    suite_logprob.py    the logprob suite (with the linear_cross_entropy family)
     suite_attention.py  the attention suite
     suite_model.py      the train and bits suites (the GPT model)
-    cases.py            which cases a run has: suites, default dtypes, selection
+    anchors.py          other libraries' fused cross-entropy (Liger-Kernel, cut-cross-entropy), where installed
+    choices.py          the suites, dtypes and presets the command line offers (no torch)
+    cases.py            which cases a run has: suites, default dtypes, presets, selection
     run.py              build, check against float64, time, ratios, JSON, the terminal table
-    timing.py           CPU and CUDA timing, peak memory, environment metadata
+    timing.py           CPU and CUDA timing, peak memory, peak FLOP/s and bandwidth, environment metadata
     common.py           device choice and synchronisation, formatting of times, rates and sizes
     cli.py              `memk bench`
     conftest.py, test_bench_cases.py    `pytest bench/`
     report.py           the README section and plots from bench/results/*.json
+    gpu_acceptance.sh   the GPU acceptance run (and its CPU mode, in CI)
+    acceptance.py       its Python pieces: environment, build, test counts, α, the verdict on the targets
 """

@@ -19,6 +19,7 @@ cases.py selects among them.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -157,6 +158,12 @@ class Cycle:
         return item
 
 
+def skip_compile_when_quick(quick: bool) -> None:
+    """--quick leaves torch.compile baselines out: a cold compile takes ~20 s on 2 cores."""
+    if quick:
+        raise Skip("torch.compile baselines run in the full suite only (a cold compile takes ~20 s on 2 cores)")
+
+
 # ---- memk's backends, from the registry -----------------------------------------------------
 
 
@@ -170,13 +177,31 @@ def logprob_ops_or_skip(name: str) -> LogprobOps:
         raise Skip(f"log-prob backend {name!r} unavailable: {exc}") from exc
 
 
-def packed_attention_or_skip(name: str, device: torch.device) -> PackedAttention:
-    """The registry's packed attention for backend `name`, or Skip saying why it cannot run on `device`."""
+def interpreter_active() -> bool:
+    """Triton runs its kernels on the CPU, in Python (TRITON_INTERPRET=1, read when triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def packed_attention_or_skip(name: str, device: torch.device, interpreter: bool = False,
+                             dtype: str | None = None) -> PackedAttention:
+    """The registry's packed attention for backend `name`, or Skip saying why it cannot run on `device`
+    in `dtype` (the dtype attention computes in, where known).
+
+    interpreter: on CPU, run the triton backend under Triton's interpreter (TRITON_INTERPRET=1 must
+    be set before triton is imported). That checks the code path end to end, e.g. in the CPU mode
+    of bench/gpu_acceptance.sh; its times mean nothing.
+    """
     if name not in kernels.attention_backends():
         raise Skip(f"attention backend {name!r} is not registered (have {kernels.attention_backends()})")
     if name == "triton" and device.type != "cuda":
-        raise Skip("the triton attention backend runs on CUDA; on CPU only the test interpreter runs it, "
-                   "and interpreter timings mean nothing")
+        if not interpreter:
+            raise Skip("the triton attention backend runs on CUDA; on CPU only the interpreter runs it "
+                       "(memk bench --triton-interpreter), and interpreter timings mean nothing")
+        if not interpreter_active():
+            raise Skip("--triton-interpreter needs TRITON_INTERPRET=1 in the environment before triton is imported")
+        if dtype == "bfloat16":
+            raise Skip("Triton's interpreter computes bfloat16 dots wrongly (tests/test_attention.py says so); "
+                       "bfloat16 runs on CUDA only")
     try:
         return kernels.packed_attention(name)
     except kernels.BackendUnavailable as exc:

@@ -2,7 +2,8 @@
 
 The cases come from memk.bench.cases (one definition, shared with `memk bench`); each is built
 and checked against float64 before pytest-benchmark times it. Options (given after bench/):
---memk-quick, --memk-suite NAME (repeatable), --memk-device cpu|cuda, --memk-dtype NAME (repeatable).
+--memk-quick, --memk-suite NAME (repeatable), --memk-device cpu|cuda, --memk-dtype NAME (repeatable),
+--memk-preset default|acceptance.
 """
 
 import pytest
@@ -17,6 +18,7 @@ def pytest_addoption(parser):
     group.addoption("--memk-suite", action="append", choices=C.SUITES, help="suite to run (repeatable; default all)")
     group.addoption("--memk-device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     group.addoption("--memk-dtype", action="append", choices=C.DTYPE_NAMES, help="dtype (repeatable; default per suite)")
+    group.addoption("--memk-preset", choices=tuple(C.PRESETS), default="default", help="which cases (as memk bench --preset)")
 
 
 def _device(config):
@@ -37,6 +39,7 @@ def pytest_generate_tests(metafunc):
         _device(config),
         config.getoption("--memk-dtype"),
         quick=config.getoption("--memk-quick"),
+        preset=config.getoption("--memk-preset"),
     )
     cases = C.cases_for(groups)
     metafunc.parametrize("memk_case", cases, ids=[c.id for c in cases])

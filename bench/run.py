@@ -182,32 +182,41 @@ def scaling(records: list[dict]) -> list[dict]:
 @dataclass
 class RunOptions:
     max_time: float = 1.0  # CPU seconds of timed rounds per case
-    progress: Callable[[dict], None] | None = None
+    # called as each case starts, with its position (1-based) and the number of cases
+    progress: Callable[[int, int, Case], None] | None = None
 
 
 def run_groups(groups: list[Group], device: torch.device, options: RunOptions | None = None,
                case_filter: Callable[[Case], bool] | None = None) -> dict:
-    """Run every case of the groups; returns the JSON-ready report."""
+    """Run every case of the groups; returns the JSON-ready report.
+
+    An interruption (Ctrl-C, or SIGTERM where the caller turns it into KeyboardInterrupt, as
+    `memk bench` does) ends the run early: the report then holds the cases finished so far and
+    says so in "interrupted".
+    """
     options = options or RunOptions()
     env = timing.environment(device)
     cache = InputCache()
+    selected = [(g, [c for c in (Case(g, v) for v in g.variants) if case_filter is None or case_filter(c)]) for g in groups]
+    total = sum(len(cases) for _, cases in selected)
     records = []
+    interrupted = None
     started = time.time()
     try:
-        for group in groups:
-            cases = [Case(group, v) for v in group.variants]
-            cases = [c for c in cases if case_filter is None or case_filter(c)]
+        for group, cases in selected:
             if not cases:
                 continue
             inputs = cache.get(group, device)
             for case in cases:
+                if options.progress:
+                    options.progress(len(records) + 1, total, case)
                 t0 = time.time()
                 record = run_case(case, inputs, device, env, options.max_time)
                 record["wall_s"] = time.time() - t0
                 record["load_average_1m"] = os.getloadavg()[0]  # a shared machine's other work shows here
                 records.append(record)
-                if options.progress:
-                    options.progress(record)
+    except KeyboardInterrupt as exc:
+        interrupted = f"interrupted ({exc or 'KeyboardInterrupt'}) after {len(records)} of {total} cases"
     finally:
         cache.clear()
     compute_ratios(records)
@@ -218,6 +227,7 @@ def run_groups(groups: list[Group], device: torch.device, options: RunOptions | 
         "options": {"max_time_s": options.max_time},
         "wall_s": time.time() - started,
         "suites": sorted({g.suite for g in groups}),
+        "interrupted": interrupted,
         "results": records,
         "scaling": scaling(records),
     }

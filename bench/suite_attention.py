@@ -86,19 +86,30 @@ def _attention_check(backward: bool, device: torch.device):
     return check
 
 
-def _packed_runner(get_fn: Callable[[torch.device], Callable], backward: bool, trial_skips: bool):
+def sdpa_refusal(backend: str, device: torch.device, exc: RuntimeError) -> str:
+    """Why a forced SDPA backend cannot run these inputs here, in words (torch says "No viable backend")."""
+    first = str(exc).strip().splitlines()[0][:200]
+    if device.type == "cpu" and "No viable backend" in first:
+        return f"{backend} runs on CUDA only (torch has no CPU kernel for it)"
+    return f"{backend} refused these inputs on {device.type}: {first}"
+
+
+def _packed_runner(get_fn: Callable[[torch.device], Callable], backward: bool, trial: str | None):
+    """trial: the name of a forced SDPA backend, tried once before anything is timed, so that
+    one that cannot run these inputs is reported as skipped with the reason."""
+
     def build(inputs: dict, device: torch.device) -> Runner:
         fn = get_fn(device)
         n_head, upstream = inputs["n_head"], inputs["upstream"]
         cycle = Cycle(inputs["copies"])
-        if trial_skips:
+        if trial:
             # SDPA raises when the forced backend does not support these inputs (device, dtype,
             # head size): that is "not available here", not a failure of the suite.
             try:
                 with torch.no_grad():
                     fn(inputs["copies"][0], n_head)
             except RuntimeError as exc:
-                raise Skip(str(exc).strip().splitlines()[0][:200]) from exc
+                raise Skip(sdpa_refusal(trial, device, exc)) from exc
 
         def call():
             qkv = cycle.next()
@@ -128,52 +139,65 @@ def _packed_runner(get_fn: Callable[[torch.device], Callable], backward: bool, t
     return build
 
 
-def attention_groups(device: torch.device, dtypes: list[str], quick: bool, backends: list[str] | None = None) -> list[Group]:
+def default_shapes(quick: bool) -> list[tuple[int, int]]:
+    """(seq, head_dim) of the default sweep."""
+    seqs = (64,) if quick else (64, 1024)
+    head_dims = (32, 64) if quick else (32, 64, 128)
+    return [(seq, head_dim) for head_dim in head_dims for seq in seqs]
+
+
+def attention_groups(device: torch.device, dtypes: list[str], quick: bool, backends: list[str] | None = None,
+                     interpreter: bool = False, shapes: list[tuple[int, int]] | None = None,
+                     tokens: int | None = None, n_head: int | None = None) -> list[Group]:
     """The suite's groups: both passes at each head size and sequence length, per dtype.
 
     backends: the memk attention backends to compare (default: every registered one but torch's).
+    interpreter: run memk's Triton kernels on CPU under TRITON_INTERPRET=1 (case.py).
+    shapes ((seq, head_dim) pairs), tokens (per call: batch = tokens // seq), n_head: a selection
+    (cases.py's presets); default the sweep for the device.
     """
     if device.type == "cuda":
-        n_head, tokens = 8, 131072  # seq 64: batch 2048, the paper's batch; seq 1024: batch 128
+        default_heads, default_tokens = 8, 131072  # seq 64: batch 2048, the paper's batch; seq 1024: batch 128
     else:
-        n_head, tokens = 4, 4096
-    seqs = (64,) if quick else (64, 1024)
-    head_dims = (32, 64) if quick else (32, 64, 128)
+        default_heads, default_tokens = 4, 4096
+    n_head = n_head or default_heads
+    tokens = tokens or default_tokens
+    shapes = default_shapes(quick) if shapes is None else shapes
     groups = []
     for dtype in [d for d in dtypes if d in ("float32", "bfloat16", "float16")]:
         for backward in (False, True):
             pass_name = "fwd+bwd" if backward else "fwd"
-            for head_dim in head_dims:
-                for seq in seqs:
-                    batch = tokens // seq
-                    variants = [
-                        Variant(f"sdpa:{b.lower()}", "baseline",
-                                _packed_runner(lambda dev, b=b: _sdpa_packed(b), backward, trial_skips=True),
-                                f"split heads, SDPA with SDPBackend.{b} forced, merge heads")
-                        for b in _SDPA_BACKENDS
-                    ]
-                    compare = tuple(v.name for v in variants)
-                    variants += [
-                        Variant(f"memk:{name}", "candidate",
-                                _packed_runner(lambda dev, name=name: packed_attention_or_skip(name, dev), backward, trial_skips=False),
-                                f"memk.kernels.packed_attention({name!r}) on the qkv projection output", compare)
-                        for name in candidate_attention_backends(backends)
-                    ]
-                    # causal FLOPs (half the square), FlashAttention's convention; backward = 2.5x forward
-                    fwd_flops = 2.0 * batch * n_head * seq * seq * head_dim
-                    groups.append(Group(
-                        suite="attention",
-                        family=f"packed causal {pass_name} D{head_dim} H{n_head} {dtype}",
-                        sweep_axis="seq",
-                        sweep_value=seq,
-                        dtype=dtype,
-                        params={"pass": pass_name, "batch": batch, "seq": seq, "n_head": n_head, "head_dim": head_dim,
-                                "qkv_shape": [batch, seq, 3 * n_head * head_dim], "dtype": dtype, "causal": True},
-                        make_inputs=_attention_inputs(batch, seq, n_head, head_dim, dtype, backward, seed=seq * 1000 + head_dim),
-                        check=_attention_check(backward, device),
-                        work=batch * seq,
-                        work_unit="tokens",
-                        flops=fwd_flops * (3.5 if backward else 1.0),
-                        variants=variants,
-                    ))
+            for seq, head_dim in shapes:
+                batch = max(1, tokens // seq)
+                variants = [
+                    Variant(f"sdpa:{b.lower()}", "baseline",
+                            _packed_runner(lambda dev, b=b: _sdpa_packed(b), backward, trial=f"SDPBackend.{b}"),
+                            f"split heads, SDPA with SDPBackend.{b} forced, merge heads")
+                    for b in _SDPA_BACKENDS
+                ]
+                compare = tuple(v.name for v in variants)
+                variants += [
+                    Variant(f"memk:{name}", "candidate",
+                            _packed_runner(lambda dev, name=name, dtype=dtype:
+                                           packed_attention_or_skip(name, dev, interpreter, dtype), backward, trial=None),
+                            f"memk.kernels.packed_attention({name!r}) on the qkv projection output", compare)
+                    for name in candidate_attention_backends(backends)
+                ]
+                # causal FLOPs (half the square), FlashAttention's convention; backward = 2.5x forward
+                fwd_flops = 2.0 * batch * n_head * seq * seq * head_dim
+                groups.append(Group(
+                    suite="attention",
+                    family=f"packed causal {pass_name} D{head_dim} H{n_head} {dtype}",
+                    sweep_axis="seq",
+                    sweep_value=seq,
+                    dtype=dtype,
+                    params={"pass": pass_name, "batch": batch, "seq": seq, "n_head": n_head, "head_dim": head_dim,
+                            "qkv_shape": [batch, seq, 3 * n_head * head_dim], "dtype": dtype, "causal": True},
+                    make_inputs=_attention_inputs(batch, seq, n_head, head_dim, dtype, backward, seed=seq * 1000 + head_dim),
+                    check=_attention_check(backward, device),
+                    work=batch * seq,
+                    work_unit="tokens",
+                    flops=fwd_flops * (3.5 if backward else 1.0),
+                    variants=variants,
+                ))
     return groups

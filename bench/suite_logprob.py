@@ -1,8 +1,11 @@
 """The logprob suite: memk's log-prob ops (token_logprobs, cross_entropy, sequence_bits) against
-what a user writes without them (log_softmax + gather, F.cross_entropy), eager and compiled.
+what a user writes without them (log_softmax + gather, F.cross_entropy), eager and compiled, and
+against other libraries' fused cross-entropy where installed (anchors.py says what is compared).
 
 Each group is one op, pass (fwd or fwd+bwd), vocabulary and dtype at one token count; its check
-recomputes log p(target) and the gradient in float64, chunk by chunk.
+recomputes log p(target) and the gradient in float64, chunk by chunk. The linear_cross_entropy
+family starts one step earlier, from the last hidden states and the classifier weight, so that
+libraries that fuse the classifier matmul into the loss (cut-cross-entropy) compare on equal terms.
 """
 
 from __future__ import annotations
@@ -13,18 +16,19 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import anchors
 from .case import (
     TORCH_DTYPES,
     Cycle,
     Group,
     Runner,
-    Skip,
     Variant,
     candidate_logprob_backends,
     logprob_ops_or_skip,
     max_rel_err,
     rel_tolerance,
     rotations,
+    skip_compile_when_quick,
 )
 
 LN2 = math.log(2.0)
@@ -168,6 +172,23 @@ def _memk_logprob_variant(backend: str, op: str, backward: bool, compare_to: tup
     return Variant(f"memk:{backend}", "candidate", build, f"memk.kernels.logprob_ops({backend!r}).{op}", compare_to)
 
 
+def _liger_cross_entropy_variant(backward: bool) -> Variant:
+    """Liger-Kernel's cross-entropy on private copies of the logits, which it overwrites with
+    their gradient (anchors.py); the copies are made at build time, outside the timing."""
+
+    def build(inputs: dict, device: torch.device) -> Runner:
+        fn = anchors.liger_cross_entropy(device)
+        private = {
+            "copies": [(x.detach().clone().requires_grad_(x.requires_grad), t) for x, t in inputs["copies"]],
+            "upstream": inputs["upstream"],
+        }
+        return _op_runner(fn, "cross_entropy", backward)(private, device)
+
+    return Variant("liger:cross_entropy", "baseline", build,
+                   "liger_kernel.transformers.LigerCrossEntropyLoss() on the logits (private copies: it writes "
+                   "the gradient into them)")
+
+
 def _compiled(fn: Callable) -> Callable:
     # A fresh dynamo state per variant: the same closure code compiled for many shapes would
     # otherwise hit the recompile limit and silently fall back to eager.
@@ -175,27 +196,201 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
+def _compiled_or_skip(fn: Callable, quick: bool) -> Callable[[torch.device], Callable]:
+    def get(device: torch.device) -> Callable:
+        skip_compile_when_quick(quick)
+        return _compiled(fn)
+
+    return get
+
+
 def _compiled_variant_build(fn: Callable, op: str, backward: bool, quick: bool):
     def build(inputs: dict, device: torch.device) -> Runner:
-        if quick:
-            raise Skip("torch.compile baselines run in the full suite only (a cold compile takes ~20 s on 2 cores)")
+        skip_compile_when_quick(quick)
         return _op_runner(_compiled(fn), op, backward)(inputs, device)
 
     return build
 
 
-def logprob_groups(device: torch.device, dtypes: list[str], quick: bool, backends: list[str] | None = None) -> list[Group]:
-    """The suite's groups: every op and pass at each (vocabulary, tokens) size, per dtype.
+# ---- the classifier matmul and the loss: linear_cross_entropy -------------------------------
+
+
+def _linear_inputs(n_tokens: int, vocab: int, d_model: int, dtype: str, seed: int):
+    def make(device: torch.device) -> dict:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        torch_dtype = TORCH_DTYPES[dtype]
+        bytes_per_copy = n_tokens * (d_model + vocab) * torch.empty((), dtype=torch_dtype).element_size()
+        copies = []
+        for _ in range(rotations(bytes_per_copy, device)):
+            hidden = torch.randn(n_tokens, d_model, generator=gen, device=device).to(torch_dtype).requires_grad_()
+            targets = torch.randint(0, vocab, (n_tokens,), generator=gen, device=device)
+            copies.append((hidden, targets))
+        # weight scaled so that the logits have a trained model's spread (std 3), as in the other groups
+        weight = (torch.randn(vocab, d_model, generator=gen, device=device) * (3 / math.sqrt(d_model)))
+        return {"copies": copies, "weight": weight.to(torch_dtype).requires_grad_()}
+
+    return make
+
+
+def _linear_reference(inputs: dict) -> dict:
+    """Mean cross-entropy of hidden @ weightᵀ and its gradients in float64, chunk by chunk; kept in the inputs."""
+    if "float64" not in inputs:
+        hidden, targets = inputs["copies"][0]
+        h, w = hidden.detach().double(), inputs["weight"].detach().double()
+        n_rows, vocab = h.shape[0], w.shape[0]
+        chunk = max(1, _CHECK_ELEMENTS // vocab)
+        nll_sum, grad_h, grad_w = 0.0, torch.empty_like(h), torch.zeros_like(w)
+        for start in range(0, n_rows, chunk):
+            rows = slice(start, min(start + chunk, n_rows))
+            logp = torch.log_softmax(h[rows] @ w.T, dim=-1)
+            t = targets[rows].long().unsqueeze(-1)
+            nll_sum -= logp.gather(-1, t).sum().item()
+            d_logits = logp.exp().scatter_add_(-1, t, -torch.ones_like(t, dtype=logp.dtype)) / n_rows
+            grad_h[rows] = d_logits @ w
+            grad_w += d_logits.T @ h[rows]
+        inputs["float64"] = {"loss": torch.tensor(nll_sum / n_rows, dtype=torch.float64), "grad_hidden": grad_h,
+                             "grad_weight": grad_w}
+    return inputs["float64"]
+
+
+def _linear_check(device: torch.device):
+    """Against the float64 loss and gradients: d loss / d logits = (softmax - onehot) / N, through the matmul."""
+
+    def check(inputs: dict, outputs: dict) -> dict[str, tuple[float, float]]:
+        ref = _linear_reference(inputs)
+        dtype = inputs["weight"].dtype
+        grad_h, grad_w = outputs["grad_hidden"], outputs["grad_weight"]
+        # The variants round the logits (or the matmul's inputs) to the 16-bit dtype; the
+        # reference does not: every output is allowed that dtype's error.
+        tol = rel_tolerance(dtype, device, matmul=True)
+        return {
+            "output": (max_rel_err(outputs["out"], ref["loss"]), tol),
+            "grad_hidden": (max_rel_err(grad_h, ref["grad_hidden"]) if grad_h is not None else float("inf"), tol),
+            "grad_weight": (max_rel_err(grad_w, ref["grad_weight"]) if grad_w is not None else float("inf"), tol),
+        }
+
+    return check
+
+
+def _linear_runner(get_fn: Callable[[torch.device], Callable]) -> Callable[[dict, torch.device], Runner]:
+    """fn(hidden, weight, targets) -> mean loss, forward and backward to both hidden and weight."""
+
+    def build(inputs: dict, device: torch.device) -> Runner:
+        fn = get_fn(device)
+        cycle = Cycle(inputs["copies"])
+        weight = inputs["weight"]
+
+        def clear():
+            weight.grad = None
+            for hidden, _ in inputs["copies"]:
+                hidden.grad = None
+
+        def call():
+            hidden, targets = cycle.next()
+            hidden.grad = weight.grad = None
+            loss = fn(hidden, weight, targets)
+            loss.backward()
+            return loss
+
+        def outputs():
+            hidden, targets = inputs["copies"][0]
+            clear()
+            loss = fn(hidden, weight, targets)
+            loss.backward()
+            result = {"out": loss.detach(), "grad_hidden": hidden.grad, "grad_weight": weight.grad}
+            clear()
+            return result
+
+        return Runner(call, outputs, clear, reset=clear)
+
+    return build
+
+
+def _linear_then(loss: Callable) -> Callable:
+    return lambda hidden, weight, targets: loss(F.linear(hidden, weight), targets)
+
+
+def _linear_groups(device: torch.device, dtypes: list[str], quick: bool, shapes: list[tuple[int, int, int]],
+                   backends: list[str] | None) -> list[Group]:
+    """Hidden states and classifier weight in, mean loss and both gradients out (fwd+bwd only)."""
+    groups = []
+    for dtype in [d for d in dtypes if d in ("bfloat16", "float16")]:  # anchors' float32 matmuls round like TF32
+        for vocab, n_tokens, d_model in shapes:
+            eager = _linear_then(F.cross_entropy)
+            variants = [
+                Variant("linear+F.cross_entropy", "baseline", _linear_runner(lambda dev, eager=eager: eager),
+                        "F.cross_entropy(F.linear(hidden, weight), targets), eager"),
+                Variant("linear+F.cross_entropy (compile)", "baseline",
+                        _linear_runner(_compiled_or_skip(eager, quick)),
+                        "torch.compile of the same"),
+                Variant("liger:fused_linear_cross_entropy", "baseline",
+                        _linear_runner(anchors.liger_fused_linear_cross_entropy),
+                        "liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss()(weight, hidden, targets)"),
+                Variant("cce:linear_cross_entropy", "baseline", _linear_runner(anchors.cce_linear_cross_entropy),
+                        "cut_cross_entropy.linear_cross_entropy(hidden, weight, targets), default impl and filtering"),
+            ]
+            compare = tuple(v.name for v in variants)
+            variants += [
+                Variant(f"linear+memk:{b}", "candidate",
+                        _linear_runner(lambda dev, b=b: _linear_then(logprob_ops_or_skip(b).cross_entropy)),
+                        f"memk.kernels.logprob_ops({b!r}).cross_entropy(F.linear(hidden, weight), targets)", compare)
+                for b in candidate_logprob_backends(backends)
+            ]
+            groups.append(Group(
+                suite="logprob",
+                family=f"linear_cross_entropy fwd+bwd V{vocab} d{d_model} {dtype}",
+                sweep_axis="tokens",
+                sweep_value=n_tokens,
+                dtype=dtype,
+                params={"op": "linear_cross_entropy", "pass": "fwd+bwd", "tokens": n_tokens, "vocab": vocab,
+                        "d_model": d_model, "hidden_shape": [n_tokens, d_model], "weight_shape": [vocab, d_model],
+                        "dtype": dtype},
+                make_inputs=_linear_inputs(n_tokens, vocab, d_model, dtype, seed=n_tokens + vocab + d_model),
+                check=_linear_check(device),
+                work=n_tokens,
+                work_unit="tokens",
+                # the classifier matmul forward and its two gradients
+                flops=6.0 * n_tokens * vocab * d_model,
+                variants=variants,
+            ))
+    return groups
+
+
+# ---- the suite ----------------------------------------------------------------------------
+
+ALL_OPS = (("token_logprobs", False), ("token_logprobs", True), ("cross_entropy", False), ("cross_entropy", True),
+           ("sequence_bits", False))
+
+
+def default_shapes(device: torch.device, quick: bool) -> list[tuple[int, int]]:
+    """(vocabulary, tokens) of the default sweep."""
+    if quick:
+        return [(2048, 4096)]
+    if device.type == "cuda":
+        return [(2048, n) for n in (4096, 16384, 65536, 131072)] + [(50257, n) for n in (4096, 16384, 65536)]
+    # 2-core CPU: the sweep stops at 32K tokens to keep the full run near 10 minutes
+    return [(2048, n) for n in (4096, 16384, 32768)] + [(50257, 4096)]
+
+
+def default_linear_shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
+    """(vocabulary, tokens, d_model) of the linear_cross_entropy family: the paper's V, a mid-sized model's d."""
+    if quick:
+        return [(2048, 4096, 32)]
+    return [(2048, 131072 if device.type == "cuda" else 16384, 128)]
+
+
+def logprob_groups(device: torch.device, dtypes: list[str], quick: bool, backends: list[str] | None = None,
+                   shapes: list[tuple[int, int]] | None = None,
+                   ops: tuple[tuple[str, bool], ...] = ALL_OPS,
+                   linear_shapes: list[tuple[int, int, int]] | None = None) -> list[Group]:
+    """The suite's groups: every op and pass at each (vocabulary, tokens) size, per dtype, then the
+    linear_cross_entropy family (16-bit dtypes only).
 
     backends: the memk log-prob backends to compare (default: every registered one but the reference).
+    shapes, ops, linear_shapes: a selection (cases.py's presets); default the sweep for the device.
     """
-    if quick:
-        shapes = [(2048, 4096)]
-    elif device.type == "cuda":
-        shapes = [(2048, n) for n in (4096, 16384, 65536, 131072)] + [(50257, n) for n in (4096, 16384, 65536)]
-    else:  # 2-core CPU: the sweep stops at 32K tokens to keep the full run near 10 minutes
-        shapes = [(2048, n) for n in (4096, 16384, 32768)] + [(50257, 4096)]
-    ops = [("token_logprobs", False), ("token_logprobs", True), ("cross_entropy", False), ("cross_entropy", True), ("sequence_bits", False)]
+    shapes = default_shapes(device, quick) if shapes is None else shapes
+    linear_shapes = default_linear_shapes(device, quick) if linear_shapes is None else linear_shapes
     groups = []
     for dtype in [d for d in dtypes if d in ("float32", "bfloat16", "float16")]:
         for op, backward in ops:
@@ -211,6 +406,8 @@ def logprob_groups(device: torch.device, dtypes: list[str], quick: bool, backend
                         f"torch.compile({base})",
                     ),
                 ]
+                if op == "cross_entropy":
+                    variants.append(_liger_cross_entropy_variant(backward))
                 compare = tuple(v.name for v in variants)
                 variants += [_memk_logprob_variant(b, op, backward, compare) for b in candidate_logprob_backends(backends)]
                 groups.append(Group(
@@ -227,4 +424,4 @@ def logprob_groups(device: torch.device, dtypes: list[str], quick: bool, backend
                     work_unit="tokens",
                     variants=variants,
                 ))
-    return groups
+    return groups + _linear_groups(device, dtypes, quick, linear_shapes, backends)

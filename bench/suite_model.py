@@ -1,8 +1,9 @@
 """The train and bits suites: the GPT-2 model of memk.memorize with memk's backends against the
 reference model (torch SDPA attention, plain PyTorch log-probs).
 
-train: one AdamW step per call, per model size, in float32, TF32 (CUDA) and autocast 16-bit;
-checked at the initial weights against the reference model's loss and gradients in float64.
+train: one AdamW step per call, per model size, in float32, TF32 (CUDA) and autocast 16-bit,
+against the reference model eager and under torch.compile; checked at the initial weights against
+the reference model's loss and gradients in float64.
 bits: GPT.sequence_bits over a dataset of random sequences (what memorization is measured
 with), checked against the float64 reference model's bits.
 """
@@ -29,10 +30,11 @@ from .case import (
     max_rel_err,
     norm_rel_err,
     packed_attention_or_skip,
+    skip_compile_when_quick,
 )
 
 
-def _model_configs(device: torch.device, quick: bool):
+def default_model_configs(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
     """(n_layer, d_model, n_head) from the paper's grid (V 2048, S 64); head_dim 16-64."""
     if quick:
         return [(1, 32, 2)]
@@ -55,12 +57,14 @@ class ModelBackends(NamedTuple):
 REFERENCE_MODEL = ModelBackends("sdpa", "reference")
 
 
-def _model_backends(device: torch.device, logprob: list[str] | None, attention: list[str] | None) -> list[ModelBackends]:
-    """The reference model first, then memk's fused paths (memk attention on CUDA only)."""
+def _model_backends(device: torch.device, logprob: list[str] | None, attention: list[str] | None,
+                    interpreter: bool = False) -> list[ModelBackends]:
+    """The reference model first, then memk's fused paths (memk attention on CUDA, or on CPU under
+    the Triton interpreter)."""
     combos = [REFERENCE_MODEL]
     for lp in candidate_logprob_backends(logprob):
         combos.append(ModelBackends("sdpa", lp))
-        if device.type == "cuda":
+        if device.type == "cuda" or interpreter:
             combos += [ModelBackends(att, lp) for att in candidate_attention_backends(attention)]
     return combos
 
@@ -73,14 +77,15 @@ def _model_flops_per_token(config) -> float:
     return 6.0 * matmul_params + 12.0 * L * (config.seq_len - 1) * d
 
 
-def _build_model(config, backends: ModelBackends, device: torch.device, state: dict):
+def _build_model(config, backends: ModelBackends, device: torch.device, state: dict, interpreter: bool = False,
+                 dtype: str | None = None):
     """The GPT with these backends and the given weights; Skip where a backend cannot run here."""
     from memk.memorize.model import GPT
 
     if backends.logprob != "reference":
         logprob_ops_or_skip(backends.logprob)  # a missing or unbuildable backend says why
     if backends.attention not in ("sdpa", "reference"):
-        packed_attention_or_skip(backends.attention, device)
+        packed_attention_or_skip(backends.attention, device, interpreter, dtype)
     try:
         model = GPT(config, attention_backend=backends.attention, logprob_backend=backends.logprob)
     except kernels.BackendUnavailable as exc:
@@ -167,11 +172,27 @@ def _train_check(device: torch.device):
     return check
 
 
-def _train_variant(backends: ModelBackends, dtype: str, compare_to: tuple[str, ...]) -> Variant:
+def compiled_label(backends: ModelBackends, dtype: str) -> str:
+    """The name of the variant that runs the model under torch.compile, e.g. "sdpa+reference bfloat16 (compile)"."""
+    return backends.label(dtype) + " (compile)"
+
+
+def _train_variant(backends: ModelBackends, dtype: str, compare_to: tuple[str, ...], role: str,
+                   compiled: bool = False, quick: bool = False, interpreter: bool = False) -> Variant:
+    """compiled: the model's loss (forward; backward through AOTAutograd) under torch.compile; the
+    optimizer step stays eager (fused AdamW on CUDA) as in every other variant."""
+
     def build(inputs: dict, device: torch.device) -> Runner:
         if dtype == "tf32" and device.type != "cuda":
             raise Skip("TF32 is a CUDA tensor-core mode")
-        model = _build_model(inputs["config"], backends, device, inputs["state"])
+        if compiled:
+            skip_compile_when_quick(quick)
+        model = _build_model(inputs["config"], backends, device, inputs["state"], interpreter, dtype)
+        if compiled:
+            torch._dynamo.reset()  # a fresh dynamo state per variant, as the logprob suite's compiled baselines
+            loss_of = torch.compile(model.loss, dynamic=False)
+        else:
+            loss_of = model.loss
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
         cycle = Cycle(inputs["batches"])
         stack = ExitStack()
@@ -180,7 +201,7 @@ def _train_variant(backends: ModelBackends, dtype: str, compare_to: tuple[str, .
         def call():
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, dtype):
-                loss = model.loss(cycle.next())
+                loss = loss_of(cycle.next())
             loss.backward()
             optimizer.step()
             return loss
@@ -189,7 +210,7 @@ def _train_variant(backends: ModelBackends, dtype: str, compare_to: tuple[str, .
             # at the initial weights, before any step: compare with the float64 reference
             model.zero_grad(set_to_none=True)
             with _autocast(device, dtype):
-                loss = model.loss(inputs["check_batch"])
+                loss = loss_of(inputs["check_batch"])
             loss.backward()
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
             model.zero_grad(set_to_none=True)
@@ -197,25 +218,40 @@ def _train_variant(backends: ModelBackends, dtype: str, compare_to: tuple[str, .
 
         return Runner(call, outputs, stack.close, reset=lambda: optimizer.zero_grad(set_to_none=True))
 
-    return Variant(backends.label(dtype), "baseline" if not compare_to else "candidate", build,
-                   f"GPT(attention_backend={backends.attention!r}, logprob_backend={backends.logprob!r}), "
+    name = compiled_label(backends, dtype) if compiled else backends.label(dtype)
+    return Variant(name, role, build,
+                   ("torch.compile(model.loss) of " if compiled else "")
+                   + f"GPT(attention_backend={backends.attention!r}, logprob_backend={backends.logprob!r}), "
                    + (f"{dtype} autocast" if dtype in ("bfloat16", "float16") else dtype) + ", AdamW step",
                    compare_to, dtype=dtype)
 
 
+def default_train_batch(device: torch.device, quick: bool) -> int:
+    return 16 if quick else (2048 if device.type == "cuda" else 32)
+
+
 def train_groups(device: torch.device, dtypes: list[str], quick: bool, logprob: list[str] | None = None,
-                 attention: list[str] | None = None) -> list[Group]:
+                 attention: list[str] | None = None, interpreter: bool = False,
+                 configs: list[tuple[int, int, int]] | None = None, batch: int | None = None) -> list[Group]:
     """The train suite's groups: one per model size, every backend combination and dtype its variants.
 
+    Per dtype: the reference model (SDPA attention, plain PyTorch cross-entropy), memk's backend
+    combinations, then the reference model under torch.compile. A memk combination is compared
+    with the reference in the first dtype, and eager and compiled in its own.
+
     logprob, attention: the memk backends to compare (default: every registered candidate).
+    interpreter: memk's Triton attention on CPU, under Triton's interpreter (case.py).
+    configs ((n_layer, d_model, n_head)), batch: a selection (cases.py's presets); default the
+    sizes for the device.
     """
     from memk.memorize.model import GPTConfig, count_parameters
 
-    batch = 16 if quick else (2048 if device.type == "cuda" else 32)
+    batch = batch or default_train_batch(device, quick)
+    configs = default_model_configs(device, quick) if configs is None else configs
     dtypes = [d for d in dtypes if d in ("float32", "tf32", "bfloat16", "float16")]
-    combos = _model_backends(device, logprob, attention)
+    combos = _model_backends(device, logprob, attention, interpreter)
     groups = []
-    for n_layer, d_model, n_head in _model_configs(device, quick):
+    for n_layer, d_model, n_head in configs:
         config = GPTConfig(n_layer=n_layer, d_model=d_model, n_head=n_head, vocab_size=2048, seq_len=64)
         variants = []
         for dtype in dtypes:
@@ -226,7 +262,11 @@ def train_groups(device: torch.device, dtypes: list[str], quick: bool, logprob: 
                     compare.append(REFERENCE_MODEL.label(dtypes[0]))
                     if backends != REFERENCE_MODEL:
                         compare.append(REFERENCE_MODEL.label(dtype))  # the reference at this dtype
-                variants.append(_train_variant(backends, dtype, tuple(dict.fromkeys(compare))))
+                        compare.append(compiled_label(REFERENCE_MODEL, dtype))  # and compiled
+                compare = tuple(dict.fromkeys(compare))
+                variants.append(_train_variant(backends, dtype, compare, "baseline" if not compare else "candidate",
+                                               interpreter=interpreter))
+            variants.append(_train_variant(REFERENCE_MODEL, dtype, (), "baseline", compiled=True, quick=quick))
         tokens = batch * (config.seq_len - 1)
         groups.append(Group(
             suite="train",
@@ -254,9 +294,9 @@ def _bits_check(device: torch.device):
     return check
 
 
-def _bits_variant(backends: ModelBackends, dtype: str, compare_to: tuple[str, ...]) -> Variant:
+def _bits_variant(backends: ModelBackends, dtype: str, compare_to: tuple[str, ...], interpreter: bool = False) -> Variant:
     def build(inputs: dict, device: torch.device) -> Runner:
-        model = _build_model(inputs["config"], backends, device, inputs["state"]).eval()
+        model = _build_model(inputs["config"], backends, device, inputs["state"], interpreter, dtype).eval()
 
         def bits_of(batches):
             with torch.inference_mode(), _autocast(device, dtype):
@@ -271,7 +311,7 @@ def _bits_variant(backends: ModelBackends, dtype: str, compare_to: tuple[str, ..
 
 
 def bits_groups(device: torch.device, dtypes: list[str], quick: bool, logprob: list[str] | None = None,
-                attention: list[str] | None = None) -> list[Group]:
+                attention: list[str] | None = None, interpreter: bool = False) -> list[Group]:
     """The bits suite's groups: one per model size and dtype, every backend combination its variants."""
     from memk.memorize.model import GPTConfig, count_parameters
 
@@ -281,13 +321,13 @@ def bits_groups(device: torch.device, dtypes: list[str], quick: bool, logprob: l
         n_seqs, batch = 16384, 2048
     else:
         n_seqs, batch = 1024, 256
-    combos = _model_backends(device, logprob, attention)
+    combos = _model_backends(device, logprob, attention, interpreter)
     groups = []
     for dtype in [d for d in dtypes if d in ("float32", "bfloat16")]:
-        for n_layer, d_model, n_head in _model_configs(device, quick):
+        for n_layer, d_model, n_head in default_model_configs(device, quick):
             config = GPTConfig(n_layer=n_layer, d_model=d_model, n_head=n_head, vocab_size=2048, seq_len=64)
             base = REFERENCE_MODEL.label(dtype)
-            variants = [_bits_variant(b, dtype, () if b == REFERENCE_MODEL else (base,)) for b in combos]
+            variants = [_bits_variant(b, dtype, () if b == REFERENCE_MODEL else (base,), interpreter) for b in combos]
             groups.append(Group(
                 suite="bits",
                 family=f"sequence_bits {n_seqs} seqs {dtype}",

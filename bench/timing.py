@@ -85,7 +85,8 @@ def time_cpu(
     One call is made first (the caller has already made at least one: the correctness
     check), then warm-up calls for `warmup_time`; calls per round grow until a round lasts
     at least 100x the timer's resolution and 1 ms; rounds fill `max_time`, at least `min_rounds`
-    (3 when one call alone outlasts `max_time`).
+    (3 when one call alone outlasts `max_time`), and stop at twice `max_time` once `min_rounds`
+    are in (calls slower than the planning call, on a busy machine, would overrun it).
     """
     precision = timer_precision()
     t0 = time.perf_counter()
@@ -101,11 +102,16 @@ def time_cpu(
         min_rounds = min(min_rounds, 3)
     rounds = int(min(max_rounds, max(min_rounds, max_time // max(iterations * single, 1e-9))))
     per_call = []
+    started = time.perf_counter()
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(iterations):
             fn()
         per_call.append((time.perf_counter() - t0) / iterations)
+        # The number of rounds was planned from one call; on a busy machine calls can take far
+        # longer than that one did: stop at twice the budget once min_rounds are in.
+        if len(per_call) >= min_rounds and time.perf_counter() - started > 2 * max_time:
+            break
     return _summarise(per_call, iterations, f"perf_counter, calibrated rounds (pytest-benchmark style), threads={torch.get_num_threads()}")
 
 
@@ -215,12 +221,13 @@ def cpu_name() -> str:
 
 
 def _git_commit() -> str | None:
+    """The commit of this checkout; in a copy without .git (a GPU machine's), MEMK_COMMIT if set."""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
+        return out.stdout.strip() or os.environ.get("MEMK_COMMIT")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return os.environ.get("MEMK_COMMIT")
 
 
 def _uncommitted_kernel_sources() -> list[str] | None:
@@ -231,6 +238,19 @@ def _uncommitted_kernel_sources() -> list[str] | None:
                              capture_output=True, text=True, timeout=5)
         return [line[3:] for line in out.stdout.splitlines()] if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# Other libraries some cases compare with (anchors.py); their versions go with every result.
+COMPARED_LIBRARIES = ("liger-kernel", "cut-cross-entropy")
+
+
+def _installed_version(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
         return None
 
 
@@ -258,6 +278,7 @@ def environment(device: torch.device) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
     }
+    env["libraries"] = {name: _installed_version(name) for name in COMPARED_LIBRARIES}
     try:
         env["load_average_1m"] = os.getloadavg()[0]
     except OSError:
@@ -296,4 +317,33 @@ def peak_tflops(device_name: str, dtype: str) -> PeakTflops | None:
     for key, source, peaks in GPU_PEAK_TFLOPS:
         if key in device_name and dtype in peaks:
             return PeakTflops(peaks[dtype], f"{source}, dense {dtype}")
+    return None
+
+
+# ---- peak memory bandwidth, for the bandwidth floor of memory-bound kernels -----------------
+
+# HBM bandwidth in bytes/s from NVIDIA's datasheets (H100: "NVIDIA H100 Tensor Core GPU"
+# datasheet, GPU memory bandwidth row; H200: "NVIDIA H200 Tensor Core GPU" datasheet), by
+# substring of the device name; first match wins. torch names the H100 SXM5 "NVIDIA H100 80GB
+# HBM3". GH200 ships with two memory configurations (4.0 or 4.9 TB/s) that its name does not
+# tell apart, so it has no entry (and "GH200" must not fall through to "H200").
+GPU_PEAK_BANDWIDTH: list[tuple[str, str, float | None]] = [
+    ("GH200", "GH200: the memory configuration is not known from the name", None),
+    ("H100 PCIe", "H100 PCIe datasheet, 2.0 TB/s HBM2e", 2.0e12),
+    ("H100 NVL", "H100 NVL datasheet, 3.9 TB/s HBM3", 3.9e12),
+    ("H100", "H100 SXM datasheet, 3.35 TB/s HBM3", 3.35e12),
+    ("H200", "H200 datasheet (SXM and NVL), 4.8 TB/s HBM3e", 4.8e12),
+]
+
+
+class PeakBandwidth(NamedTuple):
+    bytes_per_s: float
+    source: str  # the datasheet it comes from
+
+
+def peak_bandwidth(device_name: str) -> PeakBandwidth | None:
+    """The datasheet memory bandwidth of a device name, with its source, or None if unknown."""
+    for key, source, bandwidth in GPU_PEAK_BANDWIDTH:
+        if key in device_name:
+            return PeakBandwidth(bandwidth, source) if bandwidth else None
     return None

@@ -2,10 +2,10 @@
 baseline, and a kernel with a wrong answer is refused before it is timed."""
 
 import json
-import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,7 +96,7 @@ def test_ratios_are_against_the_named_baselines(quick_report):
     for r in report["results"]:  # candidates of kernel suites are compared with every baseline of their group
         if r["suite"] == "logprob" and r["role"] == "candidate":
             assert set(r["compare_to"]) == {"log_softmax+gather", "log_softmax+gather (compile)"} or \
-                set(r["compare_to"]) == {"F.cross_entropy", "F.cross_entropy (compile)"} or \
+                set(r["compare_to"]) == {"F.cross_entropy", "F.cross_entropy (compile)", "liger:cross_entropy"} or \
                 set(r["compare_to"]) == {"log_softmax+gather+sum", "log_softmax+gather+sum (compile)"}
 
 
@@ -273,3 +273,163 @@ def test_report_rewrites_only_the_marked_section(quick_report, tmp_path):
     assert (results / "SUMMARY.md").exists()
     with pytest.raises(ValueError, match="markers"):
         R.replace_section("no markers", "x")
+
+
+# ---- the command line: issue 11's bench items -----------------------------------------------
+
+
+def test_bench_help_imports_no_torch():
+    code = ("import sys\n"
+            "from click.testing import CliRunner\n"
+            "from memk.cli.main import cli\n"
+            "result = CliRunner().invoke(cli, ['bench', '--help'])\n"
+            "assert result.exit_code == 0, result.output\n"
+            "assert '--preset' in result.output and '--quick' in result.output\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_torch_free_names_match_the_suites():
+    from memk.bench import choices
+    from memk.bench.case import TORCH_DTYPES
+
+    assert choices.DTYPE_NAMES == tuple(TORCH_DTYPES)
+    assert choices.SUITES == tuple(C._BUILDERS)
+    for preset in choices.PRESETS:
+        assert C.groups_for(["logprob"], CPU, quick=True, preset=preset)
+
+
+def test_quick_duration_in_help_is_the_readme_figure():
+    from memk.bench.cli import QUICK_DURATION, QUICK_HELP
+
+    readme = (Path(run.__file__).resolve().parent.parent / "README.md").read_text()
+    bench_section = readme.split("## `memk bench`", 1)[1]
+    assert QUICK_DURATION in QUICK_HELP and f"`--quick` takes {QUICK_DURATION}" in " ".join(bench_section.split())
+
+
+def test_json_path_that_cannot_be_written_fails_before_anything_runs(tmp_path, monkeypatch):
+    from memk.bench.cli import json_path_problem
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    assert "is a file, not a folder" in json_path_problem(str(a_file / "out.json"))
+    assert "is a file, not a folder" in json_path_problem(str(a_file / "deeper" / "out.json"))
+    assert "does not exist; create it (mkdir -p" in json_path_problem(str(tmp_path / "new" / "out.json"))
+    assert "is a folder" in json_path_problem(str(tmp_path))
+    assert json_path_problem(str(tmp_path / "out.json")) is None
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the benchmark ran before the --json path was checked")
+
+    monkeypatch.setattr(run, "run_groups", must_not_run)
+    result = CliRunner().invoke(bench, ["--quick", "--device", "cpu", "--json", str(a_file / "out.json")])
+    assert result.exit_code == 2
+    assert "is a file, not a folder" in result.output and "memk bench:" not in result.output
+
+
+def test_each_result_is_printed_once(quick_report):
+    report, output = quick_report
+    lines = output.splitlines()
+    checked = 0
+    for r in report["results"]:
+        if r["status"] == "ok":
+            median = format_time(r["time"]["median_s"])
+            # the table row names the group with spaces, a progress line the case id with underscores
+            showing = [line for line in lines if median in line and (r["group"] in line or r["id"] in line)
+                       and r["variant"].replace(" ", "_") in line.replace(" ", "_")]
+            assert len(showing) == 1, (r["id"], showing)
+            checked += 1
+    assert checked
+    # progress names each case once, before it runs
+    assert sum(1 for line in lines if line.startswith("[")) == len(report["results"])
+
+
+def test_sdpa_backends_without_a_cpu_kernel_say_cuda_only(quick_report):
+    report, _ = quick_report
+    cuda_only = [r for r in report["results"]
+                 if r["variant"] in ("sdpa:efficient_attention", "sdpa:cudnn_attention")]
+    assert cuda_only
+    for r in cuda_only:
+        assert r["status"] == "skipped"
+        assert "runs on CUDA only" in r["reason"] and "No viable backend" not in r["reason"]
+
+
+def test_an_interrupted_run_keeps_and_writes_the_finished_cases(tmp_path, monkeypatch):
+    calls = []
+    real_run_case = run.run_case
+
+    def run_case_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("SIGTERM")
+        return real_run_case(*args, **kwargs)
+
+    monkeypatch.setattr(run, "run_case", run_case_then_interrupt)
+    path = tmp_path / "partial.json"
+    result = CliRunner().invoke(bench, ["--quick", "--device", "cpu", "--suite", "logprob", "--max-time", "0.01",
+                                        "--json", str(path)])
+    assert result.exit_code == 1
+    report = json.loads(path.read_text())
+    assert len(report["results"]) == 2
+    assert report["interrupted"].startswith("interrupted (SIGTERM) after 2 of ")
+    assert "interrupted" in result.output
+
+
+def test_sigterm_becomes_an_interruption():
+    import signal
+
+    from memk.bench.cli import _sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with _sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_report_of_a_cuda_run_names_the_device_in_every_row(quick_report, tmp_path):
+    """A made-up CUDA-shaped report (never committed): the README rows are GPU rows."""
+    report, _ = quick_report
+    fake = json.loads(json.dumps(report))
+    gpu = "NVIDIA H100 80GB HBM3"
+    fake["env"].update(device_type="cuda", device_name=gpu, cuda="13.0")
+    for r in fake["results"]:
+        r.update(device="cuda", device_name=gpu)
+        if r["status"] == "ok" and r["suite"] == "train":
+            r["tflops"] = 1.0
+            r["mfu"] = {"value": 1.0 / 989, "peak_tflops": 989.0, "peak_source": "H100 SXM datasheet, dense float32"}
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "h100.json").write_text(json.dumps(fake))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{R.START}\n{R.END}\n")
+    result = CliRunner().invoke(R.main, ["--results", str(results), "--readme", str(readme)])
+    assert result.exit_code == 0, result.output
+    section = readme.read_text()
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| suite")]
+    assert rows and all(f"| {gpu} |" in row for row in rows)
+    assert "GPU rows are owed" not in section
+    assert "MFU" in section and "CUDA 13.0" in section
+
+
+def test_cpu_timing_stops_when_calls_turn_slower_than_planned():
+    """Rounds are planned from one call; if later calls are slower (a busy machine), timing stops
+    at twice its budget instead of running the planned rounds out."""
+    import time
+
+    from memk.bench import timing
+
+    calls = []
+
+    def fast_once_then_slow():
+        calls.append(1)
+        time.sleep(0.001 if len(calls) == 1 else 0.02)
+
+    t = timing.time_cpu(fast_once_then_slow, max_time=0.1, min_rounds=3, warmup_time=0.0)
+    assert t.iterations_per_round == 1
+    # planned from the 1 ms first call: 100 rounds of 20 ms (2 s); stopped after about 0.2 s
+    assert 3 <= t.rounds <= 20
