@@ -69,14 +69,6 @@ def _model_backends(device: torch.device, logprob: list[str] | None, attention: 
     return combos
 
 
-def _model_flops_per_token(config) -> float:
-    """Training FLOPs per predicted token: 6 x (the matmul parameters + the tied head) plus the
-    attention scores and values (12 L S d, PaLM's convention: causal mask not discounted)."""
-    d, L = config.d_model, config.n_layer
-    matmul_params = L * 12 * d * d + d * config.vocab_size
-    return 6.0 * matmul_params + 12.0 * L * (config.seq_len - 1) * d
-
-
 def _build_model(config, backends: ModelBackends, device: torch.device, state: dict, interpreter: bool = False,
                  dtype: str | None = None):
     """The GPT with these backends and the given weights; Skip where a backend cannot run here."""
@@ -244,7 +236,7 @@ def train_groups(device: torch.device, dtypes: list[str], quick: bool, logprob: 
     configs ((n_layer, d_model, n_head)), batch: a selection (cases.py's presets); default the
     sizes for the device.
     """
-    from memk.memorize.model import GPTConfig, count_parameters
+    from memk.memorize.model import GPTConfig, count_parameters, training_flops_per_token
 
     batch = batch or default_train_batch(device, quick)
     configs = default_model_configs(device, quick) if configs is None else configs
@@ -280,7 +272,7 @@ def train_groups(device: torch.device, dtypes: list[str], quick: bool, logprob: 
             check=_train_check(device),
             work=tokens,
             work_unit="tokens",
-            flops=_model_flops_per_token(config) * tokens,
+            flops=training_flops_per_token(config) * tokens,
             variants=variants,
         ))
     return groups
