@@ -111,6 +111,7 @@ class EnsemblePlan:
     slots: int
     memory_capped: bool = False  # fewer slots than asked, because of the memory free
     probe: tuple[int, float, float] | None = None  # (members, s/step alone, s/step together) where measured
+    compiled: bool = False  # the ensemble's loss under torch.compile (chosen on CUDA only, where it measures faster)
 
     @property
     def key(self) -> tuple:
@@ -195,6 +196,7 @@ class EnsembleTrainer:
         self.model = EnsembleGPT(first.model, plan.slots, first.backends.attention, first.backends.logprob,
                                  device=device, dtype=torch.get_default_dtype())
         self.optimizer = EnsembleAdamW(self.model, first.train.betas)
+        self.member_losses = compiled_losses(self.model) if plan.compiled else self.model.member_losses
         self.names = list(self.model.params)
         with torch.random.fork_rng(devices=[]):  # building it must not move the global generator
             self.template = GPT(first.model, attention_backend=first.backends.attention,
@@ -301,7 +303,7 @@ class EnsembleTrainer:
             torch.cat([b if b is not None else filler[:0], filler.expand(width - r, -1)]) for b, r in zip(batches, rows)
         ])
         with autocast_context(device, self.precision):
-            losses = self.model.member_losses(x, torch.tensor(rows, device=device))
+            losses = self.member_losses(x, torch.tensor(rows, device=device))
         self.optimizer.zero_grad()
         losses.sum().backward()
         active = [m is not None for m in members]
@@ -338,9 +340,18 @@ def _median_seconds(steps: list[Callable[[], None]], budget_s: float, most_calls
     return [sorted(seconds)[len(seconds) // 2] for seconds in times]
 
 
-def probe_step_seconds(run: Run, members: int, device: torch.device, budget_s: float = 1.0) -> tuple[float, float]:
+def compiled_losses(model: EnsembleGPT) -> Callable:
+    """model.member_losses under torch.compile, our kernels inside as the custom ops they are.
+    Meant for CUDA, where tiny models are launch-bound; a repack changes K and recompiles.
+    (Unverified: written without a GPU at hand.)"""
+    return torch.compile(model.member_losses, dynamic=False)
+
+
+def probe_step_seconds(run: Run, members: int, device: torch.device, budget_s: float = 1.0,
+                       compiled: bool = False) -> tuple[float, float]:
     """(seconds per step of one run alone, seconds per step of an ensemble of `members` such runs),
-    on random tokens: the loop's own step (forward, backward, clip, AdamW) for each."""
+    on random tokens: the loop's own step (forward, backward, clip, AdamW) for each; the ensemble's
+    loss compiled if asked (its compilation happens in the untimed warm-up calls)."""
     c, cfg = run.model, run.train
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
@@ -361,11 +372,12 @@ def probe_step_seconds(run: Run, members: int, device: torch.device, budget_s: f
         for k in range(members):
             ensemble.import_member(k, gpt.state_dict())
         ensemble_optimizer = EnsembleAdamW(ensemble, cfg.betas)
+        member_losses = compiled_losses(ensemble) if compiled else ensemble.member_losses
         rows = torch.full((members,), cfg.batch_size, device=device)
 
         def ensemble_step():
             with autocast_context(device, cfg.precision):
-                losses = ensemble.member_losses(x, rows)
+                losses = member_losses(x, rows)
             ensemble_optimizer.zero_grad()
             losses.sum().backward()
             ensemble_optimizer.clip_gradients([cfg.grad_clip] * members)
@@ -398,13 +410,18 @@ class EnsembleExecutor:
             free = free_memory_bytes(self.device)
             budget = None if free is None else int(MEMORY_FRACTION * free)
         plans = plan_ensembles(runs, self.max_members, budget)
-        if self.choose_faster:
-            for plan in plans:
-                if plan.slots > 1:
-                    alone, together = probe_step_seconds(plan.runs[0], plan.slots, self.device)
-                    plan.probe = (plan.slots, alone, together)
-                    if together / plan.slots >= alone:
-                        plan.slots = 1
+        for plan in plans:
+            if plan.slots > 1 and self.device.type == "cuda":  # eager or compiled: whichever measures faster
+                _, eager = probe_step_seconds(plan.runs[0], plan.slots, self.device)
+                alone, compiled = probe_step_seconds(plan.runs[0], plan.slots, self.device, compiled=True)
+                plan.compiled = compiled < eager
+                plan.probe = (plan.slots, alone, min(eager, compiled))
+            if plan.slots > 1 and self.choose_faster:
+                if plan.probe is None:
+                    plan.probe = (plan.slots, *probe_step_seconds(plan.runs[0], plan.slots, self.device))
+                members, alone, together = plan.probe
+                if together / members >= alone:
+                    plan.slots = 1
         return plans
 
     def execute(self, runs: list[Run], workload: Workload, store: RunStore, progress: SweepProgress) -> None:
