@@ -118,17 +118,37 @@ class EnsemblePlan:
         return ensemble_key(self.runs[0])
 
 
+def batch_rows(run: Run) -> int:
+    """Sequences in each of the run's batches: all of them where the dataset is smaller than a batch."""
+    return min(run.n_sequences, run.train.batch_size)
+
+
+def split_by_batch_rows(runs: list[Run]) -> list[list[Run]]:
+    """Runs whose batches hold at least half the rows of the widest batch among them, together
+    (widest first, plan order kept within each): an ensemble pads every member's batch to the
+    widest, and padding a narrower batch would spend more compute on padding than on the run."""
+    buckets: list[list[Run]] = []
+    for run in sorted(runs, key=batch_rows, reverse=True):
+        if buckets and 2 * batch_rows(run) >= batch_rows(buckets[-1][0]):
+            buckets[-1].append(run)
+        else:
+            buckets.append([run])
+    position = {run.run_id: i for i, run in enumerate(runs)}
+    return [sorted(bucket, key=lambda run: position[run.run_id]) for bucket in buckets]
+
+
 def plan_ensembles(runs: list[Run], max_members: int | None, memory_budget: int | None) -> list[EnsemblePlan]:
-    """Group the runs (plan order kept within a group; groups in order of first appearance) and
-    give each group min(runs, max_members, what memory_budget holds) slots, at least one."""
+    """Group the runs by ensemble_key (groups in order of first appearance), split each group by
+    batch rows, and give each part min(runs, max_members, what memory_budget holds) slots, at least one."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
         groups.setdefault(ensemble_key(run), []).append(run)
     plans = []
-    for members in groups.values():
-        wanted = min(len(members), max_members or len(members))
-        fits = wanted if memory_budget is None else max(1, memory_budget // member_bytes(members[0]))
-        plans.append(EnsemblePlan(members, min(wanted, fits), memory_capped=fits < wanted))
+    for group in groups.values():
+        for members in split_by_batch_rows(group):
+            wanted = min(len(members), max_members or len(members))
+            fits = wanted if memory_budget is None else max(1, memory_budget // member_bytes(members[0]))
+            plans.append(EnsemblePlan(members, min(wanted, fits), memory_capped=fits < wanted))
     return plans
 
 

@@ -226,13 +226,14 @@ def test_a_memory_cap_splits_a_group_into_fewer_slots_that_refill(tmp_path, floa
     runs = RUNS + [Run("fifth", MODEL, 17, replace(TRAIN, seed=5, max_steps=40, cooldown_steps=10), BACKENDS)]
     budget = int(2.5 * member_bytes(runs[0]))  # room for two members
     executor = EnsembleExecutor(CPU, memory_budget=budget)
-    (plan,) = executor.plans(runs)
-    assert (plan.slots, plan.memory_capped) == (2, True)
+    plans = executor.plans(runs)  # "tiny" (3 rows a batch against 16) trains apart from the others
+    assert [([r.name for r in p.runs], p.slots, p.memory_capped) for p in plans] == [
+        (["big", "small", "decayed", "fifth"], 2, True), (["tiny"], 1, False)]
     workload = KeepingWorkload()
     with RunStore(tmp_path) as store:
         executor.execute(runs, workload, store, quiet(len(runs)))
         assert len(store.rows_of(runs)) == len(runs)
-    assert executor.trained == [{"runs": 5, "slots": 2, "most_members": 2}]
+    assert executor.trained == [{"runs": 4, "slots": 2, "most_members": 2}]
     assert_same_as_alone(workload, runs)
 
 
@@ -262,20 +263,20 @@ class KillingProgress(SweepProgress):
 def test_an_ensemble_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path, float64, resume_with):
     workload = KeepingWorkload()
     with RunStore(tmp_path) as store:
-        with pytest.raises(Killed):  # at step 55 of "big": "small" (30 steps) and "tiny" (50) are recorded
+        with pytest.raises(Killed):  # at step 55 of "big", "small" (30 steps) is recorded; "tiny" trains later, apart
             EnsembleExecutor(CPU, max_members=4).execute(RUNS, workload, store, KillingProgress("big", 55))
         finished_before = list(store.rows)
-    assert sorted(r["name"] for r in finished_before) == ["small", "tiny"]
+    assert [r["name"] for r in finished_before] == ["small"]
     saved = {p.stem: torch.load(p, weights_only=False)["step"] for p in (tmp_path / "checkpoints").glob("*.pt")}
     assert sorted(saved.values()) == [50, 50]  # big and decayed, each at its last evaluation
 
     executor = EnsembleExecutor(CPU, max_members=4) if resume_with == "ensemble" else LocalExecutor(CPU)
     with RunStore(tmp_path) as store:
         todo = store.todo(RUNS)
-        assert sorted(r.name for r in todo) == ["big", "decayed"]
+        assert sorted(r.name for r in todo) == ["big", "decayed", "tiny"]
         executor.execute(todo, workload, store, quiet(len(RUNS)))
         rows = store.rows_of(RUNS)
-    assert rows[:2] == finished_before  # finished members kept as they were, not retrained
+    assert rows[:1] == finished_before  # finished members kept as they were, not retrained
     assert len(rows) == len(RUNS) and not list((tmp_path / "checkpoints").glob("*.pt"))
     assert_same_as_alone(workload, RUNS)
 
@@ -284,7 +285,7 @@ def test_an_ensemble_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path
 # Planning and the --ensemble option
 
 
-def test_runs_group_by_shape_precision_batch_and_backends_and_k_caps_the_slots():
+def test_runs_group_by_shape_precision_batch_backends_and_batch_rows_and_k_caps_the_slots():
     base = Run("a", MODEL, 10, TRAIN, BACKENDS)
     others = [
         replace(base, name="b", n_sequences=20, train=replace(TRAIN, seed=4, lr=0.1)),  # same group: per-member things
@@ -293,10 +294,12 @@ def test_runs_group_by_shape_precision_batch_and_backends_and_k_caps_the_slots()
         replace(base, name="e", train=replace(TRAIN, batch_size=32)),
         replace(base, name="f", backends=Backends("reference", "fused")),
         replace(base, name="g", n_sequences=30),
+        replace(base, name="h", n_sequences=7),  # 7 rows a batch: less than half of a's 10, b's and g's 16
+        replace(base, name="i", n_sequences=4),
     ]
     plans = plan_ensembles([base, *others], max_members=2, memory_budget=None)
-    assert [[r.name for r in p.runs] for p in plans] == [["a", "b", "g"], ["c"], ["d"], ["e"], ["f"]]
-    assert [p.slots for p in plans] == [2, 1, 1, 1, 1]
+    assert [[r.name for r in p.runs] for p in plans] == [["a", "b", "g"], ["h", "i"], ["c"], ["d"], ["e"], ["f"]]
+    assert [p.slots for p in plans] == [2, 2, 1, 1, 1, 1]
     assert plan_ensembles([base, *others], max_members=None, memory_budget=None)[0].slots == 3
 
 
@@ -322,8 +325,7 @@ def memk(*args):
     return subprocess.run([*MEMK, *args], capture_output=True, text=True, timeout=600, cwd=OUTSIDE)
 
 
-@pytest.mark.parametrize("command", ["run-capacity", "run-generalization"])
-@pytest.mark.parametrize("value", ["0", "many"])
+@pytest.mark.parametrize("command, value", [("run-capacity", "0"), ("run-generalization", "many")])
 def test_a_bad_ensemble_value_is_one_line_and_exit_2(tmp_path, command, value):
     result = memk(command, "--preset", "smoke", "--out", str(tmp_path), "--ensemble", value)
     assert result.returncode == 2, (result.stdout, result.stderr)
