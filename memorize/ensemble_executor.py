@@ -43,7 +43,7 @@ from .model import GPT, GPTConfig, count_parameters
 from .schedule import Schedule, batch_indices
 from .store import RunStore, provenance
 from .sweep import LocalExecutor, Run, SweepProgress, Workload
-from .train import save_checkpoint
+from .train import StopSignal, save_checkpoint
 
 MEMORY_FRACTION = 0.5  # of the memory free on the device, the most an ensemble may plan to use
 
@@ -160,7 +160,7 @@ def plan_ensembles(runs: list[Run], max_members: int | None, memory_budget: int 
 class Member:
     run: Run
     data: torch.Tensor  # its training sequences, on the device
-    measure: Callable[[GPT], tuple]  # the workload's stop signal
+    measure: StopSignal  # the workload's, measured on the member exported as a GPT
     schedule: Schedule
     clock_start: float  # perf_counter() at which its train_seconds count from (earlier when resumed)
     on_step: Callable[[dict], None] = field(repr=False, default=lambda p: None)
@@ -225,20 +225,25 @@ class EnsembleTrainer:
         self.most_members = 0  # the most members ever trained at once (tests check the memory cap with it)
 
     def train(self) -> None:
-        for k in range(len(self.members)):
-            self.members[k] = self._join(k) if self.queue else None
-        while True:
+        try:
             for k in range(len(self.members)):
-                while self.members[k] is not None and self._settle(self.members[k], k):
-                    self._finish(k)
-                    self.members[k] = self._join(k) if self.queue else None
-            active = [m is not None for m in self.members]
-            if not any(active):
-                return
-            if len(active) - sum(active) >= self.repack_at:
-                self._repack([k for k, a in enumerate(active) if a])
-            self.most_members = max(self.most_members, sum(active))
-            self._step()
+                self.members[k] = self._join(k) if self.queue else None
+            while True:
+                for k in range(len(self.members)):
+                    while self.members[k] is not None and self._settle(self.members[k], k):
+                        self._finish(k)
+                        self.members[k] = self._join(k) if self.queue else None
+                active = [m is not None for m in self.members]
+                if not any(active):
+                    return
+                if len(active) - sum(active) >= self.repack_at:
+                    self._repack([k for k, a in enumerate(active) if a])
+                self.most_members = max(self.most_members, sum(active))
+                self._step()
+        finally:  # killed or failed: close the step bars of the members still training
+            for member in self.members:
+                if member is not None:
+                    member.close_bar()
 
     # ---- a member's life: join, settle (evaluate, cool down, stop), finish
 
