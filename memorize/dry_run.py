@@ -52,7 +52,8 @@ def _minutes(seconds: float) -> str:
     return f"{whole // 60}m{whole % 60:02d}s"
 
 
-def describe(runs: list[Run], choice: str | int, device: torch.device, title: str, first: Run | None = None) -> str:
+def describe(runs: list[Run], choice: str | int, device: torch.device, title: str,
+             first: Run | None = None) -> str:
     """The plan as text: each group, its runs, its probe and the two estimates (as planned, one at a
     time); `first` is a run that trains alone before them (run-generalization's reference)."""
     if choice == "off":
@@ -88,7 +89,8 @@ def describe(runs: list[Run], choice: str | int, device: torch.device, title: st
                      f"{_runs(len(plan.runs))}, {how}{capped}")
         probe = f"{alone * 1e3:.2f} ms/step alone"
         if together is not None:
-            probe += f", {together * 1e3:.2f} ms/step for {members} together ({together / members * 1e3:.2f} ms per run-step)"
+            per_run = together / members * 1e3
+            probe += f", {together * 1e3:.2f} ms/step for {members} together ({per_run:.2f} ms per run-step)"
         lines.append(f"    probe: {probe}; estimate {_minutes(seconds)}")
         for run in plan.runs:
             lines.append(f"    {run.run_id}  N={run.n_sequences}  at most {run.train.max_steps} steps")

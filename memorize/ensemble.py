@@ -98,7 +98,8 @@ class EnsembleGPT:
     def import_member(self, k: int, state: dict[str, torch.Tensor]) -> None:
         """Member k takes the weights of a GPT state dict of this config."""
         if set(state) != set(self.params):
-            raise ValueError(f"not a GPT state dict of {self.config.name}: keys differ in {sorted(set(state) ^ set(self.params))}")
+            differ = sorted(set(state) ^ set(self.params))
+            raise ValueError(f"not a GPT state dict of {self.config.name}: keys differ in {differ}")
         for name, p in self.params.items():
             p[k].copy_(state[name])
 
@@ -132,7 +133,8 @@ class EnsembleGPT:
                           p[b + "attn.qkv.weight"], p[b + "attn.qkv.bias"])
             y = self.attend(qkv.reshape(K * B, T, 3 * c.d_model), c.n_head).reshape(K, B, T, c.d_model)
             h = h + _linear(y, p[b + "attn.proj.weight"], p[b + "attn.proj.bias"])
-            u = _linear(_layer_norm(h, p[b + "ln_2.weight"], p[b + "ln_2.bias"]), p[b + "mlp.fc.weight"], p[b + "mlp.fc.bias"])
+            u = _linear(_layer_norm(h, p[b + "ln_2.weight"], p[b + "ln_2.bias"]),
+                        p[b + "mlp.fc.weight"], p[b + "mlp.fc.bias"])
             h = h + _linear(F.gelu(u, approximate="tanh"), p[b + "mlp.proj.weight"], p[b + "mlp.proj.bias"])
         h = _layer_norm(h, p["ln_f.weight"], p["ln_f.bias"])
         logits = torch.bmm(h.reshape(K, B * T, c.d_model), p["wte.weight"].transpose(1, 2))  # head tied to wte
@@ -173,7 +175,8 @@ class EnsembleAdamW:
     # ---- a member's moments in and out, as the tensors torch.optim.AdamW keeps per parameter
 
     @torch.no_grad()
-    def import_member(self, k: int, step: int, exp_avg: dict[str, torch.Tensor], exp_avg_sq: dict[str, torch.Tensor]) -> None:
+    def import_member(self, k: int, step: int, exp_avg: dict[str, torch.Tensor],
+                      exp_avg_sq: dict[str, torch.Tensor]) -> None:
         self.steps[k] = step
         for name in self.exp_avg:
             self.exp_avg[name][k].copy_(exp_avg[name])

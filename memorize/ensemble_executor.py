@@ -2,9 +2,11 @@
 
 `EnsembleExecutor` takes the runs an experiment hands any executor (memorize/sweep.py),
 groups those that can share an `EnsembleGPT` (memorize/ensemble.py): the same GPTConfig,
-precision, batch size, Adam betas and kernel backends, on this executor's device. A group
-trains in up to K slots (K from --ensemble, capped by the memory free on the device);
-each slot holds one run, a *member*, with everything a run decides by itself:
+precision, batch size, Adam betas and kernel backends, on this executor's device; a group
+is split so that no member's batches hold less than half the rows of the widest (smaller
+ones are padded). A group trains in up to K slots (K from --ensemble, capped by the memory
+free on the device); each slot holds one run, a *member*, with everything a run decides
+by itself:
 
 - its data and its batches: batch_indices(step, n, batch_size, seed) of its own run;
 - its Schedule (memorize/schedule.py): warm-up, evaluations, plateau rule, cool-down, stop;
@@ -16,6 +18,9 @@ Members need not be in step with each other: a member that finishes is recorded 
 (workload.result on its exported GPT, plus provenance) and the next queued run of the
 group takes its slot, fresh or from its checkpoint. When no queued run is left, finished
 members' slots are dropped (repacked) so they cost nothing.
+
+On CUDA the ensemble's loss runs under torch.compile where a probe measures it faster
+(unverified: written without a GPU). On CPU it runs eagerly.
 
 Checkpoints: at each evaluation a member writes its own checkpoint, in exactly the format
 train_to_saturation writes (model and torch AdamW state dicts, schedule, seconds), to the
@@ -39,7 +44,7 @@ import torch
 from .bits import autocast_context
 from .ensemble import EnsembleAdamW, EnsembleGPT
 from .errors import ConfigError
-from .model import GPT, GPTConfig, count_parameters
+from .model import GPT, count_parameters
 from .schedule import Schedule, batch_indices
 from .store import RunStore, provenance
 from .sweep import LocalExecutor, Run, SweepProgress, Workload
@@ -175,7 +180,8 @@ class Member:
 def fresh_gpt_state(run: Run, device: torch.device) -> dict[str, torch.Tensor]:
     """The weights train_to_saturation starts this run from: torch.manual_seed(seed), then GPT(config)."""
     torch.manual_seed(run.train.seed)
-    return GPT(run.model, attention_backend=run.backends.attention, logprob_backend=run.backends.logprob).to(device).state_dict()
+    gpt = GPT(run.model, attention_backend=run.backends.attention, logprob_backend=run.backends.logprob)
+    return gpt.to(device).state_dict()
 
 
 def torch_adamw_state(gpt: GPT, run: Run, lr: float, step: int, exp_avg: dict, exp_avg_sq: dict) -> dict:
@@ -183,7 +189,8 @@ def torch_adamw_state(gpt: GPT, run: Run, lr: float, step: int, exp_avg: dict, e
     optimizer = torch.optim.AdamW(gpt.parameters(), lr=lr, betas=run.train.betas, weight_decay=run.train.weight_decay)
     if step > 0:  # AdamW creates its state on the first step; a checkpoint at step 0 has none
         for name, p in gpt.named_parameters():
-            optimizer.state[p] = {"step": torch.tensor(float(step)), "exp_avg": exp_avg[name], "exp_avg_sq": exp_avg_sq[name]}
+            optimizer.state[p] = {"step": torch.tensor(float(step)), "exp_avg": exp_avg[name],
+                                  "exp_avg_sq": exp_avg_sq[name]}
     return optimizer.state_dict()
 
 
@@ -293,7 +300,8 @@ class EnsembleTrainer:
         save_checkpoint(
             {
                 "model": gpt.state_dict(),
-                "optimizer": torch_adamw_state(gpt, member.run, member.schedule.learning_rate(), step, exp_avg, exp_avg_sq),
+                "optimizer": torch_adamw_state(gpt, member.run, member.schedule.learning_rate(), step, exp_avg,
+                                               exp_avg_sq),
                 **member.schedule.state_dict(),
                 "train_seconds": time.perf_counter() - member.clock_start,
             },
@@ -393,7 +401,8 @@ def probe_step_seconds(run: Run, members: int, device: torch.device, budget_s: f
             optimizer.step()
             float(loss.detach())
 
-        ensemble = EnsembleGPT(c, members, run.backends.attention, run.backends.logprob, device, torch.get_default_dtype())
+        ensemble = EnsembleGPT(c, members, run.backends.attention, run.backends.logprob, device,
+                               torch.get_default_dtype())
         for k in range(members):
             ensemble.import_member(k, gpt.state_dict())
         ensemble_optimizer = EnsembleAdamW(ensemble, cfg.betas)
@@ -452,7 +461,9 @@ class EnsembleExecutor:
     def execute(self, runs: list[Run], workload: Workload, store: RunStore, progress: SweepProgress) -> None:
         # On CPU a frozen slot costs its share of every step and a repack one copy of the weights:
         # repack at once. On CUDA a step costs about the same for any K: wait for a quarter.
-        fraction = self.repack_fraction if self.repack_fraction is not None else (0.25 if self.device.type == "cuda" else 0.0)
+        fraction = self.repack_fraction
+        if fraction is None:
+            fraction = 0.25 if self.device.type == "cuda" else 0.0
         for plan in self.plans(runs):
             if plan.slots == 1:
                 LocalExecutor(self.device).execute(plan.runs, workload, store, progress)
