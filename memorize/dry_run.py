@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import capacity, generalization
-from .ensemble_executor import EnsembleExecutor, EnsemblePlan, plan_ensembles, probe_step_seconds
+from .ensemble_executor import EnsembleExecutor, EnsemblePlan, batch_rows, plan_ensembles, probe_step_seconds
 from .reference import FOLDER as REFERENCE_FOLDER
 from .reference import reference_id
 from .runtime import resolve_backends
@@ -76,7 +76,7 @@ def describe(runs: list[Run], choice: str | int, device: torch.device, title: st
             members, alone, together = plan.probe
         else:  # measure at the slots the group has, or would have as an ensemble
             members = plan.slots if plan.slots > 1 else _possible_slots(plan, device)
-            alone, together = probe_step_seconds(first, members, device)
+            alone, together = probe_step_seconds(plan.widest, members, device)
             together = together if members > 1 else None
         caps = [r.train.max_steps for r in plan.runs]
         seconds_alone = wall_seconds(caps, 1, alone, alone)
@@ -85,7 +85,10 @@ def describe(runs: list[Run], choice: str | int, device: torch.device, title: st
         total_alone += seconds_alone
         how = "one at a time" if plan.slots == 1 else f"an ensemble of {plan.slots} slots"
         capped = " (capped by the memory free)" if plan.memory_capped else ""
-        lines.append(f"  group {i}: {first.model.name} {first.train.precision} batch {first.train.batch_size}, "
+        rows = batch_rows(plan.widest)
+        smaller = f" (at most {rows} rows: datasets smaller than a batch)" if rows < first.train.batch_size else ""
+        batch = f"batch {first.train.batch_size}{smaller}"
+        lines.append(f"  group {i}: {first.model.name} {first.train.precision} {batch}, "
                      f"{_runs(len(plan.runs))}, {how}{capped}")
         probe = f"{alone * 1e3:.2f} ms/step alone"
         if together is not None:

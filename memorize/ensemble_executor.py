@@ -122,6 +122,11 @@ class EnsemblePlan:
     def key(self) -> tuple:
         return ensemble_key(self.runs[0])
 
+    @property
+    def widest(self) -> Run:
+        """The run with the most rows a batch: every member's batch is padded to its width."""
+        return max(self.runs, key=batch_rows)
+
 
 def batch_rows(run: Run) -> int:
     """Sequences in each of the run's batches: all of them where the dataset is smaller than a batch."""
@@ -383,14 +388,14 @@ def compiled_losses(model: EnsembleGPT) -> Callable:
 def probe_step_seconds(run: Run, members: int, device: torch.device, budget_s: float = 1.0,
                        compiled: bool = False) -> tuple[float, float]:
     """(seconds per step of one run alone, seconds per step of an ensemble of `members` such runs),
-    on random tokens: the loop's own step (forward, backward, clip, AdamW) for each; the ensemble's
-    loss compiled if asked (its compilation happens in the untimed warm-up calls)."""
+    on random tokens in batches of the run's rows: the loop's own step (forward, backward, clip,
+    AdamW) for each; the ensemble's loss compiled if asked (compiled in the untimed warm-up calls)."""
     c, cfg = run.model, run.train
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         gpt = GPT(c, attention_backend=run.backends.attention, logprob_backend=run.backends.logprob).to(device)
         optimizer = torch.optim.AdamW(gpt.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        x = torch.randint(0, c.vocab_size, (members, cfg.batch_size, c.seq_len), device=device)
+        x = torch.randint(0, c.vocab_size, (members, batch_rows(run), c.seq_len), device=device)
 
         def single_step():
             with autocast_context(device, cfg.precision):
@@ -407,7 +412,7 @@ def probe_step_seconds(run: Run, members: int, device: torch.device, budget_s: f
             ensemble.import_member(k, gpt.state_dict())
         ensemble_optimizer = EnsembleAdamW(ensemble, cfg.betas)
         member_losses = compiled_losses(ensemble) if compiled else ensemble.member_losses
-        rows = torch.full((members,), cfg.batch_size, device=device)
+        rows = torch.full((members,), batch_rows(run), device=device)
 
         def ensemble_step():
             with autocast_context(device, cfg.precision):
@@ -446,13 +451,13 @@ class EnsembleExecutor:
         plans = plan_ensembles(runs, self.max_members, budget)
         for plan in plans:
             if plan.slots > 1 and self.device.type == "cuda":  # eager or compiled: whichever measures faster
-                _, eager = probe_step_seconds(plan.runs[0], plan.slots, self.device)
-                alone, compiled = probe_step_seconds(plan.runs[0], plan.slots, self.device, compiled=True)
+                _, eager = probe_step_seconds(plan.widest, plan.slots, self.device)
+                alone, compiled = probe_step_seconds(plan.widest, plan.slots, self.device, compiled=True)
                 plan.compiled = compiled < eager
                 plan.probe = (plan.slots, alone, min(eager, compiled))
             if plan.slots > 1 and self.choose_faster:
                 if plan.probe is None:
-                    plan.probe = (plan.slots, *probe_step_seconds(plan.runs[0], plan.slots, self.device))
+                    plan.probe = (plan.slots, *probe_step_seconds(plan.widest, plan.slots, self.device))
                 members, alone, together = plan.probe
                 if together / members >= alone:
                     plan.slots = 1
