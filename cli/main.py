@@ -72,6 +72,10 @@ def training_options(command):
         click.option("--attention-backend", help="memk.kernels attention backend (auto picks the best for the device)"),
         click.option("--logprob-backend", help="memk.kernels log-prob backend (auto picks the best for the device)"),
         click.option("--no-progress", is_flag=True, help="no progress bars"),
+        click.option("--ensemble", default="off", show_default=True,
+                     help="train runs of one shape together: auto (whichever executor a probe measures faster), "
+                          "off (one at a time), or K (at most K at once)"),
+        click.option("--dry-run", is_flag=True, help="print the plan (runs, ensembles, estimated wall-clock); train nothing"),
     ]):
         command = option(command)
     return command
@@ -91,18 +95,25 @@ def training_options(command):
 @click.option("--seed", type=int, help="seed of the data stream and the model init")
 @click.option("--out", help="output folder [default: runs/capacity-PRESET]")
 @training_options
-def run_capacity(preset_name, out, no_progress, **options):
+def run_capacity(preset_name, out, no_progress, ensemble, dry_run, **options):
     """Train GPT-2 models on random data and measure capacity in bits per parameter.
 
     Re-running with the same options and --out resumes: finished runs are kept and the
     run in progress continues from its last checkpoint.
     """
     from memk.memorize import capacity
+    from memk.memorize import dry_run as dry_run_plan
+    from memk.memorize.ensemble_executor import executor_for, parse_ensemble
     from memk.memorize.options import output_folder
 
+    choice = parse_ensemble(ensemble)
     exp = capacity.experiment_from_options(preset_name, **options)
+    if dry_run:
+        click.echo(dry_run_plan.capacity_plan(exp, choice))
+        return
     out = output_folder(out, Path("runs") / f"capacity-{preset_name}")
-    summary = capacity.run_capacity(exp, out, progress=not no_progress)
+    executor = executor_for(choice, capacity.validate(exp))
+    summary = capacity.run_capacity(exp, out, progress=not no_progress, executor=executor)
     click.echo(capacity.format_table(summary))
     click.echo(f"results in {out}/: runs.jsonl, summary.json, capacity_curves.png, capacity_vs_params.png")
 
@@ -132,20 +143,27 @@ def run_capacity(preset_name, out, no_progress, **options):
 @click.option("--seed", type=int, help="seed of the data split, the Markov chain and the model init")
 @click.option("--out", help="output folder [default: runs/generalization-PRESET]")
 @training_options
-def run_generalization(preset_name, out, no_progress, **options):
+def run_generalization(preset_name, out, no_progress, ensemble, dry_run, **options):
     """Train GPT-2 models on real text (or a Markov chain): unintended memorization,
     double descent and membership inference against dataset size / capacity.
 
     Re-running with the same options and --out resumes: the corpus, the reference model
     and finished runs are kept, and the run in progress continues from its checkpoint.
     """
+    from memk.memorize import dry_run as dry_run_plan
     from memk.memorize import generalization
+    from memk.memorize.ensemble_executor import executor_for, parse_ensemble
     from memk.memorize.generalization_summary import format_summary
     from memk.memorize.options import output_folder
 
+    choice = parse_ensemble(ensemble)
     exp = generalization.experiment_from_options(preset_name, **options)
     out = output_folder(out, Path("runs") / f"generalization-{preset_name}")
-    summary = generalization.run_generalization(exp, out, progress=not no_progress)
+    if dry_run:
+        click.echo(dry_run_plan.generalization_plan(exp, choice, out))
+        return
+    executor = executor_for(choice, generalization.validate(exp))
+    summary = generalization.run_generalization(exp, out, progress=not no_progress, executor=executor)
     click.echo(format_summary(summary))
     click.echo(f"results in {out}/: runs.jsonl, summary.json, prediction.json, reference/, *.png")
 

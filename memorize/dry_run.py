@@ -1,0 +1,138 @@
+"""--dry-run: an experiment's plan, printed without training anything.
+
+The runs, how the executor that --ensemble asks for groups them, and an estimate of the
+wall-clock from a short probe of each group's training step on this device (memorize/
+ensemble_executor.py). The estimate counts training steps at each run's step cap: runs
+that plateau end sooner, and evaluations add a few per cent.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import capacity, generalization
+from .ensemble_executor import EnsembleExecutor, EnsemblePlan, batch_rows, plan_ensembles, probe_step_seconds
+from .reference import FOLDER as REFERENCE_FOLDER
+from .reference import reference_id
+from .runtime import resolve_backends
+from .sources import load_source
+from .sweep import Run
+
+
+def wall_seconds(step_caps: list[int], slots: int, alone: float, together: float) -> float:
+    """Seconds to train runs of these step caps in `slots` slots, the next run taking the first
+    free slot; a step of k members costs `alone` at k = 1, `together` at k = slots, linear between."""
+    def step_seconds(k: int) -> float:
+        return alone if slots == 1 else alone + (together - alone) * (k - 1) / (slots - 1)
+
+    queue, ends, now, total = list(step_caps), [], 0, 0.0
+    while queue or ends:
+        while queue and len(ends) < slots:
+            heapq.heappush(ends, now + queue.pop(0))
+        next_end = ends[0]
+        total += (next_end - now) * step_seconds(len(ends))
+        now = next_end
+        while ends and ends[0] == now:
+            heapq.heappop(ends)
+    return total
+
+
+def _runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
+def _minutes(seconds: float) -> str:
+    whole = round(seconds)
+    return f"{whole // 60}m{whole % 60:02d}s"
+
+
+def describe(runs: list[Run], choice: str | int, device: torch.device, title: str,
+             first: Run | None = None) -> str:
+    """The plan as text: each group, its runs, its probe and the two estimates (as planned, one at a
+    time); `first` is a run that trains alone before them (run-generalization's reference)."""
+    if choice == "off":
+        plans = plan_ensembles(runs, 1, None)
+    else:
+        executor = EnsembleExecutor(device, max_members=None if choice == "auto" else int(choice),
+                                    choose_faster=choice == "auto")
+        plans = executor.plans(runs)
+    lines = [f"{title}: {_runs(len(runs))} to train on {device}, --ensemble {choice}"]
+    total_plan = total_alone = 0.0
+    if first is not None:
+        seconds = first.train.max_steps * probe_step_seconds(first, 1, device)[0]
+        total_plan += seconds
+        total_alone += seconds
+        lines.append(f"  first, alone: {first.name} {first.model.name} N={first.n_sequences}, "
+                     f"at most {first.train.max_steps} steps; estimate {_minutes(seconds)}")
+    for i, plan in enumerate(plans, 1):
+        first = plan.runs[0]
+        if plan.probe is not None:  # --ensemble auto measured it already
+            members, alone, together = plan.probe
+        else:  # measure at the slots the group has, or would have as an ensemble
+            members = plan.slots if plan.slots > 1 else _possible_slots(plan, device)
+            alone, together = probe_step_seconds(plan.widest, members, device)
+            together = together if members > 1 else None
+        caps = [r.train.max_steps for r in plan.runs]
+        seconds_alone = wall_seconds(caps, 1, alone, alone)
+        seconds = seconds_alone if plan.slots == 1 else wall_seconds(caps, plan.slots, alone, together)
+        total_plan += seconds
+        total_alone += seconds_alone
+        how = "one at a time" if plan.slots == 1 else f"an ensemble of {plan.slots} slots"
+        capped = " (capped by the memory free)" if plan.memory_capped else ""
+        rows = batch_rows(plan.widest)
+        smaller = f" (at most {rows} rows: datasets smaller than a batch)" if rows < first.train.batch_size else ""
+        batch = f"batch {first.train.batch_size}{smaller}"
+        lines.append(f"  group {i}: {first.model.name} {first.train.precision} {batch}, "
+                     f"{_runs(len(plan.runs))}, {how}{capped}")
+        probe = f"{alone * 1e3:.2f} ms/step alone"
+        if together is not None:
+            per_run = together / members * 1e3
+            probe += f", {together * 1e3:.2f} ms/step for {members} together ({per_run:.2f} ms per run-step)"
+        lines.append(f"    probe: {probe}; estimate {_minutes(seconds)}")
+        for run in plan.runs:
+            lines.append(f"    {run.run_id}  N={run.n_sequences}  at most {run.train.max_steps} steps")
+    lines.append(f"estimated wall-clock at the step caps: {_minutes(total_plan)} as planned, "
+                 f"{_minutes(total_alone)} one run at a time (training steps only; runs that plateau end sooner)")
+    return "\n".join(lines)
+
+
+def _possible_slots(plan: EnsemblePlan, device: torch.device) -> int:
+    """The slots the group would get as an ensemble with no --ensemble cap (memory still caps it)."""
+    return EnsembleExecutor(device).plans(plan.runs)[0].slots
+
+
+def capacity_plan(exp: capacity.CapacityExperiment, choice: str | int) -> str:
+    device = capacity.validate(exp)
+    runs = capacity.plan(exp, resolve_backends(device, exp.attention_backend, exp.logprob_backend))
+    return describe(runs, choice, device, "run-capacity plan")
+
+
+def generalization_plan(exp: generalization.GeneralizationExperiment, choice: str | int, out_dir: Path) -> str:
+    """The sweep and check runs. Their sizes need H(x | θ) per sequence: exact for the Markov chain,
+    the reference model's where --out holds it trained, else the most a sequence can carry (the
+    smallest sizes the plan can have)."""
+    device = generalization.validate(exp)
+    backends = resolve_backends(device, exp.attention_backend, exp.logprob_backend)
+    with tempfile.TemporaryDirectory() as scratch:  # a text corpus is prepared here, not in --out
+        data = load_source(exp.source, exp.n_heldout, exp.seed, Path(scratch))
+    ref_config, ref_train = exp.reference_model_config(), exp.reference_train_config()
+    ref_id = reference_id(ref_config, ref_train, data)
+    stored = Path(out_dir) / REFERENCE_FOLDER
+    meta, bits_file = stored / "reference.json", stored / "bits.npz"
+    trained = meta.exists() and bits_file.exists() and json.loads(meta.read_text()).get("reference_id") == ref_id
+    if data.exact is not None:
+        bits, basis = data.most_bits_per_sequence(), "exact (Markov chain)"
+    elif trained:
+        bits, basis = float(np.load(bits_file)["heldout"].mean()), "the trained reference in --out"
+    else:
+        bits, basis = data.most_bits_per_sequence(), "at most, until the reference is trained: the sizes are the smallest"
+    runs = generalization.plan(exp, bits, len(data.train_pool), ref_id, backends)
+    reference = None if trained else Run("reference", ref_config, len(data.train_pool), ref_train, backends)
+    title = f"run-generalization plan (H(x | θ) = {bits:.1f} bits per sequence, {basis})"
+    return describe(runs, choice, device, title, first=reference)

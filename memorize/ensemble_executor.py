@@ -1,0 +1,478 @@
+"""The ensemble executor: runs of one shape trained together, each exactly as it would train alone.
+
+`EnsembleExecutor` takes the runs an experiment hands any executor (memorize/sweep.py),
+groups those that can share an `EnsembleGPT` (memorize/ensemble.py): the same GPTConfig,
+precision, batch size, Adam betas and kernel backends, on this executor's device; a group
+is split so that no member's batches hold less than half the rows of the widest (smaller
+ones are padded). A group trains in up to K slots (K from --ensemble, capped by the memory
+free on the device); each slot holds one run, a *member*, with everything a run decides
+by itself:
+
+- its data and its batches: batch_indices(step, n, batch_size, seed) of its own run;
+- its Schedule (memorize/schedule.py): warm-up, evaluations, plateau rule, cool-down, stop;
+- its AdamW moments and step count, its learning rate, its gradient clip by its own norm;
+- its evaluations: the workload's stop_signal on the member exported as a plain GPT, so
+  the bits curve is measured by the very code the single-model loop uses.
+
+Members need not be in step with each other: a member that finishes is recorded at once
+(workload.result on its exported GPT, plus provenance) and the next queued run of the
+group takes its slot, fresh or from its checkpoint. When no queued run is left, finished
+members' slots are dropped (repacked) so they cost nothing.
+
+On CUDA the ensemble's loss runs under torch.compile where a probe measures it faster
+(unverified: written without a GPU). On CPU it runs eagerly.
+
+Checkpoints: at each evaluation a member writes its own checkpoint, in exactly the format
+train_to_saturation writes (model and torch AdamW state dicts, schedule, seconds), to the
+store's checkpoint path of its run. The ensemble's checkpoint is the set of its members'
+files: a killed ensemble resumes member by member, whatever grouping the rerun makes, and
+a run checkpointed by either executor resumes under the other.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .bits import autocast_context
+from .ensemble import EnsembleAdamW, EnsembleGPT
+from .errors import ConfigError
+from .model import GPT, count_parameters
+from .runtime import free_memory_bytes, use_cpu_threads
+from .schedule import Schedule, batch_indices
+from .store import RunStore, provenance
+from .sweep import LocalExecutor, Run, SweepProgress, Workload
+from .train import StopSignal, save_checkpoint
+
+MEMORY_FRACTION = 0.5  # of the memory free on the device, the most an ensemble may plan to use
+
+
+# ---------------------------------------------------------------------------------------
+# --ensemble: what the user asks for
+
+
+def parse_ensemble(value: str) -> str | int:
+    """'auto', 'off', or a number of members K >= 1; anything else is a ConfigError."""
+    text = str(value).strip().lower()
+    if text in ("auto", "off"):
+        return text
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1 or str(k) != text:
+        raise ConfigError(
+            f"--ensemble must be auto, off or a whole number of members >= 1, got {value!r}; "
+            "e.g. --ensemble 8, or --ensemble off to train runs one at a time"
+        )
+    return k
+
+
+# ---------------------------------------------------------------------------------------
+# Planning: which runs share an ensemble, and how many slots it gets
+
+
+def ensemble_key(run: Run) -> tuple:
+    """What runs of one ensemble must share: the stacked shape and everything applied to all members at once."""
+    return (run.model, run.train.precision, run.train.batch_size, tuple(run.train.betas), run.backends)
+
+
+def member_bytes(run: Run) -> int:
+    """A generous estimate of one member's memory: weights, gradients, AdamW moments and the
+    copies a step makes of them, plus one batch's activations and logits (twice, for backward),
+    in the dtype members are built in (torch's default, as GPT's)."""
+    c = run.model
+    size = torch.tensor([]).element_size()
+    weights = 6 * count_parameters(c)
+    rows = run.train.batch_size * (c.seq_len - 1)
+    per_row = c.n_layer * (17 * c.d_model + c.n_head * c.seq_len) + 2 * c.d_model + 3 * c.vocab_size
+    return 2 * (weights + rows * per_row) * size
+
+
+@dataclass
+class EnsemblePlan:
+    """Runs of one ensemble key, trained in `slots` slots (1: the local executor trains them)."""
+
+    runs: list[Run]
+    slots: int
+    memory_capped: bool = False  # fewer slots than asked, because of the memory free
+    probe: tuple[int, float, float] | None = None  # (members, s/step alone, s/step together) where measured
+    compiled: bool = False  # the ensemble's loss under torch.compile (chosen on CUDA only, where it measures faster)
+
+    @property
+    def key(self) -> tuple:
+        return ensemble_key(self.runs[0])
+
+    @property
+    def widest(self) -> Run:
+        """The run with the most rows a batch: every member's batch is padded to its width."""
+        return max(self.runs, key=batch_rows)
+
+
+def batch_rows(run: Run) -> int:
+    """Sequences in each of the run's batches: all of them where the dataset is smaller than a batch."""
+    return min(run.n_sequences, run.train.batch_size)
+
+
+def split_by_batch_rows(runs: list[Run]) -> list[list[Run]]:
+    """Runs whose batches hold at least half the rows of the widest batch among them, together
+    (widest first, plan order kept within each): an ensemble pads every member's batch to the
+    widest, and padding a narrower batch would spend more compute on padding than on the run."""
+    buckets: list[list[Run]] = []
+    for run in sorted(runs, key=batch_rows, reverse=True):
+        if buckets and 2 * batch_rows(run) >= batch_rows(buckets[-1][0]):
+            buckets[-1].append(run)
+        else:
+            buckets.append([run])
+    position = {run.run_id: i for i, run in enumerate(runs)}
+    return [sorted(bucket, key=lambda run: position[run.run_id]) for bucket in buckets]
+
+
+def plan_ensembles(runs: list[Run], max_members: int | None, memory_budget: int | None) -> list[EnsemblePlan]:
+    """Group the runs by ensemble_key (groups in order of first appearance), split each group by
+    batch rows, and give each part min(runs, max_members, what memory_budget holds) slots, at least one."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(ensemble_key(run), []).append(run)
+    plans = []
+    for group in groups.values():
+        for members in split_by_batch_rows(group):
+            wanted = min(len(members), max_members or len(members))
+            fits = wanted if memory_budget is None else max(1, memory_budget // member_bytes(members[0]))
+            plans.append(EnsemblePlan(members, min(wanted, fits), memory_capped=fits < wanted))
+    return plans
+
+
+# ---------------------------------------------------------------------------------------
+# One member: a run in a slot
+
+
+@dataclass
+class Member:
+    run: Run
+    data: torch.Tensor  # its training sequences, on the device
+    measure: StopSignal  # the workload's, measured on the member exported as a GPT
+    schedule: Schedule
+    clock_start: float  # perf_counter() at which its train_seconds count from (earlier when resumed)
+    on_step: Callable[[dict], None] = field(repr=False, default=lambda p: None)
+    close_bar: Callable[[], None] = field(repr=False, default=lambda: None)
+
+    def batch(self, device: torch.device) -> torch.Tensor:
+        """This step's sequences: exactly the batch train_to_saturation draws at this step."""
+        cfg = self.schedule.cfg
+        return self.data[batch_indices(self.schedule.step, len(self.data), cfg.batch_size, cfg.seed).to(device)]
+
+
+def fresh_gpt_state(run: Run, device: torch.device) -> dict[str, torch.Tensor]:
+    """The weights train_to_saturation starts this run from: torch.manual_seed(seed), then GPT(config)."""
+    torch.manual_seed(run.train.seed)
+    gpt = GPT(run.model, attention_backend=run.backends.attention, logprob_backend=run.backends.logprob)
+    return gpt.to(device).state_dict()
+
+
+def torch_adamw_state(gpt: GPT, run: Run, lr: float, step: int, exp_avg: dict, exp_avg_sq: dict) -> dict:
+    """A torch.optim.AdamW state dict for `gpt` holding these moments: what train_to_saturation checkpoints."""
+    optimizer = torch.optim.AdamW(gpt.parameters(), lr=lr, betas=run.train.betas, weight_decay=run.train.weight_decay)
+    if step > 0:  # AdamW creates its state on the first step; a checkpoint at step 0 has none
+        for name, p in gpt.named_parameters():
+            optimizer.state[p] = {"step": torch.tensor(float(step)), "exp_avg": exp_avg[name],
+                                  "exp_avg_sq": exp_avg_sq[name]}
+    return optimizer.state_dict()
+
+
+def moments_from_adamw_state(state: dict, names: list[str]) -> tuple[int, dict, dict] | None:
+    """(step, exp_avg, exp_avg_sq) by parameter name from a torch AdamW state dict; None before the first step."""
+    per_index = state["state"]
+    if not per_index:
+        return None
+    order = state["param_groups"][0]["params"]  # the indices of GPT.parameters(), in order
+    step = int(per_index[order[0]]["step"])
+    return (step, {n: per_index[i]["exp_avg"] for n, i in zip(names, order)},
+            {n: per_index[i]["exp_avg_sq"] for n, i in zip(names, order)})
+
+
+# ---------------------------------------------------------------------------------------
+# Training one plan
+
+
+class EnsembleTrainer:
+    """Trains one plan's runs in its slots until every run is recorded."""
+
+    def __init__(self, plan: EnsemblePlan, workload: Workload, store: RunStore, progress: SweepProgress,
+                 device: torch.device, repack_fraction: float):
+        first = plan.runs[0]
+        self.plan, self.workload, self.store, self.progress, self.device = plan, workload, store, progress, device
+        self.precision = first.train.precision
+        self.repack_at = max(1, math.ceil(repack_fraction * plan.slots))  # frozen slots that trigger a repack
+        self.queue = deque(plan.runs)
+        # GPT's parameters take torch's default dtype; the members must too, to start from its weights.
+        self.model = EnsembleGPT(first.model, plan.slots, first.backends.attention, first.backends.logprob,
+                                 device=device, dtype=torch.get_default_dtype())
+        self.optimizer = EnsembleAdamW(self.model, first.train.betas)
+        self.member_losses = compiled_losses(self.model) if plan.compiled else self.model.member_losses
+        self.names = list(self.model.params)
+        with torch.random.fork_rng(devices=[]):  # building it must not move the global generator
+            self.template = GPT(first.model, attention_backend=first.backends.attention,
+                                logprob_backend=first.backends.logprob).to(device=device, dtype=self.model.dtype)
+        self.members: list[Member | None] = [None] * plan.slots
+        self.most_members = 0  # the most members ever trained at once (tests check the memory cap with it)
+
+    def train(self) -> None:
+        # One ensemble step does the work of its members' steps: it takes the threads such a step needs.
+        use_cpu_threads(self.device, self.plan.widest.model, self.plan.slots * batch_rows(self.plan.widest))
+        try:
+            for k in range(len(self.members)):
+                self.members[k] = self._join(k) if self.queue else None
+            while True:
+                for k in range(len(self.members)):
+                    while self.members[k] is not None and self._settle(self.members[k], k):
+                        self._finish(k)
+                        self.members[k] = self._join(k) if self.queue else None
+                active = [m is not None for m in self.members]
+                if not any(active):
+                    return
+                if len(active) - sum(active) >= self.repack_at:
+                    self._repack([k for k, a in enumerate(active) if a])
+                self.most_members = max(self.most_members, sum(active))
+                self._step()
+        finally:  # killed or failed: close the step bars of the members still training
+            for member in self.members:
+                if member is not None:
+                    member.close_bar()
+
+    # ---- a member's life: join, settle (evaluate, cool down, stop), finish
+
+    def member_gpt(self, k: int) -> GPT:
+        """Member k as a plain GPT of its own (later steps do not change it)."""
+        gpt = copy.deepcopy(self.template)
+        gpt.load_state_dict(self.model.export_member(k))
+        return gpt
+
+    def _join(self, k: int) -> Member:
+        """The next queued run takes slot k: from its checkpoint where there is one, else fresh."""
+        run = self.queue.popleft()
+        data = self.workload.training_data(run).to(self.device)
+        schedule, elapsed = Schedule(run.train), 0.0
+        checkpoint = self.store.checkpoint_path(run.run_id)
+        if checkpoint.exists():
+            state = torch.load(checkpoint, map_location=self.device, weights_only=False)
+            self.model.import_member(k, state["model"])
+            moments = moments_from_adamw_state(state["optimizer"], self.names)
+            if moments is None:
+                self.optimizer.reset_member(k)
+            else:
+                self.optimizer.import_member(k, *moments)
+            schedule.load_state_dict(state)
+            elapsed = state["train_seconds"]
+        else:
+            self.model.import_member(k, fresh_gpt_state(run, self.device))
+            self.optimizer.reset_member(k)
+        on_step, close_bar = self.progress.run_started(run)
+        return Member(run, data, self.workload.stop_signal(run, data), schedule, time.perf_counter() - elapsed,
+                      on_step, close_bar)
+
+    def _settle(self, member: Member, k: int) -> bool:
+        """What the single-model loop does before a step: evaluate when due (and checkpoint), begin
+        the cool-down when due (evaluating again at once if it has no length); True if finished."""
+        schedule = member.schedule
+        while True:
+            if schedule.evaluation_due():
+                gpt = self.member_gpt(k)
+                schedule.record(*member.measure(gpt))
+                self._checkpoint(member, k, gpt)
+            if not schedule.begin_cooldown_if_due():
+                return schedule.finished
+
+    def _checkpoint(self, member: Member, k: int, gpt: GPT) -> None:
+        step, exp_avg, exp_avg_sq = self.optimizer.export_member(k)
+        save_checkpoint(
+            {
+                "model": gpt.state_dict(),
+                "optimizer": torch_adamw_state(gpt, member.run, member.schedule.learning_rate(), step, exp_avg,
+                                               exp_avg_sq),
+                **member.schedule.state_dict(),
+                "train_seconds": time.perf_counter() - member.clock_start,
+            },
+            self.store.checkpoint_path(member.run.run_id),
+        )
+
+    def _finish(self, k: int) -> None:
+        member = self.members[k]
+        outcome = member.schedule.outcome(time.perf_counter() - member.clock_start)
+        row = self.workload.result(member.run, self.member_gpt(k), outcome, member.data)
+        member.close_bar()
+        self.store.record({**row, **provenance(member.run.backends, self.device)})
+        self.progress.run_finished()
+
+    def _repack(self, keep: list[int]) -> None:
+        """Drop the slots of finished members: they would cost a share of every step."""
+        self.model.keep_members(keep)
+        self.optimizer.keep_members(keep)
+        self.members = [self.members[k] for k in keep]
+
+    # ---- one step of every member that is training
+
+    def _step(self) -> None:
+        members, device = self.members, self.device
+        batches = [m.batch(device) if m is not None else None for m in members]
+        rows = [len(b) if b is not None else 0 for b in batches]
+        width = max(rows)
+        filler = next(b for b in batches if b is not None)[:1]
+        # Members with fewer sequences than the widest batch (n < batch_size) are padded with
+        # rows whose targets the loss ignores; frozen slots are all padding.
+        x = torch.stack([
+            torch.cat([b if b is not None else filler[:0], filler.expand(width - r, -1)]) for b, r in zip(batches, rows)
+        ])
+        with autocast_context(device, self.precision):
+            losses = self.member_losses(x, torch.tensor(rows, device=device))
+        self.optimizer.zero_grad()
+        losses.sum().backward()
+        active = [m is not None for m in members]
+        self.optimizer.clip_gradients([m.run.train.grad_clip if m is not None else 0.0 for m in members])
+        self.optimizer.step(
+            lr=[m.schedule.learning_rate() if m is not None else 0.0 for m in members],
+            weight_decay=[m.run.train.weight_decay if m is not None else 0.0 for m in members],
+            active=active,
+        )
+        for m, loss in zip(members, losses.tolist()):
+            if m is not None:
+                m.schedule.advance(loss)
+                m.on_step({"step": m.schedule.step, "loss": m.schedule.loss, "bits": m.schedule.curve[-1][1]})
+
+
+# ---------------------------------------------------------------------------------------
+# Measuring: the ensemble against one run at a time, on this device
+
+
+def _median_seconds(steps: list[Callable[[], None]], budget_s: float, most_calls: int) -> list[float]:
+    """Median seconds per call of each step function: warmed up, then called in turn (so a change
+    in the machine's load hits all alike) until budget_s has passed, at least 3 and at most
+    most_calls times each. Medians, because other processes' bursts lengthen a few calls a lot."""
+    for step in steps:
+        for _ in range(3):
+            step()
+    times: list[list[float]] = [[] for _ in steps]
+    started = time.perf_counter()
+    while len(times[0]) < most_calls and (len(times[0]) < 3 or time.perf_counter() - started < budget_s):
+        for step, seconds in zip(steps, times):
+            t = time.perf_counter()
+            step()
+            seconds.append(time.perf_counter() - t)
+    return [sorted(seconds)[len(seconds) // 2] for seconds in times]
+
+
+def compiled_losses(model: EnsembleGPT) -> Callable:
+    """model.member_losses under torch.compile, our kernels inside as the custom ops they are.
+    Meant for CUDA, where tiny models are launch-bound; a repack changes K and recompiles.
+    (Unverified: written without a GPU at hand.)"""
+    return torch.compile(model.member_losses, dynamic=False)
+
+
+def probe_step_seconds(run: Run, members: int, device: torch.device, budget_s: float = 1.0,
+                       compiled: bool = False) -> tuple[float, float]:
+    """(seconds per step of one run alone, seconds per step of an ensemble of `members` such runs),
+    on random tokens in batches of the run's rows: the loop's own step (forward, backward, clip,
+    AdamW) for each; the ensemble's loss compiled if asked (compiled in the untimed warm-up calls)."""
+    c, cfg = run.model, run.train
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        gpt = GPT(c, attention_backend=run.backends.attention, logprob_backend=run.backends.logprob).to(device)
+        optimizer = torch.optim.AdamW(gpt.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        x = torch.randint(0, c.vocab_size, (members, batch_rows(run), c.seq_len), device=device)
+
+        def single_step():
+            use_cpu_threads(device, c, batch_rows(run))  # each side at the threads it would train with
+            with autocast_context(device, cfg.precision):
+                loss = gpt.loss(x[0])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(gpt.parameters(), cfg.grad_clip or math.inf)
+            optimizer.step()
+            float(loss.detach())
+
+        ensemble = EnsembleGPT(c, members, run.backends.attention, run.backends.logprob, device,
+                               torch.get_default_dtype())
+        for k in range(members):
+            ensemble.import_member(k, gpt.state_dict())
+        ensemble_optimizer = EnsembleAdamW(ensemble, cfg.betas)
+        member_losses = compiled_losses(ensemble) if compiled else ensemble.member_losses
+        rows = torch.full((members,), batch_rows(run), device=device)
+
+        def ensemble_step():
+            use_cpu_threads(device, c, members * batch_rows(run))
+            with autocast_context(device, cfg.precision):
+                losses = member_losses(x, rows)
+            ensemble_optimizer.zero_grad()
+            losses.sum().backward()
+            ensemble_optimizer.clip_gradients([cfg.grad_clip] * members)
+            ensemble_optimizer.step([cfg.lr] * members, [cfg.weight_decay] * members, [True] * members)
+            losses.tolist()
+
+        alone, together = _median_seconds([single_step, ensemble_step], budget_s, 50)
+        return alone, together
+
+
+# ---------------------------------------------------------------------------------------
+# The executor
+
+
+@dataclass
+class EnsembleExecutor:
+    """Trains runs in ensembles (see the module docstring); with choose_faster, each group in the
+    ensemble only where a short probe on this device measures it faster than one run at a time."""
+
+    device: torch.device
+    max_members: int | None = None  # K; None: as many as a group has and memory holds
+    choose_faster: bool = False  # --ensemble auto
+    memory_budget: int | None = None  # bytes; None: MEMORY_FRACTION of the memory free at the start
+    repack_fraction: float | None = None  # frozen share of the slots that triggers a repack; None: the device's
+    trained: list[dict] = field(default_factory=list, repr=False)  # per ensemble: runs, slots, most members at once
+
+    def plans(self, runs: list[Run]) -> list[EnsemblePlan]:
+        budget = self.memory_budget
+        if budget is None:
+            free = free_memory_bytes(self.device)
+            budget = None if free is None else int(MEMORY_FRACTION * free)
+        plans = plan_ensembles(runs, self.max_members, budget)
+        for plan in plans:
+            if plan.slots > 1 and self.device.type == "cuda":  # eager or compiled: whichever measures faster
+                _, eager = probe_step_seconds(plan.widest, plan.slots, self.device)
+                alone, compiled = probe_step_seconds(plan.widest, plan.slots, self.device, compiled=True)
+                plan.compiled = compiled < eager
+                plan.probe = (plan.slots, alone, min(eager, compiled))
+            if plan.slots > 1 and self.choose_faster:
+                if plan.probe is None:
+                    plan.probe = (plan.slots, *probe_step_seconds(plan.widest, plan.slots, self.device))
+                members, alone, together = plan.probe
+                if together / members >= alone:
+                    plan.slots = 1
+        return plans
+
+    def execute(self, runs: list[Run], workload: Workload, store: RunStore, progress: SweepProgress) -> None:
+        # On CPU a frozen slot costs its share of every step and a repack one copy of the weights:
+        # repack at once. On CUDA a step costs about the same for any K: wait for a quarter.
+        fraction = self.repack_fraction
+        if fraction is None:
+            fraction = 0.25 if self.device.type == "cuda" else 0.0
+        for plan in self.plans(runs):
+            if plan.slots == 1:
+                LocalExecutor(self.device).execute(plan.runs, workload, store, progress)
+                continue
+            trainer = EnsembleTrainer(plan, workload, store, progress, self.device, fraction)
+            trainer.train()
+            self.trained.append({"runs": len(plan.runs), "slots": plan.slots, "most_members": trainer.most_members})
+
+
+def executor_for(choice: str | int, device: torch.device):
+    """The executor --ensemble asks for: None (the experiment's local default) for 'off'."""
+    if choice == "off":
+        return None
+    if choice == "auto":
+        return EnsembleExecutor(device, choose_faster=True)
+    return EnsembleExecutor(device, max_members=int(choice))
