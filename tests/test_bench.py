@@ -304,7 +304,7 @@ def test_the_torch_free_names_match_the_suites():
 def test_quick_duration_in_help_is_the_readme_figure():
     from memk.bench.cli import QUICK_DURATION, QUICK_HELP
 
-    readme = (Path(run.__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()  # the checkout's, not the installed package's
     bench_section = readme.split("## `memk bench`", 1)[1]
     assert QUICK_DURATION in QUICK_HELP and f"`--quick` takes {QUICK_DURATION}" in " ".join(bench_section.split())
 

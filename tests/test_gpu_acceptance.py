@@ -16,14 +16,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import memk.bench
 from memk.bench import acceptance as A
 from memk.bench import cases as C
 from memk.bench import run, timing
 from memk.bench.case import interpreter_active
 from memk.memorize.constants import PAPER_ALPHA_BY_PRECISION
 
-SCRIPT = Path(memk.bench.__file__).resolve().parent / "gpu_acceptance.sh"
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "gpu_acceptance.sh"  # the repository's copy: it runs from a checkout
 CUDA = torch.device("cuda")  # only named: building groups touches no GPU
 CPU = torch.device("cpu")
 
