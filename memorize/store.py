@@ -62,6 +62,8 @@ class RunStore:
         self.folder = Path(folder)
         self.experiment = experiment
         self.rows: list[dict] = []
+        self._index: dict[str, dict] = {}
+        self._index_size = -1  # len(self.rows) when _index was built
         self._lock = None
 
     def __enter__(self) -> RunStore:
@@ -164,7 +166,7 @@ class RunStore:
     def row_of(self, run: PlannedRun) -> dict | None:
         """The finished row of this run: by its id, or by the id memk gave it before the
         backends were part of ids, where the row records the same backends."""
-        by_id = {r["run_id"]: r for r in self.rows}
+        by_id = self._by_id()
         row = by_id.get(run.run_id)
         if row is None:
             legacy = by_id.get(run.legacy_run_id)
@@ -173,6 +175,13 @@ class RunStore:
             ):
                 row = legacy
         return row
+
+    def _by_id(self) -> dict[str, dict]:
+        # Rebuilt only when rows were added since: a sweep looks up every planned run.
+        if self._index_size != len(self.rows):
+            self._index = {r["run_id"]: r for r in self.rows}
+            self._index_size = len(self.rows)
+        return self._index
 
     def todo(self, runs: Iterable[PlannedRun]) -> list[PlannedRun]:
         """The runs not finished yet, in plan order."""
