@@ -108,3 +108,4 @@ def test_provenance_names_device_backends_torch_and_the_finish_time():
     p = provenance(Backends("sdpa", "fused"), torch.device("cpu"))
     assert p["device"] == "cpu" and p["attention_backend"] == "sdpa" and p["logprob_backend"] == "fused"
     assert p["torch"] == torch.__version__ and p["finished_at"].endswith("Z")
+    assert p["trained_as"] == "alone"
