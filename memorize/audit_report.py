@@ -42,20 +42,21 @@ def _save(fig, path: Path) -> None:
 def plot_roc(summary: dict, rows: list[dict]):
     """Each attack's ROC curve, on linear axes and on log-log axes (where low FPR is seen)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    floor = 1.0 / max(1, summary["sets"]["non-member"]["samples"]) / 2  # where log axes show a rate of 0
     for name, attack in summary["attacks"].items():
         m = [r["attacks"][name] for r in rows if r["set"] == "member"]
         n = [r["attacks"][name] for r in rows if r["set"] == "non-member"]
         fpr, tpr = roc_curve(m, n)
-        for ax in axes:
-            ax.plot(fpr, tpr, label=f"{attack['label']} (AUC {attack['auc']:.3f})", drawstyle="steps-post")
-    floor = 1.0 / max(1, summary["sets"]["non-member"]["samples"]) / 2
+        label = f"{attack['label']} (AUC {attack['auc']:.3f})"
+        axes[0].plot(fpr, tpr, label=label, drawstyle="steps-post")
+        axes[1].plot(np.maximum(fpr, floor), np.maximum(tpr, floor), label=label, drawstyle="steps-post")
     for ax, scale in zip(axes, ("linear", "log")):
         ax.plot([floor, 1], [floor, 1], color="gray", ls=":", lw=0.8, label="chance")
         ax.set_xscale(scale)
         ax.set_yscale(scale)
         if scale == "log":
-            ax.set_xlim(floor, 1)
-            ax.set_ylim(floor, 1)
+            ax.set_xlim(floor, 1.1)
+            ax.set_ylim(floor, 1.1)
         ax.set_xlabel("false positive rate (non-members called members)")
         ax.set_ylabel("true positive rate (members found)")
     axes[0].set_title("membership attacks: ROC")
