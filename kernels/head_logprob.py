@@ -1,7 +1,7 @@
 """log p(target) straight from a model's last hidden states and its output head, a block of rows at a time.
 
 A causal LM's logits for a batch are (tokens × V) floats: at V 50257 a batch of 8192 tokens is
-1.6 GB in float32, most of a forward pass's memory. `head_token_logprobs` never holds them all:
+1.6 GB in float32 (3 GB more for log_softmax and its gather), most of a forward pass's memory. `head_token_logprobs` never holds them all:
 it multiplies the hidden states by the head's weight for a block of rows whose logits fit in
 `block_bytes`, takes log p(target) of that block with the log-prob ops of `backend` (the fused
 kernel by default where it builds: float32 arithmetic, exact at any logit offset), and moves on.
@@ -18,7 +18,7 @@ import torch
 
 from .backends import default_logprob_backend, logprob_ops
 
-DEFAULT_BLOCK_BYTES = 256 * 2**20  # logits of one block of rows, at float32 width
+DEFAULT_BLOCK_BYTES = 64 * 2**20  # logits of one block of rows, at float32 width: 333 rows at V 50257
 
 
 def head_token_logprobs(
@@ -66,11 +66,19 @@ def head_token_logprobs(
 
 
 def logprob_moments(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of log p(v) under p = softmax(logits), over the last axis, in float32 or better."""
+    """Mean and standard deviation of log p(v) under p = softmax(logits), over the last axis, in float32 or
+    better; holds two float32 copies of the logits at most (log p and p)."""
+    shape = logits.shape[:-1]
     logp = torch.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+    logp = logp.reshape(-1, logits.shape[-1])
+    # Where p underflows to exactly 0 (and at -inf logits) this changes nothing but keeps 0 * inf out.
+    logp.clamp_(min=-1e4)
     p = logp.exp()
-    seen = p > 0  # a -inf logit has p = 0 and adds nothing (0 * -inf would be NaN)
-    mean = torch.where(seen, p * logp, 0.0).sum(-1)
+
+    def row_dot(a, b):  # sum over v of a * b, as a batched matmul: no third copy
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+
+    mean = row_dot(p, logp)
     # Centred before squaring: E[(log p - mean)^2], not E[log p^2] - mean^2, which cancels badly.
-    var = torch.where(seen, p * (logp - mean.unsqueeze(-1)).square(), 0.0).sum(-1)
-    return mean, var.sqrt()
+    var = row_dot(p, logp.sub_(mean.unsqueeze(-1)).square_())
+    return mean.reshape(shape), var.clamp_(min=0).sqrt().reshape(shape)
