@@ -6,7 +6,7 @@ config) and the same texts:
 - memk_audit: memorize.audit.audit with no reference and no bootstrap: the bits plus Min-K%++'s
   per-token moments, the attacks and the summary;
 - hf_loss_loop: model(ids, labels=ids).loss per sample, times its tokens;
-- hf_padded_batch: batches of 16 texts in input order, right-padded, log_softmax over the whole
+- hf_padded_batch: batches of 16 texts in input order (every text fits the context), right-padded, log_softmax over the whole
   logits + gather, masked sum.
 
 Each method runs in a fresh process (so each peak is its own): peak memory is the rise of the
@@ -34,7 +34,7 @@ from pathlib import Path
 METHODS = ("memk_bits", "memk_audit", "hf_loss_loop", "hf_padded_batch")
 PADDED_BATCH = 16
 SIZES = {  # texts, shortest and longest in tokens, model width and layers, context
-    "full": dict(texts=128, shortest=32, longest=512, d_model=128, layers=2, context=512, vocab=50257),
+    "full": dict(texts=64, shortest=32, longest=511, d_model=128, layers=2, context=512, vocab=50257),
     "smoke": dict(texts=12, shortest=8, longest=40, d_model=32, layers=1, context=64, vocab=50257),
 }
 
@@ -57,11 +57,14 @@ def build(folder: Path, size: dict, seed: int = 0) -> None:
         vocab_size=2000, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     texts = []
-    for _ in range(size["texts"]):
+    for _ in range(size["texts"]):  # goal tokens or one fewer: the plain loops need BOS + text within the context
         goal = rng.randint(size["shortest"], size["longest"])
         text = rng.choice(words)
-        while len(fast(text + " x")["input_ids"]) < goal:  # grow to about `goal` tokens
-            text += " " + " ".join(rng.choice(words) for _ in range(max(1, (goal - len(fast(text)["input_ids"])) // 2)))
+        while True:
+            longer = text + " " + rng.choice(words)
+            if len(fast(longer)["input_ids"]) > goal:
+                break
+            text = longer
         texts.append(text)
     model = new_gpt2(size["vocab"], size["context"], seed, d_model=size["d_model"], layers=size["layers"], heads=2)
     model.save_pretrained(folder / "model")

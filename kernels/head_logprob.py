@@ -1,8 +1,8 @@
 """log p(target) straight from a model's last hidden states and its output head, a block of rows at a time.
 
 A causal LM's logits for a batch are (tokens × V) floats: at V 50257 a batch of 8192 tokens is
-1.6 GB in float32 (3 GB more for log_softmax and its gather), most of a forward pass's memory. `head_token_logprobs` never holds them all:
-it multiplies the hidden states by the head's weight for a block of rows whose logits fit in
+1.6 GB in float32, and a log_softmax of them as much again: most of a forward pass's memory.
+`head_token_logprobs` never holds them all: it multiplies the hidden states by the head's weight for a block of rows whose logits fit in
 `block_bytes`, takes log p(target) of that block with the log-prob ops of `backend` (the fused
 kernel by default where it builds: float32 arithmetic, exact at any logit offset), and moves on.
 The logits are computed in the head weight's dtype, as the model's own head computes them; the
