@@ -237,6 +237,11 @@ def _audit(target: ScoringModel, ref: ScoringModel | None, members: list[str], n
     todo = [x for x in texts if (x[0], x[1]) not in have]
 
     tokens = {role: m.encode([t for _, _, t in todo]) for role, m in roles.items()}
+    for role, m in roles.items():
+        empty = next((todo[j] for j, ids in enumerate(tokens[role]) if not ids), None)
+        if empty is not None:
+            raise ConfigError(f"{empty[0]} text {empty[1]} ({empty[2][:40]!r}) is no tokens at all to {m.spec}'s "
+                              "tokenizer; drop it from the input")
     order = sorted(range(len(todo)), key=lambda j: -len(tokens["model"][j]))  # long first: running out of memory shows at once
     rows = list(done)
     bar = progress_bar(total=len(texts), initial=len(done), desc="audit", unit="text", disable=not progress)

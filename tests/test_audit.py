@@ -249,6 +249,27 @@ def test_inputs_from_jsonl_and_a_saved_dataset(tmp_path):
         read_texts(str(tmp_path / "ds"), column="body")
 
 
+def test_audit_help_imports_neither_torch_nor_transformers():
+    code = ("import sys\n"
+            "from click.testing import CliRunner\n"
+            "from memk.cli.main import cli\n"
+            "result = CliRunner().invoke(cli, ['audit', '--help'])\n"
+            "assert result.exit_code == 0 and '--non-members' in result.output, result.output\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=tempfile.gettempdir())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_without_transformers_the_error_names_the_extra(demo, monkeypatch):
+    from memk.memorize.audit_models import load_scoring_model
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    with pytest.raises(ConfigError, match=r'pip install "memk\[audit\]"'):
+        load_scoring_model(str(demo["base"]), torch.device("cpu"), torch.float32)
+
+
 def run_memk(capsys, *args):
     with pytest.raises(SystemExit) as exit_:
         memk_main(["audit", *args, "--no-progress"])
