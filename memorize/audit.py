@@ -30,6 +30,7 @@ import torch
 
 from .attacks import ATTACKS, attack_metrics, attack_scores, zlib_bits
 from .audit_models import ScoringModel, load_scoring_model, resolve_dtype
+from .audit_report import write_outputs
 from .audit_scoring import score_texts
 from .errors import ConfigError, warn
 from .outputs import atomic_write_json, atomic_write_text, content_digest
@@ -38,7 +39,6 @@ from .runtime import cpu_threads_for_flops, progress_bar, resolve_device
 FORMAT_VERSION = 1
 SETS = ("member", "non-member")
 SAMPLES = "samples.jsonl"
-SUMMARY = "audit.json"
 CODING = ("each model codes every token of the text as its own tokenizer splits it (no special tokens "
           "added), the first given only the model's start token (BOS, else EOS) as context, which is "
           "itself not coded; texts longer than the context are coded in sliding windows, each token once")
@@ -262,8 +262,6 @@ def _audit(target: ScoringModel, ref: ScoringModel | None, members: list[str], n
     rows.sort(key=lambda r: rank[(r["set"], r["index"])])
     summary = summarize(rows, target, ref, settings, numbers)
     if out is not None:
-        from .audit_report import write_outputs
-
         write_outputs(out, summary, rows)
     return AuditResult(summary, rows)
 

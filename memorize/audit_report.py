@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 from .attacks import roc_curve  # noqa: E402
 from .outputs import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 
+SUMMARY = "audit.json"
 ROC_PNG = "roc.png"
 HISTOGRAM_PNG = "memorization.png"
 REPORT = "report.html"
@@ -24,8 +25,7 @@ TEXT_SHOWN = 600  # characters of a top sample's text in the report (all of it i
 
 
 def write_outputs(out: Path, summary: dict, rows: list[dict]) -> None:
-    from .audit import SUMMARY
-
+    """audit.json, the two PNGs and report.html, each written atomically."""
     atomic_write_json(out / SUMMARY, summary)
     _save(plot_roc(summary, rows), out / ROC_PNG)
     _save(plot_memorization(summary, rows), out / HISTOGRAM_PNG)
