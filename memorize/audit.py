@@ -64,8 +64,10 @@ class AuditSettings:
             raise ConfigError(f"--batch-tokens {self.batch_tokens} must be positive")
         if not 0 < self.min_k <= 1:
             raise ConfigError(f"--min-k {self.min_k} must be a fraction in (0, 1], e.g. 0.2")
-        if self.bootstrap < 0 or self.top < 0 or self.chunk < 1:
-            raise ConfigError("--bootstrap and --top must be >= 0")
+        if self.bootstrap < 0 or self.top < 0:
+            raise ConfigError(f"--bootstrap ({self.bootstrap}) and --top ({self.top}) must be >= 0")
+        if self.chunk < 1:
+            raise ConfigError(f"chunk ({self.chunk}) must be at least 1 text")
 
 
 @dataclass
@@ -197,7 +199,7 @@ def audit(model, members: list[str], nonmembers: list[str], reference=None, out:
     """Audit `model` on member and non-member texts, against `reference` if given.
 
     model and reference are Hugging Face names or folders, memk checkpoint folders, or
-    ScoringModels (audit_models.scoring_model_from wraps a loaded transformers model). With
+    ScoringModels (audit_models.scoring_model_from wraps a transformers model you hold). With
     `out`, the outputs are written there (samples.jsonl as rows are computed, audit.json, the
     PNGs, report.html) and an interrupted audit resumes.
     """
@@ -214,22 +216,21 @@ def audit(model, members: list[str], nonmembers: list[str], reference=None, out:
         reference, dev, torch_dtype)
 
     threads = torch.get_num_threads()
-    if dev.type == "cpu":  # one thread for small models: a second costs more than it gains on a busy CPU
+    if target.device.type == "cpu":  # one thread for small models: a second costs more than it gains on a busy CPU
         torch.set_num_threads(cpu_threads_for_flops(2.0 * target.parameters * settings.batch_tokens))
     try:
-        return _audit(target, ref, members, nonmembers, out, dev, torch_dtype, settings, progress)
+        return _audit(target, ref, members, nonmembers, out, settings, progress)
     finally:
         torch.set_num_threads(threads)
 
 
 def _audit(target: ScoringModel, ref: ScoringModel | None, members: list[str], nonmembers: list[str],
-           out: Path | None, dev: torch.device, torch_dtype: torch.dtype, settings: AuditSettings,
-           progress: bool) -> AuditResult:
+           out: Path | None, settings: AuditSettings, progress: bool) -> AuditResult:
     texts = [("member", i, t) for i, t in enumerate(members)] + [("non-member", i, t) for i, t in enumerate(nonmembers)]
     roles = {"model": target, **({"reference": ref} if ref is not None else {})}
     windows = {role: _window(m, settings) for role, m in roles.items()}
-    numbers = {"window_stride": windows, "min_k": settings.min_k, "device": dev.type,
-               "dtype": str(torch_dtype).split(".")[-1]}
+    numbers = {"window_stride": windows, "min_k": settings.min_k, "device": target.device.type,
+               "dtype": str(target.head_dtype).split(".")[-1]}
     key = audit_key(target, ref, numbers)
     path = out / SAMPLES if out is not None else None
     done = _load_rows(path, key, {(s, i): _sha1(t) for s, i, t in texts}) if path is not None else []

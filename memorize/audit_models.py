@@ -137,17 +137,25 @@ def _load_huggingface(spec: str, source: str, device: torch.device, dtype: torch
             f"{where} {spec} has no tokenizer transformers can load ({_one_line(e)}); save the tokenizer beside "
             "the model with tokenizer.save_pretrained(FOLDER)"
         ) from None
+    module.to(device)
+    return scoring_model_from(module, tokenizer, spec, _source_fingerprint(source, local, module.config))
+
+
+def scoring_model_from(module, tokenizer, name: str = "in-memory model", fingerprint: dict | None = None) -> ScoringModel:
+    """A ScoringModel of a transformers causal LM and its tokenizer already loaded (on the device
+    you want). The resume key identifies it by `fingerprint`, by default by name and weight checksums."""
+    _transformers()
     start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start_id is None:
         raise ConfigError(
-            f"the tokenizer of {spec} has neither a BOS nor an EOS token, so the first token of a text has no "
+            f"the tokenizer of {name} has neither a BOS nor an EOS token, so the first token of a text has no "
             "context to be coded from; set tokenizer.bos_token and save it again"
         )
     config = module.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if not context:
-        raise ConfigError(f"{spec}: its config names no context length (max_position_embeddings); pass --window N")
-    module.to(device).eval()
+        raise ConfigError(f"{name}: its config names no context length (max_position_embeddings); pass --window N")
+    module.eval()
     backbone = module.base_model
 
     def hidden(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -157,16 +165,23 @@ def _load_huggingface(spec: str, source: str, device: torch.device, dtype: torch
     weight = head.weight if isinstance(head, torch.nn.Linear) else None
     bias = head.bias if isinstance(head, torch.nn.Linear) else None
     model = ScoringModel(
-        spec=spec, kind="huggingface", module=module,
+        spec=name, kind="huggingface", module=module,
         encode=lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"],
         start_id=int(start_id), start_token=str(tokenizer.convert_ids_to_tokens(int(start_id))),
         context=int(context), hidden=hidden, head_weight=weight, head_bias=bias,
-        fingerprint={"spec": spec, "kind": "huggingface", **_source_fingerprint(source, local, config)},
+        fingerprint={"spec": name, "kind": "huggingface", **(fingerprint or _weights_checksum(module))},
     )
     if weight is not None and not _head_reproduces_logits(model):
         # Soft-capped or scaled logits (Gemma 2, Cohere, ...): the head alone is not the model's output.
         model.head_weight = model.head_bias = None
     return model
+
+
+@torch.no_grad()
+def _weights_checksum(module: torch.nn.Module) -> dict:
+    """Sums of every weight tensor, digested: changes whenever training changed a weight."""
+    sums = [(name, float(p.double().sum()), float(p.double().abs().sum())) for name, p in module.named_parameters()]
+    return {"weights": hashlib.sha1(json.dumps(sums).encode()).hexdigest()[:12]}
 
 
 @torch.no_grad()

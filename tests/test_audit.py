@@ -181,6 +181,25 @@ def test_a_memk_checkpoint_is_audited_like_a_hugging_face_model(tmp_path):
         assert row["mem_u_bits"] == 0.0
 
 
+def test_a_model_held_in_memory_without_reference_gives_the_reference_free_results(demo, texts, finetuned_audit, tmp_path):
+    from memk.memorize.audit_models import scoring_model_from
+
+    members, nonmembers = texts
+    module = transformers.AutoModelForCausalLM.from_pretrained(demo["finetuned"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(demo["finetuned"])
+    result = audit(scoring_model_from(module, tokenizer, "held"), members, nonmembers, out=tmp_path, settings=FAST,
+                   progress=False)
+    from_folder = finetuned_audit[0].samples
+    # Other batches (the fixture's audit has one more text): equal up to float32 rounding of the matmuls.
+    assert [r["model_bits"] for r in result.samples] == pytest.approx(
+        [r["model_bits"] for r in from_folder[:len(result.samples)]], rel=1e-6)
+    assert all(r["mem_u_bits"] is None and "reference" not in r["attacks"] for r in result.samples)
+    assert set(result.summary["attacks"]) == {"loss", "zlib", "min_k", "min_k_pp"}
+    assert result.summary["reference"] is None and result.summary["top_ranked_by"] == "loss"
+    assert "unintended_memorization_bits" not in result.summary["sets"]["member"]
+    assert (tmp_path / "report.html").stat().st_size > 0
+
+
 # --------------------------------------------------------------------------- resume
 
 
