@@ -16,7 +16,7 @@ over what the loaded model held. Every method's bits are checked against memk_bi
     python -m memk.bench.audit_vs_transformers [--device cpu|cuda] [--out FILE]
 
 writes bench/results/audit-vs-transformers-<device>.json (machine, date, load average, versions).
-`--smoke` runs tiny sizes in seconds, for checking the script only.
+`--smoke` runs tiny sizes in seconds, for checking the script only (it writes a file only with --out).
 """
 
 from __future__ import annotations
@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="model weights: float32, bfloat16 or float16")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds: checks the script, measures nothing")
-    parser.add_argument("--out", help="JSON file [default: bench/results/audit-vs-transformers-DEVICE.json]")
+    parser.add_argument("--out", help="JSON file [default: bench/results/audit-vs-transformers-DEVICE.json; "
+                                      "none with --smoke]")
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # a child process's one method
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -181,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     from .timing import environment
 
     size = SIZES["smoke" if args.smoke else "full"]
-    out = Path(args.out or Path(__file__).parent / "results" / f"audit-vs-transformers-{args.device}.json")
+    out = Path(args.out) if args.out else None
+    if out is None and not args.smoke:
+        out = Path(__file__).parent / "results" / f"audit-vs-transformers-{args.device}.json"
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp), size)
@@ -213,9 +216,10 @@ def main(argv: list[str] | None = None) -> None:
         "padded_batch": PADDED_BATCH,
         "results": results,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":
