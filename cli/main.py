@@ -27,7 +27,8 @@ GENERALIZATION_PRESETS = {
     "smoke": "tiny models, seconds: for tests",
 }
 # The subcommands that live in other packages, imported only when asked for.
-LAZY_COMMANDS = {"bench": ("memk.bench.cli", "bench", "Benchmark memk's kernels and GPT-2 training against the baselines.")}
+LAZY_COMMANDS = {"bench": ("memk.bench.cli", "bench", "Benchmark memk's kernels and GPT-2 training against the baselines."),
+                 "audit": ("memk.cli.audit", "audit", "How much a causal LM memorized of your data, per sample, in bits.")}
 
 
 def preset_help(presets: dict[str, str]) -> str:

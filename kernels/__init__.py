@@ -19,6 +19,7 @@ from .interfaces import BackendUnavailable, LogprobOps
 
 # The fused log-prob ops; importing them compiles nothing (the kernels build on first call).
 from .fused_logprob import cross_entropy, sequence_bits, token_logprobs
+from .head_logprob import head_token_logprobs, logprob_moments
 
 __all__ = [
     "BackendUnavailable",
@@ -29,7 +30,9 @@ __all__ = [
     "cross_entropy",
     "default_attention_backend",
     "default_logprob_backend",
+    "head_token_logprobs",
     "logprob_backends",
+    "logprob_moments",
     "logprob_ops",
     "packed_attention",
     "register_attention_backend",

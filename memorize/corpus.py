@@ -71,13 +71,17 @@ def text_file_documents(path) -> list[str]:
     return [text]
 
 
-def hf_dataset_documents(name: str, split: str = "train", column: str = "text") -> list[str]:
-    """The non-empty strings of one column of a Hugging Face dataset (a save_to_disk folder or a Hub name)."""
+def hf_dataset_documents(name: str, split: str = "train", column: str = "text",
+                         flags: tuple[str, str, str] = ("--hf-dataset", "--hf-split", "--hf-column"),
+                         extra: str = "hf") -> list[str]:
+    """The non-empty strings of one column of a Hugging Face dataset (a save_to_disk folder or a Hub name).
+    Errors name the command's `flags` (dataset, split, column) and its install `extra`."""
+    dataset_flag, split_flag, column_flag = flags
     try:
         import datasets
     except ImportError:
         raise ConfigError(
-            "--hf-dataset needs the Hugging Face `datasets` package; install it with pip install 'memk[hf]'"
+            f"{dataset_flag} needs the Hugging Face `datasets` package; install it with pip install 'memk[{extra}]'"
         ) from None
 
     label = f"dataset {name!r}"
@@ -91,7 +95,7 @@ def hf_dataset_documents(name: str, split: str = "train", column: str = "text") 
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
                 raise ConfigError(
-                    f"{label} has no split {split!r}; its splits are {sorted(loaded)}: pick one with --hf-split"
+                    f"{label} has no split {split!r}; its splits are {sorted(loaded)}: pick one with {split_flag}"
                 )
             loaded = loaded[split]
     else:
@@ -106,7 +110,7 @@ def hf_dataset_documents(name: str, split: str = "train", column: str = "text") 
 
     if column not in loaded.column_names:
         raise ConfigError(
-            f"{label} has no column {column!r}; its columns are {loaded.column_names}: pick one with --hf-column"
+            f"{label} has no column {column!r}; its columns are {loaded.column_names}: pick one with {column_flag}"
         )
     documents = []
     for i, value in enumerate(loaded[column]):

@@ -134,13 +134,17 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (batch, t, V) for token ids (batch, t), t <= seq_len; position i sees tokens 0..i."""
+        return F.linear(self.hidden_states(idx), self.wte.weight)  # output head tied to the token embedding
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """The final (layer-normed) hidden states (batch, t, d) the output head reads."""
         if idx.dim() != 2 or idx.shape[1] > self.config.seq_len:
             raise ValueError(f"idx must be (batch, t) with t <= {self.config.seq_len}, got {tuple(idx.shape)}")
         pos = torch.arange(idx.shape[1], device=idx.device)
         h = self.wte(idx) + self.wpe(pos)
         for block in self.blocks:
             h = block(h)
-        return F.linear(self.ln_f(h), self.wte.weight)  # output head tied to the token embedding
+        return self.ln_f(h)
 
     def next_token_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (batch, S-1, V) predicting tokens 1..S-1 of x (batch, S): the tokens memk codes."""

@@ -48,13 +48,18 @@ def resolve_device(device: str) -> torch.device:
 def cpu_threads_for(config: GPTConfig, batch_size: int) -> int:
     """The CPU threads a run of this model and batch trains with: MEMK_NUM_THREADS or
     OMP_NUM_THREADS where set, else one for small steps and every core this process may use."""
+    return cpu_threads_for_flops(training_flops_per_token(config) * batch_size * (config.seq_len - 1))
+
+
+def cpu_threads_for_flops(flops: float) -> int:
+    """The CPU threads for steps of `flops` each (cpu_threads_for): the pinned count, else one below
+    ONE_THREAD_BELOW_FLOPS and every core this process may use above."""
     for name in (THREADS_ENV, "OMP_NUM_THREADS"):
         pinned = os.environ.get(name, "").strip()
         if pinned:
             if not pinned.isdigit() or int(pinned) < 1:
                 raise ConfigError(f"{name}={pinned!r} is not a thread count; set it to a positive integer or unset it")
             return int(pinned)
-    flops = training_flops_per_token(config) * batch_size * (config.seq_len - 1)
     return 1 if flops < ONE_THREAD_BELOW_FLOPS else len(os.sched_getaffinity(0))
 
 

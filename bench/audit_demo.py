@@ -1,0 +1,166 @@
+"""Small Hugging Face models to try `memk audit` on, built here in a minute on a CPU, nothing downloaded.
+
+    python -m memk.bench.audit_demo --out audit-demo
+
+writes audit-demo/base (a GPT-2 from a config, a character tokenizer, trained briefly on random
+letter strings so it knows the alphabet), audit-demo/finetuned (base fine-tuned on the members
+until it memorized them), audit-demo/members.txt and audit-demo/non_members.txt (fresh strings
+from the same generator), and prints the `memk audit` command to run on them. tests/test_audit.py
+builds its models with the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+ALPHABET = "abcdefghijklmnop "  # 16 letters and the space
+START = "<s>"
+
+
+def char_tokenizer(alphabet: str = ALPHABET):
+    """A transformers fast tokenizer with one token per character, <s> as its BOS and EOS."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {START: 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(alphabet)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=START, eos_token=START, unk_token="<unk>")
+
+
+def random_texts(count: int, length: int, seed: int, alphabet: str = ALPHABET) -> list[str]:
+    """Strings of `length` characters drawn uniformly from the alphabet, never starting or ending in a space."""
+    rng = random.Random(seed)
+    letters = alphabet.replace(" ", "")
+    return [rng.choice(letters) + "".join(rng.choice(alphabet) for _ in range(length - 2)) + rng.choice(letters)
+            for _ in range(count)]
+
+
+def new_gpt2(vocab_size: int, context: int, seed: int, d_model: int = 64, layers: int = 2, heads: int = 2):
+    """A GPT-2 from a config, random weights (seeded)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=context, n_embd=d_model, n_layer=layers, n_head=heads,
+                        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def train_lm(model, tokenizer, texts: list[str], steps: int, lr: float, seed: int, batch_size: int = 32) -> float:
+    """Next-token training on [BOS] + text (texts of one token length), AdamW; the last loss in nats."""
+    import torch
+
+    torch.manual_seed(seed)
+    ids = torch.tensor([[tokenizer.bos_token_id, *t] for t in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        batch = ids[torch.randperm(len(ids))[:batch_size]]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return float(loss.detach())
+
+
+def build_demo(out: Path, members: int = 32, non_members: int = 32, length: int = 40, context: int = 64,
+               base_steps: int = 150, finetune_steps: int = 300, seed: int = 0) -> dict[str, Path]:
+    """The base and fine-tuned models and the member / non-member files, in out; their paths."""
+    import torch
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains fastest on one thread (20x so on a busy 2-core CPU)
+    try:
+        paths = _build(out, members, non_members, length, context, base_steps, finetune_steps, seed)
+    finally:
+        torch.set_num_threads(threads)
+    return paths
+
+
+def _build(out, members, non_members, length, context, base_steps, finetune_steps, seed):
+    import copy
+
+    tokenizer = char_tokenizer()
+    base = new_gpt2(len(tokenizer), context, seed)
+    train_lm(base, tokenizer, random_texts(512, length, seed + 1), base_steps, 3e-3, seed, batch_size=64)
+    member_texts = random_texts(members, length, seed + 2)
+    fine = copy.deepcopy(base)
+    train_lm(fine, tokenizer, member_texts, finetune_steps, 3e-3, seed)
+    paths = {"base": out / "base", "finetuned": out / "finetuned",
+             "members": out / "members.txt", "non_members": out / "non_members.txt"}
+    for name, model in (("base", base), ("finetuned", fine)):
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    paths["members"].write_text("\n".join(member_texts) + "\n")
+    paths["non_members"].write_text("\n".join(random_texts(non_members, length, seed + 3)) + "\n")
+    return paths
+
+
+def report_picture(audit_folder: Path, path: Path) -> None:
+    """A PNG of what report.html shows (its tables and its two plots), for README: no browser needed."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = json.loads((Path(audit_folder) / "audit.json").read_text())
+    fig = plt.figure(figsize=(11, 7.2))
+    grid = fig.add_gridspec(3, 2, height_ratios=[0.42, 0.75, 1.9])
+    sets = fig.add_subplot(grid[0, :])
+    header = ["set", "samples", "H(X|M) bits", "H(X|R) bits", "mem_U bits", "mem_U per sample"]
+    cells = [[name, b["samples"], f"{b['model_bits']:,.0f}", f"{b['reference_bits']:,.0f}",
+              f"{b['unintended_memorization_bits']:,.0f}", f"{b['mean_unintended_memorization_bits']:.1f}"]
+             for name, b in summary["sets"].items()]
+    attacks = [[a["label"], f"{a['auc']:.3f} [{a['auc_interval'][0]:.2f}, {a['auc_interval'][1]:.2f}]",
+                f"{a['tpr_at_1pct_fpr']:.2f}", f"{a['tpr_at_0.1pct_fpr']:.2f}"] for a in summary["attacks"].values()]
+    for ax, (head, rows, title) in zip(
+            (sets, fig.add_subplot(grid[1, :])),
+            ((header, cells, "memorization per set"),
+             (["attack", "ROC AUC [95%]", "TPR@1%FPR", "TPR@0.1%FPR"], attacks, "membership attacks"))):
+        ax.axis("off")
+        ax.set_title(title, loc="left", fontsize=11)
+        table = ax.table(cellText=rows, colLabels=head, loc="upper left", cellLoc="left")
+        table.auto_set_font_size(False)
+        table.set_fontsize(9)
+        table.scale(1, 1.35)
+    for column, name in enumerate(("roc.png", "memorization.png")):
+        ax = fig.add_subplot(grid[2, column])
+        ax.imshow(plt.imread(Path(audit_folder) / name))
+        ax.axis("off")
+    fig.suptitle(f"memk audit report: {summary['model']['spec']} against {summary['reference']['spec']}", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="audit-demo", help="folder to write the models and texts to")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--picture", help="also audit the models into OUT/audit and draw the report's content to this PNG")
+    args = parser.parse_args(argv)
+    paths = build_demo(Path(args.out), seed=args.seed)
+    audit_folder = Path(args.out) / "audit"
+    print(f"built {paths['base']} and {paths['finetuned']}; now run:\n"
+          f"  memk audit --model {paths['finetuned']} --reference {paths['base']} "
+          f"--members {paths['members']} --non-members {paths['non_members']} --out {audit_folder}")
+    if args.picture:
+        from memk.memorize.audit import audit, read_texts
+
+        audit(str(paths["finetuned"]), read_texts(str(paths["members"])), read_texts(str(paths["non_members"])),
+              reference=str(paths["base"]), out=audit_folder, progress=False)
+        report_picture(audit_folder, Path(args.picture))
+        print(f"audited into {audit_folder}; drew {args.picture}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The models `memk audit` codes text with: any Hugging Face causal LM, or a memk checkpoint.
+
+Either becomes a ScoringModel: its tokenizer, the token every text is coded after (the start
+token: the tokenizer's BOS, else its EOS; EOT for memk), its context length, and a way to get
+log p(target) per position without holding a batch's logits whole (memk.kernels'
+head_token_logprobs on the final hidden states and the output head).
+
+A memk checkpoint is the reference model run-generalization keeps: a folder holding
+reference.json and model.pt (OUT/reference/), or the run's output folder OUT itself; the
+tokenizer is OUT/tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from memk import kernels
+
+from .errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INSTALL_HINT = 'pip install "memk[audit]"'
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto': bfloat16 weights on a GPU that has it (float16 on one that has not), float32 on the CPU."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class ScoringModel:
+    spec: str  # as the user named it
+    kind: str  # "huggingface" or "memk"
+    module: torch.nn.Module
+    encode: Callable[[list[str]], list[list[int]]]  # texts -> token ids, no special tokens added
+    start_id: int  # the token each text is coded after
+    start_token: str
+    context: int  # positions the model attends to: the sliding window's width
+    hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # ids, mask (B, T) -> final hidden (B, T, d)
+    head_weight: torch.Tensor | None  # (V, d); None where the logits must come from the whole model
+    head_bias: torch.Tensor | None
+    fingerprint: dict = field(default_factory=dict)  # what identifies these weights, for the resume key
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "kind": self.kind, "start_token": self.start_token, "start_id": self.start_id,
+                "context": self.context, "parameters": self.parameters, "dtype": str(self.head_dtype).split(".")[-1],
+                "vocab_size": self.vocab_size}
+
+    @property
+    def head_dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
+
+    @property
+    def vocab_size(self) -> int:
+        if self.head_weight is not None:
+            return int(self.head_weight.shape[0])
+        return int(self.module.get_output_embeddings().weight.shape[0])
+
+
+def load_scoring_model(spec: str, device: torch.device, dtype: torch.dtype) -> ScoringModel:
+    """A Hugging Face name or save_pretrained folder, or a memk checkpoint folder; ConfigError naming the fix."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"model {spec}: is a file, not a folder; give the folder save_pretrained wrote")
+        memk_folder = _memk_checkpoint_folder(path)
+        if memk_folder is not None:
+            return _load_memk(spec, memk_folder, device, dtype)
+        return _load_huggingface(spec, str(path), device, dtype, local=True)
+    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec:
+        raise ConfigError(
+            f"model folder {spec} does not exist; give a folder written by save_pretrained, a memk checkpoint "
+            "folder, or a Hugging Face model name"
+        )
+    return _load_huggingface(spec, spec, device, dtype, local=False)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(f"auditing Hugging Face models needs the transformers package; {INSTALL_HINT}") from None
+    transformers.utils.logging.set_verbosity_error()  # no "sequence longer than the model" notes: memk windows them
+    transformers.utils.logging.disable_progress_bar()  # no "Loading weights" bar: the audit has its own
+    return transformers
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def _load_huggingface(spec: str, source: str, device: torch.device, dtype: torch.dtype, local: bool) -> ScoringModel:
+    transformers = _transformers()
+    where = "folder" if local else "Hugging Face model"
+    if local and not (Path(source) / "config.json").exists():
+        raise ConfigError(
+            f"{spec} is not a causal language model: the folder has no config.json; give a folder written by "
+            "save_pretrained of a *ForCausalLM model, or a memk checkpoint folder"
+        )
+    try:
+        module = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (ValueError, KeyError) as e:  # transformers' word for "this config is not a causal LM"
+        raise ConfigError(
+            f"{where} {spec} is not a causal language model transformers can load ({_one_line(e)}); "
+            "give a *ForCausalLM model"
+        ) from None
+    except (OSError, RuntimeError) as e:  # not found on the Hub, offline, damaged weights
+        raise ConfigError(
+            f"cannot load {where} {spec} ({_one_line(e)}); check the name, or give a folder written by save_pretrained"
+        ) from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except Exception as e:  # noqa: BLE001 - any failure: one line naming the cause
+        raise ConfigError(
+            f"{where} {spec} has no tokenizer transformers can load ({_one_line(e)}); save the tokenizer beside "
+            "the model with tokenizer.save_pretrained(FOLDER)"
+        ) from None
+    module.to(device)
+    return scoring_model_from(module, tokenizer, spec, _source_fingerprint(source, local, module.config))
+
+
+def scoring_model_from(module, tokenizer, name: str = "in-memory model", fingerprint: dict | None = None) -> ScoringModel:
+    """A ScoringModel of a transformers causal LM and its tokenizer already loaded (on the device
+    you want). The resume key identifies it by `fingerprint`, by default by name and weight checksums."""
+    _transformers()
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start_id is None:
+        raise ConfigError(
+            f"the tokenizer of {name} has neither a BOS nor an EOS token, so the first token of a text has no "
+            "context to be coded from; set tokenizer.bos_token and save it again"
+        )
+    config = module.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not context:
+        raise ConfigError(f"{name}: its config names no context length (max_position_embeddings); pass --window N")
+    module.eval()
+    backbone = module.base_model
+
+    def hidden(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return backbone(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+
+    head = module.get_output_embeddings()
+    weight = head.weight if isinstance(head, torch.nn.Linear) else None
+    bias = head.bias if isinstance(head, torch.nn.Linear) else None
+    model = ScoringModel(
+        spec=name, kind="huggingface", module=module,
+        encode=lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"],
+        start_id=int(start_id), start_token=str(tokenizer.convert_ids_to_tokens(int(start_id))),
+        context=int(context), hidden=hidden, head_weight=weight, head_bias=bias,
+        fingerprint={"spec": name, "kind": "huggingface", **(fingerprint or _weights_checksum(module))},
+    )
+    if weight is not None and not _head_reproduces_logits(model):
+        # Soft-capped or scaled logits (Gemma 2, Cohere, ...): the head alone is not the model's output.
+        model.head_weight = model.head_bias = None
+    return model
+
+
+@torch.no_grad()
+def _weights_checksum(module: torch.nn.Module) -> dict:
+    """Sums of every weight tensor, digested: changes whenever training changed a weight."""
+    sums = [(name, float(p.double().sum()), float(p.double().abs().sum())) for name, p in module.named_parameters()]
+    return {"weights": hashlib.sha1(json.dumps(sums).encode()).hexdigest()[:12]}
+
+
+@torch.no_grad()
+def _head_reproduces_logits(model: ScoringModel) -> bool:
+    """Whether output head(final hidden states) equals the model's own logits, on a short probe."""
+    ids = torch.tensor([[model.start_id] + [i % model.vocab_size for i in range(1, 8)]], device=model.device)
+    mask = torch.ones_like(ids)
+    logits = model.module(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    mine = torch.nn.functional.linear(model.hidden(ids, mask), model.head_weight, model.head_bias).float()
+    return bool(torch.allclose(mine, logits, rtol=1e-2, atol=1e-2 * (1.0 + float(logits.abs().max()))))
+
+
+def _source_fingerprint(source: str, local: bool, config) -> dict:
+    if not local:
+        return {"commit": getattr(config, "_commit_hash", None)}
+    folder = Path(source).resolve()
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    return {"path": str(folder), "files": hashlib.sha1(json.dumps(files).encode()).hexdigest()[:12]}
+
+
+def _memk_checkpoint_folder(path: Path) -> Path | None:
+    """The folder holding reference.json and model.pt: path itself, or path/reference."""
+    for folder in (path, path / "reference"):
+        if (folder / "reference.json").is_file() and (folder / "model.pt").is_file():
+            return folder
+    return None
+
+
+def _load_memk(spec: str, folder: Path, device: torch.device, dtype: torch.dtype) -> ScoringModel:
+    from .corpus import EOT, EOT_ID, load_tokenizer
+    from .model import GPT, GPTConfig
+
+    tokenizer_folder = next((f for f in (folder, folder.parent) if (f / "tokenizer.json").is_file()), None)
+    if tokenizer_folder is None:
+        raise ConfigError(
+            f"memk checkpoint {spec}: no tokenizer.json in {folder} or {folder.parent}; audit the output folder of "
+            "run-generalization, which holds both"
+        )
+    try:
+        meta = json.loads((folder / "reference.json").read_text())
+        module = GPT(GPTConfig(**meta["model"]))
+        module.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+    except Exception as e:  # noqa: BLE001 - missing or damaged: one message naming the folder
+        raise ConfigError(f"memk checkpoint {spec}: cannot be read ({_one_line(e)}); run run-generalization again") from None
+    tokenizer = load_tokenizer(tokenizer_folder)
+    module.to(device=device, dtype=dtype).eval()
+    return ScoringModel(
+        spec=spec, kind="memk", module=module,
+        encode=lambda texts: [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)],
+        start_id=EOT_ID, start_token=EOT, context=module.config.seq_len,
+        hidden=lambda ids, mask: module.hidden_states(ids),  # causal: right padding never reaches a real token
+        head_weight=module.wte.weight, head_bias=None,
+        fingerprint={"spec": spec, "kind": "memk", **_source_fingerprint(str(folder), True, None),
+                     "tokenizer": (tokenizer_folder / "tokenizer.json").stat().st_mtime_ns},
+    )
+
+
+def token_logprobs(model: ScoringModel, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+                   targets: torch.Tensor, moments: bool):
+    """log p(targets) at flat positions `rows` of the batch ids (B, T); with moments, also Min-K%++'s mean and std."""
+    if model.head_weight is not None:
+        hidden = model.hidden(ids, mask)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[rows]
+        return kernels.head_token_logprobs(hidden, model.head_weight, targets, model.head_bias, moments=moments)
+    logits = model.module(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    logits = logits.reshape(-1, logits.shape[-1])[rows]
+    logp = kernels.logprob_ops(kernels.default_logprob_backend(logits.device)).token_logprobs(logits, targets)
+    return (logp, *kernels.logprob_moments(logits)) if moments else logp

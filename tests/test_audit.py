@@ -1,0 +1,349 @@
+"""`memk audit` on Hugging Face GPT-2s built here (nothing downloaded): a base trained briefly on random
+letter strings, and a copy fine-tuned on the members until it memorized them (memk.bench.audit_demo)."""
+
+import html.parser
+import json
+import math
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from memk.bench.audit_demo import build_demo, new_gpt2, random_texts
+from memk.cli.main import main as memk_main
+from memk.memorize.audit import AuditSettings, audit, read_texts
+from memk.memorize.errors import ConfigError
+
+transformers = pytest.importorskip("transformers")
+SCRIPT = "<script>alert('memorized')</script> & co"
+FAST = AuditSettings(bootstrap=200)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine may be busy
+    return build_demo(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="module")
+def texts(demo):
+    return read_texts(str(demo["members"])), read_texts(str(demo["non_members"]), what="non-members")
+
+
+@pytest.fixture(scope="module")
+def finetuned_audit(demo, texts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit")
+    members, nonmembers = texts
+    result = audit(str(demo["finetuned"]), members, nonmembers + [SCRIPT], reference=str(demo["base"]), out=out,
+                   settings=AuditSettings(bootstrap=200, top=100), progress=False)
+    return result, out
+
+
+def by_set(rows, name, field):
+    return np.array([r[field] for r in rows if r["set"] == name], dtype=float)
+
+
+def test_finetuned_against_base_memorized_the_members_only(finetuned_audit):
+    result, out = finetuned_audit
+    rows, summary = result.samples, result.summary
+    members_mem_u = by_set(rows, "member", "mem_u_bits")
+    nonmembers_mem_u = by_set(rows, "non-member", "mem_u_bits")
+    # A member is ~40 characters of 17 equally likely ones: ~164 bits under the base.
+    assert members_mem_u.min() > 100
+    assert nonmembers_mem_u.mean() < 1.0
+    for name, attack in summary["attacks"].items():
+        assert attack["auc"] > 0.95, name
+    assert set(summary["attacks"]) == {"loss", "reference", "zlib", "min_k", "min_k_pp"}
+    sets = summary["sets"]
+    assert sets["member"]["unintended_memorization_bits"] == pytest.approx(members_mem_u.sum())
+    assert sets["member"]["generalization_bits"] == pytest.approx(
+        8 * sets["member"]["bytes"] - sets["member"]["model_bits"] - members_mem_u.sum())
+    assert summary["top"][0]["set"] == "member"
+    for name in ("audit.json", "samples.jsonl", "roc.png", "memorization.png", "report.html"):
+        assert (out / name).stat().st_size > 0
+    assert json.loads((out / "audit.json").read_text())["sets"] == json.loads(json.dumps(sets))
+    assert len((out / "samples.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_base_against_itself_memorized_nothing(demo, texts):
+    members, nonmembers = texts
+    result = audit(str(demo["base"]), members, nonmembers, reference=str(demo["base"]), settings=FAST, progress=False)
+    assert all(r["mem_u_bits"] == 0.0 for r in result.samples)  # exactly: the same model codes the same tokens
+    for name, attack in result.summary["attacks"].items():
+        lo, hi = attack["auc_interval"]
+        assert lo <= 0.5 <= hi, (name, attack["auc"], lo, hi)
+    assert result.summary["attacks"]["reference"]["auc"] == 0.5  # every score is 0
+
+
+# --------------------------------------------------------------------------- bits, independently
+
+
+def float64_bits(folder, text, width=None, stride=None):
+    """-log2 p(text) in float64: BOS, then every token of the text, each given the context the documented
+    window rule gives it (windows end at W, W + stride, ...; a token is coded in the first that reaches it)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    seq = [tokenizer.bos_token_id, *ids]
+    width = width or model.config.n_positions
+    stride = stride or width // 2
+    ends, end = [], min(len(ids), width)
+    while True:
+        ends.append(end)
+        if end == len(ids):
+            break
+        end = min(len(ids), end + stride)
+    total = 0.0
+    with torch.no_grad():
+        for t in range(1, len(ids) + 1):
+            end = next(e for e in ends if e >= t)
+            context = seq[max(0, end - width):t]
+            logits = model(input_ids=torch.tensor([context])).logits[0, -1]
+            total -= torch.log_softmax(logits, -1)[seq[t]].item() / math.log(2)
+    return total, len(ids)
+
+
+@pytest.fixture(scope="module")
+def bpe_model(tmp_path_factory):
+    """A second GPT-2 (random weights, context 32) with a byte-level BPE tokenizer: tokens unlike the letters'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(random_texts(300, 40, 9), trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>",
+                                                eos_token="<|endoftext|>")
+    folder = tmp_path_factory.mktemp("bpe")
+    new_gpt2(len(fast), 32, seed=5).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_bits_equal_a_float64_computation_across_tokenizers_and_windows(demo, texts, bpe_model):
+    members, nonmembers = texts
+    long_text = random_texts(1, 150, 11)[0]  # 150 letters: windows of 64 (letters) and of 32 (BPE)
+    assert len(transformers.AutoTokenizer.from_pretrained(bpe_model)(long_text)["input_ids"]) > 32
+    chosen_members, chosen_nonmembers = members[:3], nonmembers[:3] + [long_text]
+    for stride in (None, 13):
+        result = audit(str(demo["finetuned"]), chosen_members, chosen_nonmembers, reference=str(bpe_model),
+                       settings=AuditSettings(stride=stride, bootstrap=0, batch_tokens=100), progress=False)
+        for row, text in zip(result.samples, chosen_members + chosen_nonmembers):
+            want, tokens = float64_bits(demo["finetuned"], text, stride=stride)
+            assert row["model_tokens"] == tokens == len(text)  # one token a letter
+            assert row["model_bits"] == pytest.approx(want, rel=1e-5, abs=1e-3)
+            want, tokens = float64_bits(bpe_model, text, stride=stride)
+            assert row["reference_tokens"] == tokens < len(text)
+            assert row["reference_bits"] == pytest.approx(want, rel=1e-5, abs=1e-3)
+            assert row["mem_u_bits"] == max(0.0, row["reference_bits"] - row["model_bits"])
+
+
+def test_a_memk_checkpoint_is_audited_like_a_hugging_face_model(tmp_path):
+    from memk.memorize.corpus import EOT_ID, train_tokenizer
+    from memk.memorize.model import GPT, GPTConfig
+
+    docs = random_texts(50, 40, 3)
+    tokenizer = train_tokenizer(docs, 300)
+    config = GPTConfig(n_layer=1, d_model=32, n_head=2, vocab_size=tokenizer.get_vocab_size(), seq_len=16)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "reference" / "reference.json").write_text(json.dumps({"model": config.to_dict()}))
+    torch.save(model.state_dict(), tmp_path / "reference" / "model.pt")
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    texts = random_texts(4, 60, 4)  # longer than 16 tokens: windowed
+    result = audit(str(tmp_path), texts[:2], texts[2:], reference=str(tmp_path / "reference"),
+                   settings=AuditSettings(bootstrap=0), progress=False)
+    model = model.double()
+    for row, text in zip(result.samples, texts):
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        seq = [EOT_ID, *ids]
+        ends, end = [], min(len(ids), 16)
+        while True:
+            ends.append(end)
+            if end == len(ids):
+                break
+            end = min(len(ids), end + 8)
+        want = 0.0
+        with torch.no_grad():
+            for t in range(1, len(ids) + 1):
+                e = next(e for e in ends if e >= t)
+                logits = model(torch.tensor([seq[max(0, e - 16):t]]))[0, -1]
+                want -= torch.log_softmax(logits, -1)[seq[t]].item() / math.log(2)
+        assert row["model_bits"] == pytest.approx(want, rel=1e-5, abs=1e-3)
+        assert row["mem_u_bits"] == 0.0
+
+
+def test_a_model_held_in_memory_without_reference_gives_the_reference_free_results(demo, texts, finetuned_audit, tmp_path):
+    from memk.memorize.audit_models import scoring_model_from
+
+    members, nonmembers = texts
+    module = transformers.AutoModelForCausalLM.from_pretrained(demo["finetuned"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(demo["finetuned"])
+    result = audit(scoring_model_from(module, tokenizer, "held"), members, nonmembers, out=tmp_path, settings=FAST,
+                   progress=False)
+    from_folder = finetuned_audit[0].samples
+    # Other batches (the fixture's audit has one more text): equal up to float32 rounding of the matmuls.
+    assert [r["model_bits"] for r in result.samples] == pytest.approx(
+        [r["model_bits"] for r in from_folder[:len(result.samples)]], rel=1e-6)
+    assert all(r["mem_u_bits"] is None and "reference" not in r["attacks"] for r in result.samples)
+    assert set(result.summary["attacks"]) == {"loss", "zlib", "min_k", "min_k_pp"}
+    assert result.summary["reference"] is None and result.summary["top_ranked_by"] == "loss"
+    assert "unintended_memorization_bits" not in result.summary["sets"]["member"]
+    assert (tmp_path / "report.html").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_an_interrupted_audit_resumes_without_redoing_finished_samples_and_never_mixes_settings(demo, texts, tmp_path):
+    members, nonmembers = texts[0][:6], texts[1][:6]
+    args = dict(reference=str(demo["base"]), out=tmp_path, settings=FAST, progress=False)
+    first = audit(str(demo["finetuned"]), members, nonmembers, **args)
+    lines = (tmp_path / "samples.jsonl").read_text().splitlines()
+    kept = [json.loads(line) for line in lines[:5]]
+    kept[0]["model_bits"] = 12345.0  # a mark: a row coded again would lose it
+    # As a kill leaves it: five whole rows and a cut-off sixth.
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept) + lines[5][:40])
+
+    resumed = audit(str(demo["finetuned"]), members, nonmembers, **args)
+    marked = next(r for r in resumed.samples if (r["set"], r["index"]) == (kept[0]["set"], kept[0]["index"]))
+    assert marked["model_bits"] == 12345.0
+    assert [r for r in resumed.samples if r is not marked] == [r for r in first.samples
+                                                                if (r["set"], r["index"]) != (marked["set"], marked["index"])]
+    assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 12
+
+    other = audit(str(demo["finetuned"]), members, nonmembers, **{**args, "settings": AuditSettings(bootstrap=200, min_k=0.5)})
+    assert all(r["model_bits"] != 12345.0 for r in other.samples)  # the other settings' rows were not reused
+    assert list(tmp_path.glob("samples.jsonl.other-*"))
+
+
+# --------------------------------------------------------------------------- report
+
+
+class Page(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.images, self.text = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_is_one_page_with_tables_inline_images_and_escaped_text(finetuned_audit):
+    _, out = finetuned_audit
+    page_html = (out / "report.html").read_text()
+    page = Page()
+    page.feed(page_html)
+    page.close()
+    assert page.tags.count("table") >= 4  # models, sets, attacks, top samples
+    assert len(page.images) == 2 and all(src.startswith("data:image/png;base64,") for src in page.images)
+    assert "script" not in page.tags  # the sample's <script> is text, not a tag
+    assert SCRIPT in "".join(page.text)
+    assert "&lt;script&gt;" in page_html and "<script>" not in page_html
+
+
+# --------------------------------------------------------------------------- inputs and errors
+
+
+def test_inputs_from_jsonl_and_a_saved_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    (tmp_path / "a.jsonl").write_text('{"body": "first", "n": 1}\n\n{"body": "second"}\n')
+    assert read_texts(str(tmp_path / "a.jsonl"), column="body") == ["first", "second"]
+    datasets.Dataset.from_dict({"text": ["x y", "", "z"]}).save_to_disk(str(tmp_path / "ds"))
+    assert read_texts(str(tmp_path / "ds")) == ["x y", "z"]
+    with pytest.raises(ConfigError, match="no column 'body'"):
+        read_texts(str(tmp_path / "ds"), column="body")
+
+
+def test_audit_help_imports_neither_torch_nor_transformers():
+    code = ("import sys\n"
+            "from click.testing import CliRunner\n"
+            "from memk.cli.main import cli\n"
+            "result = CliRunner().invoke(cli, ['audit', '--help'])\n"
+            "assert result.exit_code == 0 and '--non-members' in result.output, result.output\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=tempfile.gettempdir())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_without_transformers_the_error_names_the_extra(demo, monkeypatch):
+    from memk.memorize.audit_models import load_scoring_model
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
+    with pytest.raises(ConfigError, match=r'pip install "memk\[audit\]"'):
+        load_scoring_model(str(demo["base"]), torch.device("cpu"), torch.float32)
+
+
+def run_memk(capsys, *args):
+    with pytest.raises(SystemExit) as exit_:
+        memk_main(["audit", *args, "--no-progress"])
+    return exit_.value.code, capsys.readouterr().err
+
+
+@pytest.fixture
+def bad_inputs(demo, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "rows.jsonl").write_text('{"body": "a text"}\n')
+    (tmp_path / "no_lm").mkdir()
+    (tmp_path / "a_file").write_text("")
+    transformers.T5Config(d_model=16, num_layers=1, num_heads=2, d_ff=32, vocab_size=50).save_pretrained(tmp_path / "t5")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case,fault", [
+    ("missing model folder", "does not exist"),
+    ("folder without a model", "not a causal language model"),
+    ("not a causal LM", "not a causal language model"),
+    ("empty members", "holds no texts"),
+    ("empty non-members", "holds no texts"),
+    ("missing column", "no column 'text'"),
+    ("unwritable output", "not writable"),
+    ("cuda without a GPU", "no CUDA device"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(capsys, demo, bad_inputs, case, fault):
+    if case == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = {"--model": str(demo["finetuned"]), "--members": str(demo["members"]),
+            "--non-members": str(demo["non_members"]), "--out": str(bad_inputs / "out")}
+    args.update({
+        "missing model folder": {"--model": str(bad_inputs / "nowhere")},
+        "folder without a model": {"--model": str(bad_inputs / "no_lm")},
+        "not a causal LM": {"--model": str(bad_inputs / "t5")},
+        "empty members": {"--members": str(bad_inputs / "empty.txt")},
+        "empty non-members": {"--non-members": str(bad_inputs / "empty.txt")},
+        "missing column": {"--members": str(bad_inputs / "rows.jsonl")},
+        "unwritable output": {"--out": str(bad_inputs / "a_file" / "out")},
+        "cuda without a GPU": {"--device": "cuda"},
+    }[case])
+    code, err = run_memk(capsys, *[x for pair in args.items() for x in pair])
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("memk: error: ") and fault in err, err
+
+
+@pytest.mark.slow
+def test_the_command_end_to_end_in_a_fresh_process(demo, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "memk.cli", "audit", "--model", str(demo["finetuned"]), "--reference", str(demo["base"]),
+         "--members", str(demo["members"]), "--non-members", str(demo["non_members"]), "--out", str(tmp_path / "a"),
+         "--bootstrap", "100", "--no-progress"],
+        capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())
+    assert result.returncode == 0, result.stderr
+    assert "Min-K%++" in result.stdout and "mem_U" in result.stdout
+    summary = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert summary["sets"]["member"]["unintended_memorization_bits"] > 100 * summary["sets"]["member"]["samples"]
+    shutil.rmtree(tmp_path / "a")

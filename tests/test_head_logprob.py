@@ -1,0 +1,70 @@
+"""memk.kernels.head_token_logprobs against log_softmax of the full logits in float64."""
+
+import pytest
+import torch
+
+from memk.kernels import head_token_logprobs, logprob_backends
+
+
+def float64_truth(hidden, weight, targets, bias=None):
+    logits = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    mean = (p * logp).sum(-1)
+    std = (p * (logp - mean[:, None]) ** 2).sum(-1).sqrt()
+    return logp.gather(1, targets[:, None]).squeeze(1), mean, std
+
+
+@pytest.mark.parametrize("backend", logprob_backends())
+@pytest.mark.parametrize("block_bytes", [1, 4 * 101 * 5, 2**30])  # one row a block, 5 rows (37 is not a multiple), all
+def test_matches_float64_at_odd_sizes_in_any_blocks(backend, block_bytes):
+    g = torch.Generator().manual_seed(0)
+    n, d, vocab = 37, 13, 101
+    hidden = torch.randn(n, d, generator=g) * 3
+    weight = torch.randn(vocab, d, generator=g)
+    bias = torch.randn(vocab, generator=g) + 50.0  # a large common offset: the result must not move
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    logp, mean, std = head_token_logprobs(hidden, weight, targets, bias, moments=True, block_bytes=block_bytes,
+                                          backend=backend)
+    want_logp, want_mean, want_std = float64_truth(hidden, weight, targets, bias)
+    assert logp.dtype == torch.float32 and logp.shape == (n,)
+    torch.testing.assert_close(logp.double(), want_logp, rtol=0, atol=2e-5)
+    torch.testing.assert_close(mean.double(), want_mean, rtol=0, atol=2e-5)
+    torch.testing.assert_close(std.double(), want_std, rtol=0, atol=2e-5)
+
+
+def test_non_contiguous_inputs_and_no_moments():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(19, 2 * 11, generator=g)[:, ::2]  # strided columns
+    weight = torch.randn(11, 53, generator=g).T  # (53, 11), transposed storage
+    targets = torch.randint(0, 53, (38,), generator=g)[::2]
+    assert not hidden.is_contiguous() and not weight.is_contiguous() and not targets.is_contiguous()
+    logp = head_token_logprobs(hidden, weight, targets, block_bytes=4 * 53 * 3)
+    want, _, _ = float64_truth(hidden, weight, targets)
+    torch.testing.assert_close(logp.double(), want, rtol=0, atol=2e-5)
+
+
+def test_float64_weights_give_float64_exactly():
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, 9, (7,), generator=g)
+    logp = head_token_logprobs(hidden, weight, targets, block_bytes=4 * 9 * 2)
+    assert logp.dtype == torch.float64
+    torch.testing.assert_close(logp, float64_truth(hidden, weight, targets)[0], rtol=0, atol=1e-12)
+
+
+def test_a_masked_vocabulary_entry_has_probability_zero_not_nan():
+    hidden = torch.ones(2, 1)
+    weight = torch.tensor([[1.0], [2.0], [3.0]])
+    bias = torch.tensor([0.0, float("-inf"), 0.0])
+    logp, mean, std = head_token_logprobs(hidden, weight, torch.tensor([0, 2]), bias, moments=True, backend="reference")
+    want = torch.log_softmax(torch.tensor([1.0, 3.0], dtype=torch.float64), 0)
+    torch.testing.assert_close(logp.double(), want, rtol=0, atol=1e-6)
+    assert torch.isfinite(mean).all() and torch.isfinite(std).all()
+
+
+def test_bad_shapes_are_named():
+    with pytest.raises(ValueError, match="same d"):
+        head_token_logprobs(torch.zeros(3, 4), torch.zeros(5, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets must be"):
+        head_token_logprobs(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
