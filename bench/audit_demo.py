@@ -103,63 +103,16 @@ def _build(out, members, non_members, length, context, base_steps, finetune_step
     return paths
 
 
-def report_picture(audit_folder: Path, path: Path) -> None:
-    """A PNG of what report.html shows (its tables and its two plots), for README: no browser needed."""
-    import json
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = json.loads((Path(audit_folder) / "audit.json").read_text())
-    fig = plt.figure(figsize=(11, 7.2))
-    grid = fig.add_gridspec(3, 2, height_ratios=[0.42, 0.75, 1.9])
-    sets = fig.add_subplot(grid[0, :])
-    header = ["set", "samples", "H(X|M) bits", "H(X|R) bits", "mem_U bits", "mem_U per sample"]
-    cells = [[name, b["samples"], f"{b['model_bits']:,.0f}", f"{b['reference_bits']:,.0f}",
-              f"{b['unintended_memorization_bits']:,.0f}", f"{b['mean_unintended_memorization_bits']:.1f}"]
-             for name, b in summary["sets"].items()]
-    attacks = [[a["label"], f"{a['auc']:.3f} [{a['auc_interval'][0]:.2f}, {a['auc_interval'][1]:.2f}]",
-                f"{a['tpr_at_1pct_fpr']:.2f}", f"{a['tpr_at_0.1pct_fpr']:.2f}"] for a in summary["attacks"].values()]
-    for ax, (head, rows, title) in zip(
-            (sets, fig.add_subplot(grid[1, :])),
-            ((header, cells, "memorization per set"),
-             (["attack", "ROC AUC [95%]", "TPR@1%FPR", "TPR@0.1%FPR"], attacks, "membership attacks"))):
-        ax.axis("off")
-        ax.set_title(title, loc="left", fontsize=11)
-        table = ax.table(cellText=rows, colLabels=head, loc="upper left", cellLoc="left")
-        table.auto_set_font_size(False)
-        table.set_fontsize(9)
-        table.scale(1, 1.35)
-    for column, name in enumerate(("roc.png", "memorization.png")):
-        ax = fig.add_subplot(grid[2, column])
-        ax.imshow(plt.imread(Path(audit_folder) / name))
-        ax.axis("off")
-    fig.suptitle(f"memk audit report: {summary['model']['spec']} against {summary['reference']['spec']}", fontsize=12)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="audit-demo", help="folder to write the models and texts to")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--picture", help="also audit the models into OUT/audit and draw the report's content to this PNG")
     args = parser.parse_args(argv)
     paths = build_demo(Path(args.out), seed=args.seed)
     audit_folder = Path(args.out) / "audit"
     print(f"built {paths['base']} and {paths['finetuned']}; now run:\n"
           f"  memk audit --model {paths['finetuned']} --reference {paths['base']} "
           f"--members {paths['members']} --non-members {paths['non_members']} --out {audit_folder}")
-    if args.picture:
-        from memk.memorize.audit import audit, read_texts
-
-        audit(str(paths["finetuned"]), read_texts(str(paths["members"])), read_texts(str(paths["non_members"])),
-              reference=str(paths["base"]), out=audit_folder, progress=False)
-        report_picture(audit_folder, Path(args.picture))
-        print(f"audited into {audit_folder}; drew {args.picture}")
 
 
 if __name__ == "__main__":
