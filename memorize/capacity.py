@@ -173,6 +173,7 @@ def run_capacity(exp: CapacityExperiment, out_dir: Path, progress: bool = True, 
         finally:
             bar.close()
         summary = summarize(store.rows_of(runs))
+        summary["failed_runs"] = store.failures_of(runs)  # an executor that goes on past failures lists them
         summary["experiment"] = exp.to_dict()
         store.write_json("summary.json", summary)
         from .plots import plot_capacity_curves, plot_capacity_vs_params  # matplotlib only when needed

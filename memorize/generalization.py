@@ -421,6 +421,7 @@ def run_generalization(
             bar.close()
 
         summary = summarize(store.rows_of(runs), prediction)
+        summary["failed_runs"] = store.failures_of(runs)  # an executor that goes on past failures lists them
         summary["source"] = data.description
         summary["reference"] = reference.description
         summary["source_bits_per_sequence"] = bits_per_sequence

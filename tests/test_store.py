@@ -33,7 +33,7 @@ def test_rows_are_written_as_runs_finish_and_read_back_on_resume(tmp_path):
         assert [r.run_id for r in store.todo([Planned("a"), Planned("b")])] == ["b"]
         store.record({"run_id": "b", "bits": 2.5})
         store.record({"run_id": "old", "bits": 0.0})  # a row of another plan: kept, not used
-        assert [r["run_id"] for r in store.rows_of([Planned("b"), Planned("a")])] == ["a", "b"]
+        assert [r["run_id"] for r in store.rows_of([Planned("b"), Planned("a")])] == ["b", "a"]  # plan order
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3
     assert not (tmp_path / "checkpoints").exists()  # no run in progress: no empty folder left behind
 
