@@ -19,6 +19,7 @@ import torch
 from memk.cli.main import main, report_failures
 from memk.memorize import capacity, generalization
 from memk.memorize.capacity import UniformWorkload
+from memk.memorize.ensemble_executor import EnsembleExecutor
 from memk.memorize.ray_executor import RayExecutor, ray_executor
 from memk.memorize.runtime import resolve_backends
 from memk.memorize.store import RunStore
@@ -106,6 +107,16 @@ def test_generalization_smoke_through_ray_gives_the_local_rows_and_summary(clust
     assert by_id(rows(tmp_path / "ray")) == by_id(rows(tmp_path / "local"))
     assert len(rows(tmp_path / "ray")) == 7  # 2 models x 3 sizes, and the check run
     assert comparable(remote) == comparable(local)
+
+
+def test_with_ensemble_each_ensemble_is_one_task_and_gives_the_local_ensembles_rows(cluster, monkeypatch, tmp_path):
+    executor = ray_executor(CPU, ensemble=2)
+    assert [(len(p.runs), p.slots) for p in executor.plans(smoke_runs())] == [(2, 2), (2, 2)]  # a model's sizes
+    exp = capacity.preset("smoke")
+    capacity.run_capacity(exp, tmp_path / "ray", progress=False, executor=executor)
+    monkeypatch.setenv("MEMK_NUM_THREADS", "1")  # as the Ray tasks train: one CPU each
+    capacity.run_capacity(exp, tmp_path / "local", progress=False, executor=EnsembleExecutor(CPU, max_members=2))
+    assert by_id(rows(tmp_path / "ray")) == by_id(rows(tmp_path / "local"))
 
 
 # ---------------------------------------------------------------------------------------
