@@ -165,9 +165,10 @@ class RayExecutor:
         grouping = executor_for(self.ensemble, self.device)
         if grouping is None:
             return [EnsemblePlan([run], 1) for run in runs]
-        if self.device.type == "cuda" and self.gpus_per_task < 1:  # tasks sharing a GPU share its memory
-            free = free_memory_bytes(self.device)
-            grouping.memory_budget = None if free is None else int(MEMORY_FRACTION * free * self.gpus_per_task)
+        free = free_memory_bytes(self.device)  # measured here: the driver's machine stands for the workers'
+        if free is not None:  # tasks side by side share a GPU's (or a machine's) memory: each plans for its share
+            share = self.gpus_per_task if self.device.type == "cuda" else self.cpus_per_task / os.cpu_count()
+            grouping.memory_budget = int(MEMORY_FRACTION * free * min(1.0, share))
         plans = []
         for plan in grouping.plans(runs):
             plans.extend([plan] if plan.slots > 1 else [EnsemblePlan([run], 1) for run in plan.runs])

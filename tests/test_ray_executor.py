@@ -19,7 +19,8 @@ import torch
 from memk.cli.main import main, report_failures
 from memk.memorize import capacity, generalization
 from memk.memorize.capacity import UniformWorkload
-from memk.memorize.ensemble_executor import EnsembleExecutor
+from memk.memorize import ray_executor as ray_executor_module
+from memk.memorize.ensemble_executor import MEMORY_FRACTION, EnsembleExecutor, member_bytes
 from memk.memorize.ray_executor import RayExecutor, ray_executor
 from memk.memorize.runtime import resolve_backends
 from memk.memorize.store import RunStore
@@ -117,6 +118,20 @@ def test_with_ensemble_each_ensemble_is_one_task_and_gives_the_local_ensembles_r
     monkeypatch.setenv("MEMK_NUM_THREADS", "1")  # as the Ray tasks train: one CPU each
     capacity.run_capacity(exp, tmp_path / "local", progress=False, executor=EnsembleExecutor(CPU, max_members=2))
     assert by_id(rows(tmp_path / "ray")) == by_id(rows(tmp_path / "local"))
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="one core: a one-CPU task has the whole machine")
+def test_ensembles_of_tasks_side_by_side_plan_for_their_share_of_the_memory(monkeypatch):
+    runs = smoke_runs()
+    sizes = [member_bytes(r) for r in runs]
+    assert max(sizes) < 2 * min(sizes)  # so one budget below fits one member of every model
+    # A task with the machine to itself has room for two members of every model; one of
+    # `cores` one-CPU tasks has 1/cores of that: room for one member of every model.
+    monkeypatch.setattr(ray_executor_module, "free_memory_bytes", lambda device: int(2 * max(sizes) / MEMORY_FRACTION))
+    alone = RayExecutor(CPU, 0, os.cpu_count(), ensemble=2).plans(runs)
+    shared = RayExecutor(CPU, 0, 1, ensemble=2).plans(runs)
+    assert [p.slots for p in alone] == [2, 2]
+    assert [(len(p.runs), p.slots) for p in shared] == [(1, 1)] * 4  # a task a run, not ensembles that do not fit
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,12 +241,11 @@ def test_a_task_that_keeps_failing_is_reported_and_the_sweep_completes_then_a_re
     assert by_id(rows(out)) == {k: v for k, v in by_id(local_capacity[0]).items() if k != victim.run_id}
     assert progress.finished == len(runs) and any("in flight" in s for s in progress.shown)
 
-    # The summary lists it; the command line warns and exits 1.
+    # The summary lists it (and the command line then exits 1: below).
     summary = capacity.run_capacity(capacity.preset("smoke"), out, progress=False,
                                     executor=BreakingExecutor(victim.run_id, str(tmp_path)))
     assert [f["run_id"] for f in summary["failed_runs"]] == [victim.run_id]
     assert len(summary["precisions"]["float32"]["models"][0]["points"]) == 1  # the failed size is missing
-    assert report_failures(summary, out) == 1
 
     # Run again with the run healthy: it is retried and the failure is gone.
     summary = capacity.run_capacity(capacity.preset("smoke"), out, progress=False, executor=ray_executor(CPU))
@@ -261,6 +275,16 @@ def test_a_driver_killed_mid_sweep_resumes_keeping_every_finished_run(cluster, t
     assert after[: len(before)] == before  # finished runs kept as they were, not redone
     assert len(after) == 12 and len({r["run_id"] for r in after}) == 12
     assert not list((out / "checkpoints").glob("*.pt"))
+
+
+def test_the_command_warns_and_exits_1_where_runs_failed(capsys, monkeypatch, tmp_path):
+    failed = {"run_id": "L1-d8-N69", "error": "RuntimeError: no data", "attempts": 3}
+    monkeypatch.setattr(capacity, "run_capacity", lambda *a, **k: {"precisions": {}, "failed_runs": [failed]})
+    with pytest.raises(SystemExit) as exit:
+        main(["run-capacity", "--preset", "smoke", "--no-progress", "--out", str(tmp_path)])
+    assert exit.value.code == 1
+    assert "1 run(s) failed after retries" in capsys.readouterr().err
+    assert report_failures({"failed_runs": []}, tmp_path) == 0
 
 
 # ---------------------------------------------------------------------------------------
