@@ -188,22 +188,28 @@ class RayExecutor:
             checkpoints = {r.run_id: str(store.checkpoint_path(r.run_id).absolute()) for r in plan.runs}
             pending[task.remote(plan, shared, self.device.type, checkpoints, self.cpus_per_task)] = plan
         failed = 0
+
+        def status() -> str:
+            # Ray starts tasks about in the order they were submitted: the first `slots` pending ones run.
+            running = list(pending.values())[: self.slots]
+            return (f"{sum(len(p.runs) for p in running)} runs in flight, {len(pending) - len(running)} tasks queued"
+                    + (f", {failed} runs failed" if failed else ""))
+
+        progress.show(status())
         while pending:
-            in_flight = min(len(pending), self.slots)
-            progress.show(f"{in_flight} tasks in flight, {len(pending) - in_flight} queued"
-                          + (f", {failed} runs failed" if failed else ""))
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             plan = pending.pop(ref)
             try:
-                rows = ray.get(ref)
+                rows, error = ray.get(ref), None
             except ray.exceptions.RayError as e:  # retries spent: note the runs, go on with the rest
-                for run in plan.runs:
-                    store.record_failure(run, describe_failure(e), attempts=self.max_retries + 1)
-                    progress.run_finished()
+                rows, error = [], describe_failure(e)
                 failed += len(plan.runs)
-                continue
+            progress.show(status())
             for row in rows:
                 store.record(row)
+                progress.run_finished()
+            for run in plan.runs if error else []:
+                store.record_failure(run, error, attempts=self.max_retries + 1)
                 progress.run_finished()
 
 
