@@ -108,3 +108,17 @@ def test_provenance_names_device_backends_torch_and_the_finish_time():
     p = provenance(Backends("sdpa", "fused"), torch.device("cpu"))
     assert p["device"] == "cpu" and p["attention_backend"] == "sdpa" and p["logprob_backend"] == "fused"
     assert p["torch"] == torch.__version__ and p["finished_at"].endswith("Z")
+
+
+def test_a_failed_run_is_listed_until_it_finishes_and_is_still_to_do(tmp_path):
+    a, b = Planned("a"), Planned("b")
+    with RunStore(tmp_path, "capacity") as store:
+        store.record_failure(a, "RuntimeError: boom", attempts=3)
+        assert [f["run_id"] for f in store.failures_of([b, a])] == ["a"]
+        assert store.todo([a, b]) == [a, b]  # a rerun retries it
+    with RunStore(tmp_path, "capacity") as store:  # read back by the next command
+        (failure,) = store.failures_of([a, b])
+        assert (failure["error"], failure["attempts"]) == ("RuntimeError: boom", 3)
+        store.record({"run_id": "a", "bits": 1.0})
+        assert store.failures_of([a, b]) == []
+    assert json.loads((tmp_path / "failures.json").read_text()) == {}
