@@ -41,6 +41,7 @@ BANDWIDTH_FACTOR = 1.3  # fused CE fwd+bwd within 1.3x of reading the logits twi
 CE_VS_EAGER = 2.0
 ATTENTION_SEQ64_VS_BEST_SDPA = 1.3
 ATTENTION_SEQ1024_VS_FLASH = 0.8
+ENSEMBLE_VS_ONE_AT_A_TIME = 5.0  # model-steps/s of an ensemble of 1-layer models at batch 2048 (issue 13)
 
 
 # ---- environment and build ------------------------------------------------------------------
@@ -387,7 +388,7 @@ def attention_rows(results: list[dict], judged: bool) -> list[Row]:
 
 def train_rows(results: list[dict], judged: bool) -> list[Row]:
     rows = []
-    train = [r for r in results if r["suite"] == "train"]
+    train = [r for r in results if r["suite"] == "train" and not _is_ensemble(r)]
     for key in dict.fromkeys(r["group"] for r in train):
         group = [r for r in train if r["group"] == key]
         name = group[0]["params"].get("name", key)
@@ -414,6 +415,34 @@ def train_rows(results: list[dict], judged: bool) -> list[Row]:
     if not rows:
         rows.append(Row("training step of the paper's sizes: memk's backends faster than plain PyTorch",
                         "not measured: no train results", "n/a"))
+    return rows
+
+
+def _is_ensemble(record: dict) -> bool:
+    return record["family"].startswith("ensemble step")
+
+
+def ensemble_rows(results: list[dict], judged: bool) -> list[Row]:
+    """Per model and dtype, at the largest K measured: the ensemble's model-steps/s over one at a time."""
+    from .suite_ensemble import ENSEMBLE, ENSEMBLE_COMPILED, ONE_AT_A_TIME
+
+    rows = []
+    ensembles = [r for r in results if r["suite"] == "train" and _is_ensemble(r)]
+    for family in dict.fromkeys(r["family"] for r in ensembles):
+        group = _largest_group([r for r in ensembles if r["family"] == family])
+        first = group[0]
+        target = (f"{first['params']['members']} runs of {first['params']['name']} at batch {first['params']['batch']}, "
+                  f"{first['dtype']}: an ensemble at least {ENSEMBLE_VS_ONE_AT_A_TIME:g}x the model-steps/s of one at a time")
+        measured = [r for r in group if r["variant"] in (ENSEMBLE, ENSEMBLE_COMPILED) and r["status"] == "ok"
+                    and ONE_AT_A_TIME in r["ratios"]]
+        if not measured:
+            ensemble = next((r for r in group if r["variant"] == ENSEMBLE), None)
+            rows.append(Row(target, _not_measured(ensemble, "the ensemble"), "n/a"))
+            continue
+        parts = [f"{r['variant']} {r['ratios'][ONE_AT_A_TIME]:.2f}x ({r['throughput']['value']:.4g} model-steps/s)"
+                 for r in measured]
+        best = max(r["ratios"][ONE_AT_A_TIME] for r in measured)
+        rows.append(Row(target, ", ".join(parts), _judge(best >= ENSEMBLE_VS_ONE_AT_A_TIME, judged)))
     return rows
 
 
@@ -454,7 +483,7 @@ def verdict_rows(out_dir: str) -> tuple[list[Row], dict | None]:
         with open(alpha_path) as f:
             alpha = json.load(f)
     rows = (cross_entropy_rows(results, device_name, judged) + attention_rows(results, judged)
-            + train_rows(results, judged) + linear_rows(results) + science_rows(alpha))
+            + train_rows(results, judged) + ensemble_rows(results, judged) + linear_rows(results) + science_rows(alpha))
     return rows, env
 
 

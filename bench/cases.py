@@ -2,7 +2,7 @@
 and cases of a selection, shared by `memk bench` (bench/cli.py) and `pytest bench/` (bench/conftest.py).
 
 What a case is lives in case.py; each suite's groups in suite_logprob.py, suite_attention.py
-and suite_model.py (train and bits). The names the command line offers (suites, dtypes,
+suite_model.py (train and bits) and suite_ensemble.py (the train suite's ensemble cases). The names the command line offers (suites, dtypes,
 presets) live in choices.py, free of torch.
 """
 
@@ -13,13 +13,22 @@ import torch
 from .case import TORCH_DTYPES, Case, Group
 from .choices import DTYPE_NAMES, PRESETS, SUITES
 from .suite_attention import attention_groups
+from .suite_ensemble import ensemble_groups, paper_configs
 from .suite_logprob import logprob_groups
 from .suite_model import bits_groups, train_groups
 
 __all__ = ["DTYPE_NAMES", "PRESETS", "SUITES", "TORCH_DTYPES", "acceptance_groups", "cases_for", "default_dtypes",
            "groups_for"]
 
-_BUILDERS = {"logprob": logprob_groups, "attention": attention_groups, "train": train_groups, "bits": bits_groups}
+
+
+def _train_and_ensemble_groups(device: torch.device, dtypes: list[str], quick: bool, interpreter: bool = False):
+    """The train suite: one model's step per size and backend, then K runs one at a time against their ensemble."""
+    return train_groups(device, dtypes, quick, interpreter=interpreter) + ensemble_groups(device, dtypes, quick)
+
+
+_BUILDERS = {"logprob": logprob_groups, "attention": attention_groups, "train": _train_and_ensemble_groups,
+             "bits": bits_groups}
 
 # The acceptance run's sizes (PRESETS["acceptance"] says the same in words). GPU: the issue's;
 # with --quick: the same cases small enough for a 2-core CPU and Triton's interpreter.
@@ -29,10 +38,16 @@ ACCEPTANCE_D_MODEL = 128  # the linear_cross_entropy family's hidden size (the p
 ACCEPTANCE_ATTENTION = [(64, 32), (64, 64), (1024, 64)]  # (seq, head_dim)
 ACCEPTANCE_MODELS = [(1, 64, 2), (2, 128, 4)]  # (n_layer, d_model, n_head), the paper's grid
 ACCEPTANCE_BATCH = 2048  # the paper's batch
+# Ensembles of the paper's 1x64 model at its batch: K runs one at a time against one stacked model
+# (the 5x target of the ensemble issue); compiled only at the largest K in bfloat16 (the paper's
+# precision), since every K and dtype compiles anew.
+ACCEPTANCE_ENSEMBLE = {"configs": paper_configs([64]), "batches": [ACCEPTANCE_BATCH], "members": [1, 8, 32],
+                       "compile_members": [32], "compile_dtypes": ["bfloat16"]}
 # The long sequence is 256 with --quick: still the blocked kernel (beyond 128 tokens), at a
 # size Triton's interpreter runs in seconds.
 _QUICK = {"tokens": 4096, "d_model": 32, "attention": [(64, 32), (64, 64), (256, 64)], "attention_tokens": 1024,
-          "n_head": 2, "models": [(1, 32, 2)], "batch": 16}
+          "n_head": 2, "models": [(1, 32, 2)], "batch": 16,
+          "ensemble": {"configs": paper_configs([32]), "batches": [16], "members": [1, 4], "compile_members": [4]}}
 ACCEPTANCE_DTYPES = {"logprob": ["bfloat16", "float32"], "attention": ["bfloat16"], "train": ["float32", "bfloat16"]}
 # CPU attention runs in float32: Triton's interpreter gets bfloat16 dots wrong (case.py).
 _QUICK_DTYPES = {**ACCEPTANCE_DTYPES, "attention": ["float32"]}
@@ -61,9 +76,10 @@ def acceptance_groups(suite: str, device: torch.device, dtypes: list[str] | None
                                 tokens=_QUICK["attention_tokens"] if quick else ACCEPTANCE_TOKENS,
                                 n_head=_QUICK["n_head"] if quick else 8)
     if suite == "train":
-        return train_groups(device, dtypes, quick, interpreter=interpreter,
-                            configs=_QUICK["models"] if quick else ACCEPTANCE_MODELS,
-                            batch=_QUICK["batch"] if quick else ACCEPTANCE_BATCH)
+        return (train_groups(device, dtypes, quick, interpreter=interpreter,
+                             configs=_QUICK["models"] if quick else ACCEPTANCE_MODELS,
+                             batch=_QUICK["batch"] if quick else ACCEPTANCE_BATCH)
+                + ensemble_groups(device, dtypes, quick, **(_QUICK["ensemble"] if quick else ACCEPTANCE_ENSEMBLE)))
     return []
 
 

@@ -13,5 +13,5 @@ PRESETS = {
     "default": "every suite's sweep of sizes for the device",
     "acceptance": "the cases of the GPU acceptance run (bench/gpu_acceptance.sh; README, GPU): cross-entropy at "
                   "N 131,072, V 2048, attention at seq 64 and 1024, training steps of the paper's 1x64 and 2x128 "
-                  "models; with --quick, the same cases at CPU sizes",
+                  "models, 1-32 runs of the 1x64 model as one ensemble; with --quick, the same cases at CPU sizes",
 }

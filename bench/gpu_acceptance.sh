@@ -153,8 +153,8 @@ if [ -n "$COPY_TO" ]; then mkdir -p "$COPY_TO" && COPY_TO="$(cd "$COPY_TO" && pw
 # is measured and what is estimated). CPU: limits for a 2-core CI machine; the stages take far less.
 declare -A BUDGET
 if [ "$MODE" = gpu ]; then
-    BUDGET=([install]=20 [env]=15 [build]=90 [tests]=90 [bench-logprob]=60 [bench-attention]=30
-            [bench-train]=75 [science]=140 [report]=20)
+    BUDGET=([install]=20 [env]=15 [build]=80 [tests]=75 [bench-logprob]=60 [bench-attention]=30
+            [bench-train]=110 [science]=130 [report]=20)
     DEVICE=cuda INTERPRETER="" TEST_TIMEOUT=30 BENCH_SIZE=()
     # 12 runs (3 models x 2 sizes x 2 precisions) of at most 2500 steps; a step of these models at
     # batch 2048 is estimated at 2-5 ms on an H100 (unmeasured): about two minutes of training

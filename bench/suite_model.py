@@ -101,7 +101,7 @@ def _model_inputs(config, batch: int, n_batches: int, seed: int):
     return make
 
 
-def _autocast(device: torch.device, dtype: str):
+def autocast_for(device: torch.device, dtype: str):
     """Autocast to dtype for the 16-bit dtypes; for float32 and tf32, autocast explicitly off."""
     if dtype in ("bfloat16", "float16"):
         return torch.autocast(device.type, dtype=TORCH_DTYPES[dtype])
@@ -145,7 +145,7 @@ class ModelTolerance(NamedTuple):
     grads: float  # each parameter's gradient, as a norm (train)
 
 
-_MODEL_TOL = {  # by compute dtype
+MODEL_TOLERANCE = {  # by compute dtype
     "float32": ModelTolerance(1e-5, 1e-4),
     "tf32": ModelTolerance(5e-3, 5e-2),
     "bfloat16": ModelTolerance(3e-2, 5e-2),
@@ -156,7 +156,7 @@ _MODEL_TOL = {  # by compute dtype
 def _train_check(device: torch.device):
     def check(inputs: dict, outputs: dict) -> dict[str, tuple[float, float]]:
         ref = _float64_reference(inputs, device)
-        tol = _MODEL_TOL[outputs["dtype"]]
+        tol = MODEL_TOLERANCE[outputs["dtype"]]
         loss_err = abs(outputs["loss"].double().item() - ref["loss"].item()) / abs(ref["loss"].item())
         grad_err = max(norm_rel_err(outputs["grads"][n], g) for n, g in ref["grads"].items())
         return {"loss": (loss_err, tol.value), "grads (worst parameter)": (grad_err, tol.grads)}
@@ -192,7 +192,7 @@ def _train_variant(backends: ModelBackends, dtype: str, compare_to: tuple[str, .
 
         def call():
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, dtype):
+            with autocast_for(device, dtype):
                 loss = loss_of(cycle.next())
             loss.backward()
             optimizer.step()
@@ -201,7 +201,7 @@ def _train_variant(backends: ModelBackends, dtype: str, compare_to: tuple[str, .
         def outputs():
             # at the initial weights, before any step: compare with the float64 reference
             model.zero_grad(set_to_none=True)
-            with _autocast(device, dtype):
+            with autocast_for(device, dtype):
                 loss = loss_of(inputs["check_batch"])
             loss.backward()
             grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
@@ -281,7 +281,7 @@ def train_groups(device: torch.device, dtypes: list[str], quick: bool, logprob: 
 def _bits_check(device: torch.device):
     def check(inputs: dict, outputs: dict) -> dict[str, tuple[float, float]]:
         ref = _float64_reference(inputs, device)
-        return {"bits": (max_rel_err(outputs["bits"], ref["bits"]), _MODEL_TOL[outputs["dtype"]].value)}
+        return {"bits": (max_rel_err(outputs["bits"], ref["bits"]), MODEL_TOLERANCE[outputs["dtype"]].value)}
 
     return check
 
@@ -291,7 +291,7 @@ def _bits_variant(backends: ModelBackends, dtype: str, compare_to: tuple[str, ..
         model = _build_model(inputs["config"], backends, device, inputs["state"], interpreter, dtype).eval()
 
         def bits_of(batches):
-            with torch.inference_mode(), _autocast(device, dtype):
+            with torch.inference_mode(), autocast_for(device, dtype):
                 return torch.cat([model.sequence_bits(x) for x in batches])
 
         return Runner(lambda: bits_of(inputs["batches"]),

@@ -307,7 +307,7 @@ class EnsembleTrainer:
         outcome = member.schedule.outcome(time.perf_counter() - member.clock_start)
         row = self.workload.result(member.run, self.member_gpt(k), outcome, member.data)
         member.close_bar()
-        self.store.record({**row, **provenance(member.run.backends, self.device)})
+        self.store.record({**row, **provenance(member.run.backends, self.device, f"ensemble of {self.plan.slots}")})
         self.progress.run_finished()
 
     def _repack(self, keep: list[int]) -> None:

@@ -35,10 +35,12 @@ class PlannedRun(Protocol):
     backends: Backends
 
 
-def provenance(backends: Backends, device: torch.device) -> dict:
-    """Where and with what a run was trained: the last keys of its row."""
+def provenance(backends: Backends, device: torch.device, trained_as: str = "alone") -> dict:
+    """Where and with what a run was trained: the last keys of its row. trained_as: "alone", or
+    "ensemble of K" (K slots: float32 rounding differs a little between the two)."""
     return {
         "device": str(device),
+        "trained_as": trained_as,
         "attention_backend": backends.attention,
         "logprob_backend": backends.logprob,
         "torch": torch.__version__,

@@ -66,6 +66,8 @@ def test_json_has_every_field(quick_report):
 
 def _work(r):
     p = r["params"]
+    if "members" in p:  # ensemble cases count model-steps: K runs' steps per call
+        return p["members"]
     return p.get("tokens") or p.get("sequences") or p.get("tokens_per_step") or p["batch"] * p["seq"]
 
 

@@ -210,6 +210,7 @@ def test_each_member_ends_as_the_same_run_trained_alone(tmp_path, float64, repac
     # Rows were recorded in the order the members finished, each as it finished.
     assert [r["name"] for r in rows] == sorted((r.name for r in RUNS), key=lambda n: outcomes[n].steps)
     assert rows[0]["device"] == "cpu" and rows[0]["logprob_backend"] == "fused"
+    assert {r["trained_as"] for r in rows} == {f"ensemble of {len(RUNS)}"}
     assert not list((tmp_path / "checkpoints").glob("*.pt"))
     if repack_fraction == 1.0:  # nothing repacked: the finished members sat in their slots, untouched
         assert trainer.model.members == len(RUNS)

@@ -49,7 +49,7 @@ def test_acceptance_preset_on_a_gpu_is_the_issues_selection():
     assert all(g.dtype == "bfloat16" for g in attention)
     assert {g.params["batch"] for g in attention if g.params["seq"] == 64} == {2048}  # the paper's batch
 
-    train = [g for g in groups if g.suite == "train"]
+    train = [g for g in groups if g.suite == "train" and "members" not in g.params]
     assert [(g.params["config"]["n_layer"], g.params["config"]["d_model"]) for g in train] == [(1, 64), (2, 128)]
     for g in train:
         assert g.params["batch"] == 2048
@@ -58,6 +58,15 @@ def test_acceptance_preset_on_a_gpu_is_the_issues_selection():
             assert {f"sdpa+reference {dtype}", f"sdpa+reference {dtype} (compile)", f"sdpa+fused {dtype}",
                     f"triton+fused {dtype}"} <= names
     assert not [g for g in groups if g.suite == "bits"]
+
+    # ensembles of the paper's 1x64 model at its batch, both dtypes; compiled at the largest K in bfloat16 only
+    ensembles = [g for g in groups if g.suite == "train" and "members" in g.params]
+    assert {(g.params["name"], g.params["batch"], g.dtype, g.params["members"]) for g in ensembles} == {
+        ("L1-d64-h2-V2048-S64", 2048, dtype, k) for dtype in ("float32", "bfloat16") for k in (1, 8, 32)}
+    for g in ensembles:
+        names = {v.name for v in g.variants}
+        assert {"one at a time", "ensemble"} <= names
+        assert ("ensemble (compile)" in names) == (g.params["members"] == 32 and g.dtype == "bfloat16")
 
 
 def test_triton_attention_runs_under_the_interpreter_when_asked():
@@ -149,6 +158,34 @@ def test_verdict_judges_each_target_on_a_gpu_run(tmp_path):
     train = [v for k, v in rows.items() if k.startswith("training step")]
     assert [t.status for t in train] == ["PASS", "PASS", "reported"]
     assert "2.00x" in train[2].figure  # bfloat16 2 ms against float32 4 ms
+
+
+def test_verdict_judges_the_ensemble_at_its_largest_k_and_keeps_it_out_of_the_training_step_rows(tmp_path):
+    out = _fake_gpu_run(tmp_path, ce_median=1e-3, seq64_ratios={"sdpa:math": 2.0}, flash_1024=1.0, train_ratio=2.0)
+    path = out / "bench" / "fake.json"
+    report = json.loads(path.read_text())
+    for dtype, compiled_at_32 in (("bfloat16", 6.0), ("float32", 4.0)):
+        family = f"ensemble step L1-d64 B2048 {dtype}"
+        for k, eager in ((8, 9.0), (32, 3.0)):  # K=8's 9x is not the one judged: the largest K is
+            params = {"name": "L1-d64", "batch": 2048, "members": k}
+            report["results"] += [
+                _record("train", family, k, "one at a time", dtype, params, 1.0),
+                _record("train", family, k, "ensemble", dtype, params, 1.0 / eager, role="candidate",
+                        ratios={"one at a time": eager})]
+            if k == 32:
+                report["results"].append(_record("train", family, k, "ensemble (compile)", dtype, params,
+                                                 1.0 / compiled_at_32, role="candidate",
+                                                 ratios={"one at a time": compiled_at_32}))
+    for r in report["results"]:
+        if r["family"].startswith("ensemble"):
+            r["throughput"] = {"value": r["sweep"]["value"] / r["time"]["median_s"], "unit": "model-steps/s"}
+    path.write_text(json.dumps(report))
+    rows = _statuses(out)
+    ensemble = {k: v for k, v in rows.items() if "an ensemble at least 5x" in k}
+    assert [(k.split(",")[0], v.status) for k, v in ensemble.items()] == [
+        ("32 runs of L1-d64 at batch 2048", "PASS"), ("32 runs of L1-d64 at batch 2048", "FAIL")]
+    assert "ensemble (compile) 6.00x" in next(iter(ensemble.values())).figure
+    assert len([k for k in rows if k.startswith("training step")]) == 3  # the model's rows only, as before
 
 
 def test_verdict_fails_what_misses_and_says_what_is_missing(tmp_path):

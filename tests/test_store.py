@@ -108,6 +108,7 @@ def test_provenance_names_device_backends_torch_and_the_finish_time():
     p = provenance(Backends("sdpa", "fused"), torch.device("cpu"))
     assert p["device"] == "cpu" and p["attention_backend"] == "sdpa" and p["logprob_backend"] == "fused"
     assert p["torch"] == torch.__version__ and p["finished_at"].endswith("Z")
+    assert p["trained_as"] == "alone"
 
 
 def test_a_failed_run_is_listed_until_it_finishes_and_is_still_to_do(tmp_path):
