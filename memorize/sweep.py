@@ -19,6 +19,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from .errors import ConfigError
 from .model import GPT, GPTConfig
 from .outputs import content_digest
 from .runtime import Backends, progress_bar, step_progress, use_cpu_threads
@@ -133,3 +134,10 @@ class LocalExecutor:
                 close_bar()
             store.record(row)
             progress.run_finished()
+
+
+def require_rows(rows: list[dict], failures: list[dict]) -> None:
+    """A ConfigError where every run failed (an executor that goes on past failures): nothing to summarize."""
+    if failures and not rows:
+        raise ConfigError(f"all {len(failures)} runs failed after retries (the first: {failures[0]['error']}); "
+                          "failures.json lists them; fix the cause and run the same command again")

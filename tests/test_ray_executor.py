@@ -19,6 +19,7 @@ import torch
 from memk.cli.main import main, report_failures
 from memk.memorize import capacity, generalization
 from memk.memorize.capacity import UniformWorkload
+from memk.memorize.errors import ConfigError
 from memk.memorize import ray_executor as ray_executor_module
 from memk.memorize.ensemble_executor import MEMORY_FRACTION, EnsembleExecutor, member_bytes
 from memk.memorize.ray_executor import RayExecutor, ray_executor
@@ -195,13 +196,13 @@ def test_a_worker_killed_mid_run_is_retried_and_nothing_is_lost_or_duplicated(cl
 
 @dataclass(frozen=True)
 class Broken:
-    """Uniform data, but run `victim` has none: each try raises (and is counted in folder/tries)."""
+    """Uniform data, but run `victim` (every run for "*") has none: each try raises (and is counted in folder/tries)."""
 
     victim: str
     folder: str
 
     def training_data(self, run):
-        if run.run_id == self.victim:
+        if self.victim in (run.run_id, "*"):
             with open(Path(self.folder) / "tries", "a") as f:
                 f.write("x")
             raise RuntimeError(f"no data for {run.name}")
@@ -252,6 +253,13 @@ def test_a_task_that_keeps_failing_is_reported_and_the_sweep_completes_then_a_re
     assert summary["failed_runs"] == [] and json.loads((out / "failures.json").read_text()) == {}
     assert by_id(rows(out)) == by_id(local_capacity[0])
     assert comparable(summary) == comparable(local_capacity[1])
+
+
+def test_a_sweep_whose_every_run_failed_is_one_clear_error(cluster, tmp_path):
+    with pytest.raises(ConfigError, match=r"all 4 runs failed after retries \(the first: RuntimeError: no data for"):
+        capacity.run_capacity(capacity.preset("smoke"), tmp_path, progress=False,
+                              executor=BreakingExecutor("*", str(tmp_path)))
+    assert len(json.loads((tmp_path / "failures.json").read_text())) == 4
 
 
 @pytest.mark.slow
