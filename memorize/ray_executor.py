@@ -13,7 +13,8 @@ tasks side by side do not oversubscribe the cores).
   retried or resumed on another node finds no checkpoint and starts over (same result, later).
 - A task whose worker dies, or that raises, is retried by Ray up to `max_retries` times; then
   its runs are recorded as failed with the error (RunStore.record_failure) and the sweep goes
-  on. Failed runs have no row, so running the same command again retries them.
+  on. Errors a retry would only repeat (NOT_RETRIED: diverged training, a ConfigError) fail
+  the run at once. Failed runs have no row, so running the same command again retries them.
 
 Ray is imported only when the executor is built: memk works without the `memk[ray]` extra.
 """
@@ -123,19 +124,28 @@ class TaskStore:
         self.rows.append({**row, "host": socket.gethostname()})
 
 
+# Errors a retry would only repeat, at the cost of the whole run again: training that diverged
+# (deterministic for a run), and runs that cannot run as asked (ConfigError, a full disk among them).
+NOT_RETRIED = (FloatingPointError, ConfigError)
+
+
 def train_task(plan: EnsemblePlan, workload: Workload, device_type: str, checkpoints: dict[str, str],
-               threads: int) -> list[dict]:
-    """Train a plan's runs in this worker: one at a time, or in its slots as an ensemble; their rows."""
+               threads: int) -> tuple[list[dict], str | None]:
+    """Train a plan's runs in this worker: one at a time, or in its slots as an ensemble. Their rows,
+    and the error that stopped the task where it is one of NOT_RETRIED (other errors raise: Ray retries)."""
     os.environ[THREADS_ENV] = str(threads)  # runtime.use_cpu_threads reads it: torch takes the task's CPUs
     device = torch.device(device_type)  # "cuda" is the GPU Ray gave this task (CUDA_VISIBLE_DEVICES)
     store = TaskStore(checkpoints)
-    if plan.slots > 1:
-        quiet = SweepProgress(total=0, done=0, desc="", enabled=False)
-        EnsembleTrainer(plan, workload, store, quiet, device, repack_fraction_for(device)).train()
-    else:
-        for run in plan.runs:
-            store.record(train_run(run, workload, device, store.checkpoint_path(run.run_id)))
-    return store.rows
+    try:
+        if plan.slots > 1:
+            quiet = SweepProgress(total=0, done=0, desc="", enabled=False)
+            EnsembleTrainer(plan, workload, store, quiet, device, repack_fraction_for(device)).train()
+        else:
+            for run in plan.runs:
+                store.record(train_run(run, workload, device, store.checkpoint_path(run.run_id)))
+    except NOT_RETRIED as e:
+        return store.rows, describe_failure(e)
+    return store.rows, None
 
 
 def describe_failure(error: BaseException) -> str:
@@ -200,16 +210,18 @@ class RayExecutor:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
             plan = pending.pop(ref)
             try:
-                rows, error = ray.get(ref), None
+                (rows, error), attempts = ray.get(ref), 1
             except ray.exceptions.RayError as e:  # retries spent: note the runs, go on with the rest
-                rows, error = [], describe_failure(e)
-                failed += len(plan.runs)
+                rows, error, attempts = [], describe_failure(e), self.max_retries + 1
+            finished = {row["run_id"] for row in rows}
+            unfinished = [run for run in plan.runs if run.run_id not in finished] if error else []
+            failed += len(unfinished)
             progress.show(status())
             for row in rows:
                 store.record(row)
                 progress.run_finished()
-            for run in plan.runs if error else []:
-                store.record_failure(run, error, attempts=self.max_retries + 1)
+            for run in unfinished:
+                store.record_failure(run, error, attempts)
                 progress.run_finished()
 
 

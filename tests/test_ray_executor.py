@@ -255,6 +255,37 @@ def test_a_task_that_keeps_failing_is_reported_and_the_sweep_completes_then_a_re
     assert comparable(summary) == comparable(local_capacity[1])
 
 
+@dataclass(frozen=True)
+class Diverges(Broken):
+    """Run `victim` diverges at its first evaluation (each try counted in folder/tries)."""
+
+    def training_data(self, run):
+        if run.run_id == self.victim:
+            with open(Path(self.folder) / "tries", "a") as f:
+                f.write("x")
+        return UniformWorkload().training_data(run)
+
+    def stop_signal(self, run, data):
+        if run.run_id == self.victim:
+            def diverged(model):
+                raise FloatingPointError("training diverged at step 0 (loss nan); lower the learning rate")
+            return diverged
+        return UniformWorkload().stop_signal(run, data)
+
+
+def test_a_run_that_diverges_fails_at_once_without_retries(cluster, tmp_path):
+    runs = smoke_runs()
+    victim = runs[1]
+    with RunStore(tmp_path / "out", "capacity") as store:
+        RayExecutor(CPU, 0, 1, max_retries=2, slots=2).execute(runs, Diverges(victim.run_id, str(tmp_path)), store,
+                                                               Recording())
+        (failure,) = store.failures_of(runs)
+        assert len(store.rows) == 3
+    assert (tmp_path / "tries").read_text() == "x"  # a diverged run would only diverge again
+    assert (failure["run_id"], failure["attempts"]) == (victim.run_id, 1)
+    assert failure["error"].startswith("FloatingPointError: training diverged at step 0")
+
+
 def test_a_sweep_whose_every_run_failed_is_one_clear_error(cluster, tmp_path):
     with pytest.raises(ConfigError, match=r"all 4 runs failed after retries \(the first: RuntimeError: no data for"):
         capacity.run_capacity(capacity.preset("smoke"), tmp_path, progress=False,
