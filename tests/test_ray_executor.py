@@ -102,6 +102,14 @@ def test_capacity_smoke_through_ray_gives_the_local_rows_and_summary(cluster, lo
 
 
 @pytest.mark.slow
+def test_the_command_without_an_address_starts_its_own_ray_instance(cluster, local_capacity, tmp_path):
+    result = subprocess.run([*MEMK, "run-capacity", "--preset", "smoke", "--executor", "ray", "--no-progress",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=OUTSIDE)
+    assert result.returncode == 0, result.stderr
+    assert by_id(rows(tmp_path)) == by_id(local_capacity[0])
+
+
+@pytest.mark.slow
 def test_generalization_smoke_through_ray_gives_the_local_rows_and_summary(cluster, tmp_path):
     exp = generalization.preset("smoke")
     local = generalization.run_generalization(exp, tmp_path / "local", progress=False)
