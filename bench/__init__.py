@@ -15,4 +15,6 @@
     report.py           the README section and plots from bench/results/*.json
     gpu_acceptance.sh   the GPU acceptance run (and its CPU mode, in CI)
     acceptance.py       its Python pieces: environment, build, test counts, α, the verdict on the targets
+    busy_cpu.py         threads on a busy CPU: the thread policy's calibration and the contention target
+    ray_vs_local.py     the default capacity preset on two one-thread Ray tasks against the local executor
 """

@@ -64,7 +64,7 @@ def cli():
 
 
 def training_options(command):
-    """The options every experiment command shares: device, schedule, backends, progress."""
+    """The options every experiment command shares: device, schedule, backends, progress, executor."""
     for option in reversed([
         click.option("--device", help="auto, cpu, cuda or cuda:N"),
         click.option("--max-steps", type=int, help="step cap per run, cool-down included"),
@@ -77,9 +77,32 @@ def training_options(command):
                      help="train runs of one shape together: auto (whichever executor a probe measures faster), "
                           "off (one at a time), or K (at most K at once)"),
         click.option("--dry-run", is_flag=True, help="print the plan (runs, ensembles, estimated wall-clock); train nothing"),
+        *ray_options(),
     ]):
         command = option(command)
     return command
+
+
+def ray_options():
+    """Where runs train: this process, or tasks of a Ray cluster (pip install "memk[ray]")."""
+    return [
+        click.option("--executor", "executor_name", type=click.Choice(["local", "ray"]), default="local",
+                     show_default=True, help="local: runs train in this process; ray: as tasks of a Ray cluster"),
+        click.option("--ray-address", help="auto: join the Ray cluster this machine belongs to; HOST:PORT: "
+                                           "its head node [default: start a local Ray instance]"),
+        click.option("--gpus-per-task", type=float,
+                     help="GPUs each Ray task takes, fractions to share one [default: 1 on CUDA, 0 on the CPU]"),
+        click.option("--cpus-per-task", type=int, help="CPU cores (torch threads) each Ray task takes [default: 1]"),
+    ]
+
+
+def report_failures(summary: dict, out: Path) -> int:
+    """The exit status of a sweep: 1, with a warning, where runs failed (they are retried by a rerun)."""
+    failed = summary.get("failed_runs") or []
+    if failed:
+        click.echo(f"memk: warning: {len(failed)} run(s) failed after retries, errors under failed_runs in "
+                   f"{out}/summary.json; run the same command again to retry them", err=True)
+    return 1 if failed else 0
 
 
 @cli.command("run-capacity")
@@ -96,7 +119,8 @@ def training_options(command):
 @click.option("--seed", type=int, help="seed of the data stream and the model init")
 @click.option("--out", help="output folder [default: runs/capacity-PRESET]")
 @training_options
-def run_capacity(preset_name, out, no_progress, ensemble, dry_run, **options):
+def run_capacity(preset_name, out, no_progress, ensemble, dry_run, executor_name, ray_address, gpus_per_task,
+                 cpus_per_task, **options):
     """Train GPT-2 models on random data and measure capacity in bits per parameter.
 
     Re-running with the same options and --out resumes: finished runs are kept and the
@@ -104,8 +128,9 @@ def run_capacity(preset_name, out, no_progress, ensemble, dry_run, **options):
     """
     from memk.memorize import capacity
     from memk.memorize import dry_run as dry_run_plan
-    from memk.memorize.ensemble_executor import executor_for, parse_ensemble
+    from memk.memorize.ensemble_executor import parse_ensemble
     from memk.memorize.options import output_folder
+    from memk.memorize.ray_executor import executor_from_options
 
     choice = parse_ensemble(ensemble)
     exp = capacity.experiment_from_options(preset_name, **options)
@@ -113,10 +138,12 @@ def run_capacity(preset_name, out, no_progress, ensemble, dry_run, **options):
         click.echo(dry_run_plan.capacity_plan(exp, choice))
         return
     out = output_folder(out, Path("runs") / f"capacity-{preset_name}")
-    executor = executor_for(choice, capacity.validate(exp))
+    executor = executor_from_options(executor_name, capacity.validate(exp), choice, ray_address, gpus_per_task,
+                                     cpus_per_task)
     summary = capacity.run_capacity(exp, out, progress=not no_progress, executor=executor)
     click.echo(capacity.format_table(summary))
     click.echo(f"results in {out}/: runs.jsonl, summary.json, capacity_curves.png, capacity_vs_params.png")
+    return report_failures(summary, out)
 
 
 @cli.command("run-generalization")
@@ -144,7 +171,8 @@ def run_capacity(preset_name, out, no_progress, ensemble, dry_run, **options):
 @click.option("--seed", type=int, help="seed of the data split, the Markov chain and the model init")
 @click.option("--out", help="output folder [default: runs/generalization-PRESET]")
 @training_options
-def run_generalization(preset_name, out, no_progress, ensemble, dry_run, **options):
+def run_generalization(preset_name, out, no_progress, ensemble, dry_run, executor_name, ray_address, gpus_per_task,
+                       cpus_per_task, **options):
     """Train GPT-2 models on real text (or a Markov chain): unintended memorization,
     double descent and membership inference against dataset size / capacity.
 
@@ -153,9 +181,10 @@ def run_generalization(preset_name, out, no_progress, ensemble, dry_run, **optio
     """
     from memk.memorize import dry_run as dry_run_plan
     from memk.memorize import generalization
-    from memk.memorize.ensemble_executor import executor_for, parse_ensemble
+    from memk.memorize.ensemble_executor import parse_ensemble
     from memk.memorize.generalization_summary import format_summary
     from memk.memorize.options import output_folder
+    from memk.memorize.ray_executor import executor_from_options
 
     choice = parse_ensemble(ensemble)
     exp = generalization.experiment_from_options(preset_name, **options)
@@ -163,10 +192,12 @@ def run_generalization(preset_name, out, no_progress, ensemble, dry_run, **optio
     if dry_run:
         click.echo(dry_run_plan.generalization_plan(exp, choice, out))
         return
-    executor = executor_for(choice, generalization.validate(exp))
+    executor = executor_from_options(executor_name, generalization.validate(exp), choice, ray_address,
+                                     gpus_per_task, cpus_per_task)
     summary = generalization.run_generalization(exp, out, progress=not no_progress, executor=executor)
     click.echo(format_summary(summary))
     click.echo(f"results in {out}/: runs.jsonl, summary.json, prediction.json, reference/, *.png")
+    return report_failures(summary, out)
 
 
 def main(argv: list[str] | None = None) -> None:

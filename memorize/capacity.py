@@ -30,7 +30,7 @@ from .options import check_experiment, choose_sizes, override_training, parse_mo
 from .runtime import Backends, check_fits, resolve_backends, training_memory_bytes
 from .schedule import PRECISIONS, RunOutcome, TrainConfig
 from .store import RunStore
-from .sweep import Executor, LocalExecutor, Run, SweepProgress
+from .sweep import Executor, LocalExecutor, Run, SweepProgress, require_rows
 from .train import StopSignal, uniform_code_signal
 
 @dataclass(frozen=True)
@@ -172,7 +172,10 @@ def run_capacity(exp: CapacityExperiment, out_dir: Path, progress: bool = True, 
             (executor or LocalExecutor(device)).execute(todo, UniformWorkload(), store, bar)
         finally:
             bar.close()
-        summary = summarize(store.rows_of(runs))
+        rows, failures = store.rows_of(runs), store.failures_of(runs)
+        require_rows(rows, failures)
+        summary = summarize(rows)
+        summary["failed_runs"] = failures  # an executor that goes on past failures lists them
         summary["experiment"] = exp.to_dict()
         store.write_json("summary.json", summary)
         from .plots import plot_capacity_curves, plot_capacity_vs_params  # matplotlib only when needed

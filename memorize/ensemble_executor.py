@@ -455,11 +455,7 @@ class EnsembleExecutor:
         return plans
 
     def execute(self, runs: list[Run], workload: Workload, store: RunStore, progress: SweepProgress) -> None:
-        # On CPU a frozen slot costs its share of every step and a repack one copy of the weights:
-        # repack at once. On CUDA a step costs about the same for any K: wait for a quarter.
-        fraction = self.repack_fraction
-        if fraction is None:
-            fraction = 0.25 if self.device.type == "cuda" else 0.0
+        fraction = repack_fraction_for(self.device) if self.repack_fraction is None else self.repack_fraction
         for plan in self.plans(runs):
             if plan.slots == 1:
                 LocalExecutor(self.device).execute(plan.runs, workload, store, progress)
@@ -467,6 +463,13 @@ class EnsembleExecutor:
             trainer = EnsembleTrainer(plan, workload, store, progress, self.device, fraction)
             trainer.train()
             self.trained.append({"runs": len(plan.runs), "slots": plan.slots, "most_members": trainer.most_members})
+
+
+def repack_fraction_for(device: torch.device) -> float:
+    """The frozen share of an ensemble's slots that triggers a repack on this device. On CPU a
+    frozen slot costs its share of every step and a repack one copy of the weights: repack at
+    once. On CUDA a step costs about the same for any K: wait for a quarter."""
+    return 0.25 if device.type == "cuda" else 0.0
 
 
 def executor_for(choice: str | int, device: torch.device):

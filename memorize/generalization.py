@@ -57,7 +57,7 @@ from .runtime import Backends, check_fits, resolve_backends, training_memory_byt
 from .schedule import RunOutcome, TrainConfig
 from .sources import SourceData, SourceSpec, check_source, load_source
 from .store import RunStore
-from .sweep import Executor, LocalExecutor, Run, SweepProgress
+from .sweep import Executor, LocalExecutor, Run, SweepProgress, require_rows
 from .train import StopSignal, uniform_code_signal
 
 # α of the default capacity run (docs/default-run/summary.json: float32, 2-core CPU, 2026-11-25),
@@ -420,7 +420,10 @@ def run_generalization(
         finally:
             bar.close()
 
-        summary = summarize(store.rows_of(runs), prediction)
+        rows, failures = store.rows_of(runs), store.failures_of(runs)
+        require_rows(rows, failures)
+        summary = summarize(rows, prediction)
+        summary["failed_runs"] = failures  # an executor that goes on past failures lists them
         summary["source"] = data.description
         summary["reference"] = reference.description
         summary["source_bits_per_sequence"] = bits_per_sequence

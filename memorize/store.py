@@ -3,9 +3,11 @@
 It holds the lock (two runs writing one folder would clobber it), the experiment's kind
 (a run-generalization never writes into a run-capacity folder), runs.jsonl (one row per
 finished run, rewritten atomically as each finishes, so a kill loses no finished run),
-the checkpoints of runs in progress (removed as each run finishes), and the provenance
-every row carries. Resuming is asking it which runs are still to do. A damaged row is
-set aside with a warning and its run redone; temporaries a kill left are removed.
+the checkpoints of runs in progress (removed as each run finishes), failures.json (runs an
+executor gave up on, with their errors, until they succeed), and the provenance every row
+carries. Resuming is asking it which runs are still to do: failed runs are among them, so
+a rerun retries them. A damaged row is set aside with a warning and its run redone;
+temporaries a kill left are removed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .runtime import Backends
 ROWS = "runs.jsonl"
 CHECKPOINTS = "checkpoints"
 EXPERIMENT = "experiment.json"
+FAILURES = "failures.json"
 
 
 class PlannedRun(Protocol):
@@ -66,6 +69,7 @@ class RunStore:
         self.rows: list[dict] = []
         self._index: dict[str, dict] = {}
         self._index_size = -1  # len(self.rows) when _index was built
+        self.failures: dict[str, dict] = {}  # run_id -> what record_failure was told
         self._lock = None
 
     def __enter__(self) -> RunStore:
@@ -75,6 +79,8 @@ class RunStore:
             self._check_kind()
             remove_temporaries(self.folder)  # ours alone to remove: we hold the lock
             self.rows = self._load_rows()
+            failures = self.read_json(FAILURES, then="and the failures it listed are forgotten")
+            self.failures = failures if isinstance(failures, dict) else {}
         except BaseException:
             self.__exit__()
             raise
@@ -190,13 +196,27 @@ class RunStore:
         return [r for r in runs if self.row_of(r) is None]
 
     def rows_of(self, runs: Iterable[PlannedRun]) -> list[dict]:
-        """The finished rows of these runs, in the order they finished (rows of other plans are kept, not used)."""
-        found = [self.row_of(r) for r in runs]
-        wanted = {id(r) for r in found if r is not None}
-        return [r for r in self.rows if id(r) in wanted]
+        """The finished rows of these runs, in plan order (rows of other plans are kept, not used):
+        a summary must not depend on which executor finished which run first."""
+        return [row for row in map(self.row_of, runs) if row is not None]
 
     def record(self, row: dict) -> None:
-        """Add a finished run's row (runs.jsonl rewritten whole and atomically), then drop its checkpoint."""
+        """Add a finished run's row (runs.jsonl rewritten whole and atomically), then drop its checkpoint
+        and any failure of an earlier try."""
         self.rows.append(row)
         self._write_rows(self.rows)
         self.checkpoint_path(row["run_id"]).unlink(missing_ok=True)
+        if self.failures.pop(row["run_id"], None) is not None:
+            self.write_json(FAILURES, self.failures)
+
+    def record_failure(self, run: PlannedRun, error: str, attempts: int) -> None:
+        """Note a run an executor gave up on (its checkpoint is kept: a rerun retries it from there)."""
+        self.failures[run.run_id] = {
+            "run_id": run.run_id, "error": error, "attempts": attempts,
+            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.write_json(FAILURES, self.failures)
+
+    def failures_of(self, runs: Iterable[PlannedRun]) -> list[dict]:
+        """The recorded failures of these runs that have no row since, in plan order: what summaries list."""
+        return [self.failures[r.run_id] for r in runs if r.run_id in self.failures and self.row_of(r) is None]

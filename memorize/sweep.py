@@ -7,7 +7,8 @@ which runs are still to do, hands those to an executor with its `Workload`, and
 summarizes the rows the store then holds. Where and how runs execute is the executor's
 business: `LocalExecutor` trains them one at a time in this process; other executors
 (an ensemble of same-shape runs, Ray workers) take the same runs and workload and
-return the same rows, one per run, through `train_run`'s contract.
+return the same rows, one per run, through `train_run`'s contract (memorize/ray_executor.py
+trains them as tasks of a Ray cluster).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from .errors import ConfigError
 from .model import GPT, GPTConfig
 from .outputs import content_digest
 from .runtime import Backends, progress_bar, step_progress, use_cpu_threads
@@ -104,6 +106,10 @@ class SweepProgress:
     def run_finished(self) -> None:
         self.bar.update(1)
 
+    def show(self, status: str) -> None:
+        """A status beside the bar, for executors whose runs train elsewhere (e.g. the runs in flight)."""
+        self.bar.set_postfix_str(status)
+
     def close(self) -> None:
         self.bar.close()
 
@@ -128,3 +134,10 @@ class LocalExecutor:
                 close_bar()
             store.record(row)
             progress.run_finished()
+
+
+def require_rows(rows: list[dict], failures: list[dict]) -> None:
+    """A ConfigError where every run failed (an executor that goes on past failures): nothing to summarize."""
+    if failures and not rows:
+        raise ConfigError(f"all {len(failures)} runs failed after retries (the first: {failures[0]['error']}); "
+                          "failures.json lists them; fix the cause and run the same command again")

@@ -201,7 +201,7 @@ def test_each_member_ends_as_the_same_run_trained_alone(tmp_path, float64, repac
     with RunStore(tmp_path, "capacity") as store:
         trainer = EnsembleTrainer(plan, workload, store, quiet(len(RUNS)), CPU, repack_fraction)
         trainer.train()
-        rows = store.rows_of(RUNS)
+        rows = store.rows  # in the order they were recorded
     outcomes = workload.outcomes
     # The members really differ in their stops: a plateau before the cap, and two step caps.
     assert outcomes["tiny"].stop_reason == "plateau" and outcomes["tiny"].steps < 60
@@ -275,7 +275,7 @@ def test_an_ensemble_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path
         todo = store.todo(RUNS)
         assert sorted(r.name for r in todo) == ["big", "decayed", "tiny"]
         executor.execute(todo, workload, store, quiet(len(RUNS)))
-        rows = store.rows_of(RUNS)
+        rows = store.rows  # in the order they were recorded
     assert rows[:1] == finished_before  # finished members kept as they were, not retrained
     assert len(rows) == len(RUNS) and not list((tmp_path / "checkpoints").glob("*.pt"))
     assert_same_as_alone(workload, RUNS)

@@ -33,7 +33,7 @@ def test_rows_are_written_as_runs_finish_and_read_back_on_resume(tmp_path):
         assert [r.run_id for r in store.todo([Planned("a"), Planned("b")])] == ["b"]
         store.record({"run_id": "b", "bits": 2.5})
         store.record({"run_id": "old", "bits": 0.0})  # a row of another plan: kept, not used
-        assert [r["run_id"] for r in store.rows_of([Planned("b"), Planned("a")])] == ["a", "b"]
+        assert [r["run_id"] for r in store.rows_of([Planned("b"), Planned("a")])] == ["b", "a"]  # plan order
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3
     assert not (tmp_path / "checkpoints").exists()  # no run in progress: no empty folder left behind
 
@@ -109,3 +109,17 @@ def test_provenance_names_device_backends_torch_and_the_finish_time():
     assert p["device"] == "cpu" and p["attention_backend"] == "sdpa" and p["logprob_backend"] == "fused"
     assert p["torch"] == torch.__version__ and p["finished_at"].endswith("Z")
     assert p["trained_as"] == "alone"
+
+
+def test_a_failed_run_is_listed_until_it_finishes_and_is_still_to_do(tmp_path):
+    a, b = Planned("a"), Planned("b")
+    with RunStore(tmp_path, "capacity") as store:
+        store.record_failure(a, "RuntimeError: boom", attempts=3)
+        assert [f["run_id"] for f in store.failures_of([b, a])] == ["a"]
+        assert store.todo([a, b]) == [a, b]  # a rerun retries it
+    with RunStore(tmp_path, "capacity") as store:  # read back by the next command
+        (failure,) = store.failures_of([a, b])
+        assert (failure["error"], failure["attempts"]) == ("RuntimeError: boom", 3)
+        store.record({"run_id": "a", "bits": 1.0})
+        assert store.failures_of([a, b]) == []
+    assert json.loads((tmp_path / "failures.json").read_text()) == {}

@@ -1,0 +1,260 @@
+"""The Ray executor: a sweep's runs as tasks of a Ray cluster (the GPUs of one machine, or many machines).
+
+`RayExecutor` takes the runs an experiment hands any executor (memorize/sweep.py) and submits
+each run, or with --ensemble each ensemble plan (memorize/ensemble_executor.py), as one Ray
+task with declared resources: GPUs per task (a fraction lets small tasks share a GPU) and
+CPUs per task (the worker's torch threads are pinned to match through MEMK_NUM_THREADS, so
+tasks side by side do not oversubscribe the cores).
+
+- The driver (the memk command) stays the only writer of the output folder: tasks return
+  their rows, and the driver records each task's rows in runs.jsonl the moment it returns.
+- Tasks checkpoint to the run store's checkpoints/ by absolute path. On a cluster the output
+  folder must be on a filesystem every node mounts at the same path; where it is not, a run
+  retried or resumed on another node finds no checkpoint and starts over (same result, later).
+- A task whose worker dies, or that raises, is retried by Ray up to `max_retries` times; then
+  its runs are recorded as failed with the error (RunStore.record_failure) and the sweep goes
+  on. Errors a retry would only repeat (NOT_RETRIED: diverged training, a ConfigError) fail
+  the run at once. Failed runs have no row, so running the same command again retries them.
+
+Ray is imported only when the executor is built: memk works without the `memk[ray]` extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .ensemble_executor import EnsemblePlan, EnsembleTrainer, MEMORY_FRACTION, executor_for, repack_fraction_for
+from .errors import ConfigError
+from .runtime import THREADS_ENV, free_memory_bytes
+from .store import RunStore
+from .sweep import Run, SweepProgress, Workload, train_run
+
+INSTALL = 'pip install "memk[ray]"'
+LOCAL = "local"  # --ray-address default: start a Ray instance on this machine for this command
+DEFAULT_RETRIES = 2  # tries after the first, for a task whose worker died or that raised
+CONNECT_TIMEOUT_S = 5.0  # Ray itself retries an address nobody answers at for minutes
+
+
+def import_ray():
+    """The ray module, or a ConfigError saying how to install it."""
+    try:
+        import ray
+    except ImportError as e:
+        raise ConfigError(f"--executor ray needs Ray, which is not installed; {INSTALL}") from e
+    return ray
+
+
+# ---------------------------------------------------------------------------------------
+# Connecting: the address, and what the cluster holds
+
+
+def check_address(address: str) -> None:
+    """'local', 'auto', or a HOST:PORT (ray://HOST:PORT for Ray Client) that answers on its port."""
+    if address in (LOCAL, "auto"):
+        return
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not host or not port.isdigit():
+        raise ConfigError(f"--ray-address {address!r} is not HOST:PORT; give the head node's address "
+                          "(`ray start --head` prints it), auto to join the cluster of this machine, or leave it out")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise ConfigError(f"no Ray cluster answers at --ray-address {address!r} ({reason}); start one with "
+                          "`ray start --head` there, or check the address") from e
+
+
+def connect(ray, address: str) -> None:
+    """Start a local Ray instance ('local') or join a running cluster; a program (or test) that
+    has connected already keeps its connection."""
+    check_address(address)
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, logging_level=logging.ERROR)  # its notices would break one-line errors
+    except ConnectionError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"cannot join a Ray cluster at --ray-address {address!r}: {first} Start one with "
+                          "`ray start --head`, or leave --ray-address out to start a local instance") from e
+
+
+def task_slots(ray, device: torch.device, gpus_per_task: float, cpus_per_task: int) -> int:
+    """How many tasks the cluster runs at once; a ConfigError where it can run none."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if device.type == "cuda" and not any(n.get("GPU", 0) > 0 for n in nodes):
+        raise ConfigError("--device cuda asked for, but the Ray cluster has no GPU; use --device cpu, "
+                          "or join GPU machines to it (`ray start --address HEAD:PORT` on each)")
+
+    def fits(node: dict) -> int:
+        by_cpu = int(node.get("CPU", 0) // cpus_per_task)
+        return by_cpu if gpus_per_task == 0 else min(by_cpu, int(node.get("GPU", 0) / gpus_per_task + 1e-9))
+
+    slots = sum(fits(n) for n in nodes)
+    if slots == 0:
+        gpus = f" and {gpus_per_task:g} GPU" if gpus_per_task else ""
+        raise ConfigError(f"no machine of the Ray cluster has {cpus_per_task} CPUs{gpus} for one task; "
+                          "lower --cpus-per-task or --gpus-per-task")
+    return slots
+
+
+# ---------------------------------------------------------------------------------------
+# One task, in a worker
+
+
+@dataclass
+class TaskStore:
+    """What a task needs of the run store: its runs' checkpoint paths (absolute, from the
+    driver's RunStore). The rows it finishes go back to the driver, which records them."""
+
+    checkpoints: dict[str, str]  # run_id -> checkpoint path
+    rows: list[dict] = field(default_factory=list)
+
+    def checkpoint_path(self, run_id: str) -> Path:
+        path = Path(self.checkpoints[run_id])
+        path.parent.mkdir(parents=True, exist_ok=True)  # a node that does not share the output folder
+        return path
+
+    def record(self, row: dict) -> None:
+        self.rows.append({**row, "host": socket.gethostname()})
+
+
+# Errors a retry would only repeat, at the cost of the whole run again: training that diverged
+# (deterministic for a run), and runs that cannot run as asked (ConfigError, a full disk among them).
+NOT_RETRIED = (FloatingPointError, ConfigError)
+
+
+def train_task(plan: EnsemblePlan, workload: Workload, device_type: str, checkpoints: dict[str, str],
+               threads: int) -> tuple[list[dict], str | None]:
+    """Train a plan's runs in this worker: one at a time, or in its slots as an ensemble. Their rows,
+    and the error that stopped the task where it is one of NOT_RETRIED (other errors raise: Ray retries)."""
+    os.environ[THREADS_ENV] = str(threads)  # runtime.use_cpu_threads reads it: torch takes the task's CPUs
+    device = torch.device(device_type)  # "cuda" is the GPU Ray gave this task (CUDA_VISIBLE_DEVICES)
+    store = TaskStore(checkpoints)
+    try:
+        if plan.slots > 1:
+            quiet = SweepProgress(total=0, done=0, desc="", enabled=False)
+            EnsembleTrainer(plan, workload, store, quiet, device, repack_fraction_for(device)).train()
+        else:
+            for run in plan.runs:
+                store.record(train_run(run, workload, device, store.checkpoint_path(run.run_id)))
+    except NOT_RETRIED as e:
+        return store.rows, describe_failure(e)
+    return store.rows, None
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line: the task's own exception where it raised one, else what Ray says (a dead worker)."""
+    cause = getattr(error, "cause", None) or error
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}".rstrip(": ")[:500]
+
+
+# ---------------------------------------------------------------------------------------
+# The executor, in the driver
+
+
+@dataclass
+class RayExecutor:
+    """Runs (or ensemble plans) as Ray tasks; build it with `ray_executor`, which connects."""
+
+    device: torch.device
+    gpus_per_task: float
+    cpus_per_task: int
+    ensemble: str | int = "off"  # --ensemble: which runs share a task
+    max_retries: int = DEFAULT_RETRIES
+    slots: int = 1  # tasks the cluster runs at once, when it was connected
+
+    def plans(self, runs: list[Run]) -> list[EnsemblePlan]:
+        """One plan a task: a run alone, or an ensemble of runs where --ensemble groups them."""
+        grouping = executor_for(self.ensemble, self.device)
+        if grouping is None:
+            return [EnsemblePlan([run], 1) for run in runs]
+        free = free_memory_bytes(self.device)  # measured here: the driver's machine stands for the workers'
+        if free is not None:  # tasks side by side share a GPU's (or a machine's) memory: each plans for its share
+            share = self.gpus_per_task if self.device.type == "cuda" else self.cpus_per_task / os.cpu_count()
+            grouping.memory_budget = int(MEMORY_FRACTION * free * min(1.0, share))
+        plans = []
+        for plan in grouping.plans(runs):
+            plans.extend([plan] if plan.slots > 1 else [EnsemblePlan([run], 1) for run in plan.runs])
+        return plans
+
+    def execute(self, runs: list[Run], workload: Workload, store: RunStore, progress: SweepProgress) -> None:
+        if not runs:
+            return
+        ray = import_ray()
+        task = ray.remote(train_task).options(
+            num_cpus=self.cpus_per_task, num_gpus=self.gpus_per_task,
+            max_retries=self.max_retries, retry_exceptions=True,
+        )
+        shared = ray.put(workload)  # once into the object store, not once per task
+        pending = {}
+        for plan in self.plans(runs):
+            checkpoints = {r.run_id: str(store.checkpoint_path(r.run_id).absolute()) for r in plan.runs}
+            pending[task.remote(plan, shared, self.device.type, checkpoints, self.cpus_per_task)] = plan
+        failed = 0
+
+        def status() -> str:
+            # Ray starts tasks about in the order they were submitted: the first `slots` pending ones run.
+            running = list(pending.values())[: self.slots]
+            return (f"{sum(len(p.runs) for p in running)} runs in flight, {len(pending) - len(running)} tasks queued"
+                    + (f", {failed} runs failed" if failed else ""))
+
+        progress.show(status())
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            plan = pending.pop(ref)
+            try:
+                (rows, error), attempts = ray.get(ref), 1
+            except ray.exceptions.RayError as e:  # retries spent: note the runs, go on with the rest
+                rows, error, attempts = [], describe_failure(e), self.max_retries + 1
+            finished = {row["run_id"] for row in rows}
+            unfinished = [run for run in plan.runs if run.run_id not in finished] if error else []
+            failed += len(unfinished)
+            progress.show(status())
+            for row in rows:
+                store.record(row)
+                progress.run_finished()
+            for run in unfinished:
+                store.record_failure(run, error, attempts)
+                progress.run_finished()
+
+
+def ray_executor(device: torch.device, address: str | None = None, gpus_per_task: float | None = None,
+                 cpus_per_task: int = 1, ensemble: str | int = "off",
+                 max_retries: int = DEFAULT_RETRIES) -> RayExecutor:
+    """Check the options, connect to Ray (a local instance unless an address is given), check the
+    cluster can run a task, and return the executor."""
+    if gpus_per_task is None:
+        gpus_per_task = 1.0 if device.type == "cuda" else 0.0
+    if device.type == "cuda" and not 0 < gpus_per_task:
+        raise ConfigError(f"--gpus-per-task must be above 0 on CUDA, got {gpus_per_task:g}; e.g. 1, or 0.25 "
+                          "for four tasks to a GPU")
+    if device.type == "cpu" and gpus_per_task:
+        raise ConfigError("--gpus-per-task needs --device cuda; leave it out to train on the CPU")
+    if gpus_per_task > 1:  # a run trains on one GPU: more would sit idle
+        raise ConfigError(f"--gpus-per-task must be at most 1 (a run trains on one GPU), got {gpus_per_task:g}")
+    if cpus_per_task < 1:
+        raise ConfigError(f"--cpus-per-task must be a whole number >= 1, got {cpus_per_task}")
+    ray = import_ray()
+    connect(ray, address or LOCAL)
+    slots = task_slots(ray, device, gpus_per_task, cpus_per_task)
+    return RayExecutor(device, gpus_per_task, cpus_per_task, ensemble, max_retries, slots)
+
+
+def executor_from_options(name: str, device: torch.device, ensemble: str | int, ray_address: str | None = None,
+                          gpus_per_task: float | None = None, cpus_per_task: int | None = None):
+    """The executor the command line asks for: --executor local (None: the experiment's own, or the
+    ensemble executor) or --executor ray; None where the experiment's default serves."""
+    if name == "local":
+        given = [flag for flag, value in (("--ray-address", ray_address), ("--gpus-per-task", gpus_per_task),
+                                          ("--cpus-per-task", cpus_per_task)) if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} is for --executor ray; add --executor ray or leave it out")
+        return executor_for(ensemble, device)
+    return ray_executor(device, ray_address, gpus_per_task, 1 if cpus_per_task is None else cpus_per_task, ensemble)
