@@ -3,17 +3,20 @@
     python -m memk.bench.ray_vs_local [--json bench/results/ray-vs-local-2core.json] [--smoke]
 
 Runs `memk run-capacity --preset default` (`--preset smoke` with --smoke: a test of the
-script, seconds) three ways, one after the other, each into a fresh folder:
+script, seconds) four ways, one after the other, each into a fresh folder:
 
-- ray: `--executor ray`, a local Ray instance with one task per core, each task one thread;
-- local, every core: the local executor with torch's threads pinned to every core
-  (MEMK_NUM_THREADS), what the issue compares against;
-- local, memk's policy: the local executor as memk runs it by default (one thread for
-  these small models: memk.memorize.runtime.cpu_threads_for).
+- ray: `--executor ray --ensemble off`, a local Ray instance with one task per core, each
+  task one run on one thread;
+- local, every core: the local executor, one run at a time (`--ensemble off`) with torch's
+  threads pinned to every core (MEMK_NUM_THREADS), what the issue compares against;
+- local, memk's policy: the same with memk's thread policy (one thread for these small
+  models: memk.memorize.runtime.cpu_threads_for);
+- local, memk's default: the command as it stands (`--ensemble auto`: each model's runs as
+  one ensemble where a probe measures that faster).
 
 Each figure is the whole command's wall-clock (Ray's start-up included), with the load
-average before it. The rows of the three are compared (timing aside): the Ray rows must
-equal those of memk's one-thread policy; more threads may move float32 results slightly.
+average before it. The rows are compared (timing aside): the Ray rows must equal those of
+memk's one-thread policy; more threads, or ensembles, may move float32 results slightly.
 Run it on an idle machine: other work skews every figure.
 """
 
@@ -29,7 +32,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import click
 
-TIMING = {"train_seconds", "finished_at", "host", "torch_threads"}
+TIMING = {"train_seconds", "finished_at", "host", "torch_threads", "trained_as"}
 
 
 def _load() -> list[float]:
@@ -77,9 +80,10 @@ def main(json_path, smoke):
     preset = "smoke" if smoke else "default"
     base = {k: v for k, v in os.environ.items() if k not in (THREADS_ENV, "OMP_NUM_THREADS")}
     ways = {
-        "ray": (["--executor", "ray", "--cpus-per-task", "1"], base),
-        "local, every core": ([], {**base, THREADS_ENV: str(cores)}),
-        "local, memk's policy": ([], base),
+        "ray": (["--executor", "ray", "--cpus-per-task", "1", "--ensemble", "off"], base),
+        "local, every core": (["--ensemble", "off"], {**base, THREADS_ENV: str(cores)}),
+        "local, memk's policy": (["--ensemble", "off"], base),
+        "local, memk's default": ([], base),
     }
     report = {"schema": "memk-ray-vs-local/1", "preset": preset, "smoke": smoke, "cpu": cpu_name(), "cores": cores,
               "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
@@ -91,6 +95,10 @@ def main(json_path, smoke):
             report["runs"][name] = _timed(preset, extra, env, os.path.join(tmp, name.replace(" ", "-")))
             click.echo(f"  {report['runs'][name]['wall_s']} s", err=True)
         rows = {name: _rows(os.path.join(tmp, name.replace(" ", "-"))) for name in ways}
+        for name in ways:  # α through the origin, per precision: how far ensembles or threads move the science
+            with open(os.path.join(tmp, name.replace(" ", "-"), "summary.json")) as f:
+                summary = json.load(f)
+            report["runs"][name]["alpha"] = {p: s["fit"]["through_origin"]["alpha"] for p, s in summary["precisions"].items()}
     report["same_rows_as_ray"] = {name: rows[name] == rows["ray"] for name in ways if name != "ray"}
     walls = {name: run["wall_s"] for name, run in report["runs"].items()}
     report["speedup_of_ray"] = {name: round(wall / walls["ray"], 2) for name, wall in walls.items() if name != "ray"}

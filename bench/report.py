@@ -42,35 +42,39 @@ def slug(report: dict) -> str:
 
 
 def _series(report: dict, suite: str):
-    """{family: {variant: [(size, throughput)]}} of the ok results of a suite."""
+    """{family: {variant: [(size, throughput)]}} of the ok results of a suite, and each family's
+    (swept axis, throughput unit): a suite's families may sweep different things (train: model
+    size in parameters, or ensemble members)."""
     out: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    axes: dict[str, tuple[str, str]] = {}
     for r in report["results"]:
         if r["suite"] == suite and r["status"] == "ok":
             out[r["family"]][r["variant"]].append((r["sweep"]["value"], r["throughput"]["value"]))
-    return out
+            axes[r["family"]] = (r["sweep"]["axis"], r["throughput"]["unit"])
+    return out, axes
 
 
-def plot_suite(report: dict, suite: str, path: str, xlabel: str) -> str | None:
+def plot_suite(report: dict, suite: str, path: str) -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = _series(report, suite)
+    series, family_axes = _series(report, suite)
     families = [f for f, v in series.items() if any(len(p) > 1 for p in v.values())]
     if not families:
         return None
     cols = min(3, len(families))
     rows = -(-len(families) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
-    unit = next(r["throughput"]["unit"] for r in report["results"] if r["suite"] == suite and r["status"] == "ok")
     for ax, family in zip(axes.flat, families):
+        xlabel, unit = family_axes[family]
         for variant, points in sorted(series[family].items()):
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
                     linestyle="-" if variant.startswith("memk") or "fused" in variant or "triton" in variant else "--",
                     label=variant)
-        ax.set_xscale("log", base=2 if xlabel == "tokens" else 10)
+        ax.set_xscale("log", base=10 if xlabel == "params" else 2)
         ax.set_yscale("log")
         ax.set_title(family, fontsize=9)
         ax.set_xlabel(xlabel)
@@ -203,9 +207,10 @@ def main(results_dir, readme):
     readme = readme or os.path.join(os.path.dirname(here), "README.md")
     reports = load_reports(results_dir)
     plots = []
-    for _, report in reports:
-        for suite, xlabel in (("logprob", "tokens"), ("train", "parameters"), ("bits", "parameters")):
-            p = plot_suite(report, suite, os.path.join(results_dir, f"{suite}_{slug(report)}.png"), xlabel)
+    for path, report in reports:  # plots named after their JSON: two files of one machine keep theirs apart
+        stem = os.path.splitext(os.path.basename(path))[0]
+        for suite in ("logprob", "train", "bits"):
+            p = plot_suite(report, suite, os.path.join(results_dir, f"{suite}_{stem}.png"))
             if p:
                 plots.append(p)
     readme_dir = os.path.dirname(os.path.abspath(readme))

@@ -16,7 +16,7 @@ from memk.memorize.errors import ConfigError
 
 # What each preset is, for --help (tests/test_cli.py checks the names against the experiments').
 CAPACITY_PRESETS = {
-    "default": "four 1-layer models, V 64, S 32, float32: about ten minutes on a 2-core CPU",
+    "default": "four 1-layer models, V 64, S 32, float32: about three minutes on an idle 2-core CPU",
     "paper": "the paper's grid (1-8 layers, d 32-512, V 2048, S 64, batch 2048, bfloat16): GPU days",
     "smoke": "two tiny models, seconds: for tests",
 }
@@ -73,9 +73,9 @@ def training_options(command):
         click.option("--attention-backend", help="memk.kernels attention backend (auto picks the best for the device)"),
         click.option("--logprob-backend", help="memk.kernels log-prob backend (auto picks the best for the device)"),
         click.option("--no-progress", is_flag=True, help="no progress bars"),
-        click.option("--ensemble", default="off", show_default=True,
-                     help="train runs of one shape together: auto (whichever executor a probe measures faster), "
-                          "off (one at a time), or K (at most K at once)"),
+        click.option("--ensemble", default="auto", show_default=True,
+                     help="train runs of one shape together: auto (each group the way a short probe measures "
+                          "faster here), off (one at a time), or K (as ensembles of at most K)"),
         click.option("--dry-run", is_flag=True, help="print the plan (runs, ensembles, estimated wall-clock); train nothing"),
         *ray_options(),
     ]):

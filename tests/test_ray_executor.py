@@ -103,8 +103,9 @@ def test_capacity_smoke_through_ray_gives_the_local_rows_and_summary(cluster, lo
 
 @pytest.mark.slow
 def test_the_command_without_an_address_starts_its_own_ray_instance(cluster, local_capacity, tmp_path):
-    result = subprocess.run([*MEMK, "run-capacity", "--preset", "smoke", "--executor", "ray", "--no-progress",
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=OUTSIDE)
+    result = subprocess.run([*MEMK, "run-capacity", "--preset", "smoke", "--executor", "ray", "--ensemble", "off",
+                             "--no-progress", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                            cwd=OUTSIDE)
     assert result.returncode == 0, result.stderr
     assert by_id(rows(tmp_path)) == by_id(local_capacity[0])
 
@@ -305,7 +306,7 @@ def test_a_sweep_whose_every_run_failed_is_one_clear_error(cluster, tmp_path):
 def test_a_driver_killed_mid_sweep_resumes_keeping_every_finished_run(cluster, tmp_path):
     out = tmp_path / "runs"
     args = [*MEMK, "run-capacity", "--preset", "smoke", "--sizes", "8,16,32,64,128,256", "--out", str(out),
-            "--no-progress", "--executor", "ray", "--ray-address", cluster]
+            "--no-progress", "--executor", "ray", "--ray-address", cluster, "--ensemble", "off"]  # a task a run
     driver = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=OUTSIDE)
     deadline = time.time() + 120
     while time.time() < deadline and driver.poll() is None and not rows(out):
