@@ -3,6 +3,7 @@ baseline, and a kernel with a wrong answer is refused before it is timed."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -338,9 +339,8 @@ def test_each_result_is_printed_once(quick_report):
     for r in report["results"]:
         if r["status"] == "ok":
             median = format_time(r["time"]["median_s"])
-            # the table row names the group with spaces, a progress line the case id with underscores
-            showing = [line for line in lines if median in line and (r["group"] in line or r["id"] in line)
-                       and r["variant"].replace(" ", "_") in line.replace(" ", "_")]
+            # a table row's cells are two or more spaces apart: group, variant, median, ...
+            showing = [line for line in lines if re.split(r"\s{2,}", line.strip())[:3] == [r["group"], r["variant"], median]]
             assert len(showing) == 1, (r["id"], showing)
             checked += 1
     assert checked
