@@ -29,12 +29,15 @@ SHORT_HELP = "How much a causal LM memorized of your data, per sample, in bits; 
 @click.option("--stride", type=int, help="tokens the window moves by on long texts [default: half the window]")
 @click.option("--batch-tokens", type=int, default=8192, show_default=True, help="padded tokens per forward pass")
 @click.option("--min-k", type=float, default=0.2, show_default=True, help="Min-K%/Min-K%++ fraction of tokens")
+@click.option("--no-min-k-pp", is_flag=True,
+              help="leave the Min-K%++ attack out: it needs the next-token distribution's moments at every token, "
+                   "about half the scoring time at V 50257")
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="bootstrap resamples of the intervals (0: none)")
 @click.option("--top", type=int, default=20, show_default=True, help="most-memorized samples in the report")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the bootstrap")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 def audit(model, reference, members, non_members, column, split, out, device, dtype, window, stride, batch_tokens,
-          min_k, bootstrap, top, seed, no_progress):
+          min_k, no_min_k_pp, bootstrap, top, seed, no_progress):
     """Code every member and non-member text with the model M and the reference R, each with its own
     tokenizer from the first token on (after the start token: BOS, else EOS), and report per sample
     H(x|M), H(x|R) and mem_U(x) = max(0, H(x|R) - H(x|M)) in bits, the membership attacks (loss,
@@ -47,7 +50,7 @@ def audit(model, reference, members, non_members, column, split, out, device, dt
     from memk.memorize.options import output_folder
 
     settings = AuditSettings(window=window, stride=stride, batch_tokens=batch_tokens, min_k=min_k,
-                             bootstrap=bootstrap, seed=seed, top=top)
+                             min_k_pp=not no_min_k_pp, bootstrap=bootstrap, seed=seed, top=top)
     settings.check()
     folder = output_folder(out, Path("runs") / "audit")
     member_texts = read_texts(members, column, split, what="members")

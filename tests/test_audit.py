@@ -225,6 +225,24 @@ def test_an_interrupted_audit_resumes_without_redoing_finished_samples_and_never
     assert list(tmp_path.glob("samples.jsonl.other-*"))
 
 
+def test_without_min_k_pp_the_other_attacks_and_bits_are_unchanged(demo, finetuned_audit, tmp_path, capsys):
+    code, err = run_memk(capsys, "--model", str(demo["finetuned"]), "--reference", str(demo["base"]),
+                         "--members", str(demo["members"]), "--non-members", str(demo["non_members"]),
+                         "--out", str(tmp_path), "--no-min-k-pp", "--bootstrap", "200")
+    assert code in (0, None), err
+    lean = json.loads((tmp_path / "audit.json").read_text())
+    full = finetuned_audit[0].summary
+    assert "min_k_pp" not in lean["attacks"] and set(lean["attacks"]) == set(full["attacks"]) - {"min_k_pp"}
+    for name in lean["attacks"]:
+        assert lean["attacks"][name]["auc"] == pytest.approx(full["attacks"][name]["auc"], abs=0.02)  # one text fewer
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    full_rows = {(r["set"], r["index"]): r for r in finetuned_audit[0].samples}
+    for r in rows:
+        f = full_rows[(r["set"], r["index"])]
+        assert r["model_bits"] == f["model_bits"] and r["reference_bits"] == f["reference_bits"]
+        assert r["attacks"] == {k: v for k, v in f["attacks"].items() if k != "min_k_pp"}
+
+
 # --------------------------------------------------------------------------- report
 
 
