@@ -202,7 +202,8 @@ def audit(model, members: list[str], nonmembers: list[str], reference=None, out:
     """Audit `model` on member and non-member texts, against `reference` if given.
 
     model and reference are Hugging Face names or folders, memk checkpoint folders, or
-    ScoringModels (audit_models.scoring_model_from wraps a transformers model you hold). With
+    ScoringModels (audit_models.scoring_model_from wraps a transformers model you hold; such a
+    model is scored on its own device in its own dtype, and asking for others is an error). With
     `out`, the outputs are written there (samples.jsonl as rows are computed, audit.json, the
     PNGs, report.html) and an interrupted audit resumes.
     """
@@ -214,6 +215,8 @@ def audit(model, members: list[str], nonmembers: list[str], reference=None, out:
     if out is not None:
         out = prepare_output(out)
     torch_dtype = resolve_dtype(dtype, dev)
+    for held in (m for m in (model, reference) if isinstance(m, ScoringModel)):
+        _check_held(held, device, dev, dtype, torch_dtype)
     target = model if isinstance(model, ScoringModel) else load_scoring_model(model, dev, torch_dtype)
     ref = reference if reference is None or isinstance(reference, ScoringModel) else load_scoring_model(
         reference, dev, torch_dtype)
@@ -269,6 +272,17 @@ def _audit(target: ScoringModel, ref: ScoringModel | None, members: list[str], n
     if out is not None:
         write_outputs(out, summary, rows)
     return AuditResult(summary, rows)
+
+
+def _check_held(held: ScoringModel, device: str, dev: torch.device, dtype: str, torch_dtype: torch.dtype) -> None:
+    """A model the caller holds is scored where and as it is: a device or dtype asked for that it is
+    not on is an error, not a silent copy of the caller's weights."""
+    if device != "auto" and (held.device.type, held.device.index or 0) != (dev.type, dev.index or 0):
+        raise ConfigError(f"{held.spec} is on {held.device}, but device {device!r} was asked for; move it there "
+                          "first (module.to(...)) or leave device at 'auto'")
+    if dtype != "auto" and held.head_dtype != torch_dtype:
+        raise ConfigError(f"{held.spec} holds {str(held.head_dtype).split('.')[-1]} weights, but dtype {dtype!r} "
+                          "was asked for; convert it first (module.to(dtype)) or leave dtype at 'auto'")
 
 
 def _window(model: ScoringModel, settings: AuditSettings) -> tuple[int, int]:

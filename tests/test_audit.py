@@ -243,6 +243,40 @@ def test_without_min_k_pp_the_other_attacks_and_bits_are_unchanged(demo, finetun
         assert r["attacks"] == {k: v for k, v in f["attacks"].items() if k != "min_k_pp"}
 
 
+@pytest.mark.cuda
+def test_on_cuda_the_audit_codes_as_on_the_cpu_in_float32_and_close_in_bfloat16(tmp_path):
+    """A GPT-2 from a config (random weights: no training needed to compare devices), saved, and its
+    texts coded on the CPU in float32, then on CUDA in float32 and in bfloat16 weights."""
+    from memk.bench.audit_demo import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    new_gpt2(len(tokenizer), context=64, seed=0).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    texts = random_texts(12, 100, seed=1)  # longer than the context: the window runs on the GPU too
+    settings = AuditSettings(bootstrap=0, window=64, stride=32)
+    bits = {}
+    for device, dtype in (("cpu", "float32"), ("cuda", "float32"), ("cuda", "bfloat16")):
+        result = audit(str(tmp_path / "gpt2"), texts[:6], texts[6:], device=device, dtype=dtype, settings=settings,
+                       progress=False)
+        assert result.summary["model"]["dtype"] == dtype
+        bits[device, dtype] = np.array([r["model_bits"] for r in result.samples])
+    np.testing.assert_allclose(bits["cuda", "float32"], bits["cpu", "float32"], rtol=1e-4)
+    # bfloat16 weights round each logit to ~3 digits; over 100 tokens the code length moves by well under 2%.
+    np.testing.assert_allclose(bits["cuda", "bfloat16"], bits["cpu", "float32"], rtol=2e-2)
+    assert not np.array_equal(bits["cuda", "bfloat16"], bits["cpu", "float32"])  # bfloat16 really was used
+
+
+def test_a_model_held_in_memory_is_scored_as_it_is_or_the_mismatch_named(demo, texts):
+    from memk.memorize.audit_models import scoring_model_from
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    held = scoring_model_from(AutoModelForCausalLM.from_pretrained(str(demo["base"])),
+                              AutoTokenizer.from_pretrained(str(demo["base"])), "held base")
+    with pytest.raises(ConfigError, match="holds float32 weights, but dtype 'bfloat16' was asked for"):
+        audit(held, texts[0][:2], texts[1][:2], dtype="bfloat16", settings=FAST, progress=False)
+    assert audit(held, texts[0][:2], texts[1][:2], dtype="float32", settings=FAST, progress=False).samples
+
+
 # --------------------------------------------------------------------------- report
 
 

@@ -68,3 +68,24 @@ def test_bad_shapes_are_named():
         head_token_logprobs(torch.zeros(3, 4), torch.zeros(5, 3), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="targets must be"):
         head_token_logprobs(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", logprob_backends())
+def test_on_cuda_matches_float64_in_float32_and_bfloat16(backend):
+    g = torch.Generator().manual_seed(3)
+    n, d, vocab = 300, 64, 5003  # a few blocks of rows at 1 MiB of logits each
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(vocab, d, generator=g) / 8
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    for dtype, atol in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        # The truth of the weights as the GPU holds them: bfloat16 rounds them before the product.
+        want, want_mean, want_std = float64_truth(h.float(), w.float(), targets)
+        logp, mean, std = head_token_logprobs(h.cuda(), w.cuda(), targets.cuda(), moments=True,
+                                              block_bytes=2**20, backend=backend)
+        assert logp.dtype == torch.float32 and logp.device.type == "cuda"
+        # bfloat16 logits carry ~3 significant digits: |logit| ~ 3 gives ~0.02 nats; 0.1 bounds it.
+        torch.testing.assert_close(logp.double().cpu(), want, rtol=0, atol=atol)
+        torch.testing.assert_close(mean.double().cpu(), want_mean, rtol=0, atol=atol)
+        torch.testing.assert_close(std.double().cpu(), want_std, rtol=0, atol=atol)
