@@ -61,7 +61,8 @@ def _timed(preset: str, extra: list[str], env: dict, folder: str) -> dict:
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise click.ClickException(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
-    return {"command": " ".join(["memk", *command[3:]]), "env": {k: env[k] for k in env if k.startswith("MEMK_")},
+    shown = [os.path.basename(folder) if part == folder else part for part in command[3:]]  # not the temp path
+    return {"command": " ".join(["memk", *shown]), "env": {k: env[k] for k in env if k.startswith("MEMK_")},
             "load_1_5_15_before": load, "wall_s": round(wall, 1),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

@@ -223,7 +223,7 @@ def run_groups(groups: list[Group], device: torch.device, options: RunOptions | 
     return {
         "schema": SCHEMA,
         "env": env,
-        "command": " ".join(sys.argv),
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),  # no path of this machine
         "options": {"max_time_s": options.max_time},
         "wall_s": time.time() - started,
         "suites": sorted({g.suite for g in groups}),
