@@ -33,7 +33,7 @@ from .audit_models import ScoringModel, load_scoring_model, resolve_dtype
 from .audit_report import write_outputs
 from .audit_scoring import score_texts
 from .errors import ConfigError, warn
-from .outputs import atomic_write_json, atomic_write_text, content_digest
+from .outputs import atomic_write_text, content_digest, set_aside
 from .runtime import cpu_threads_for_flops, progress_bar, resolve_device
 
 FORMAT_VERSION = 1
@@ -177,8 +177,7 @@ def _load_rows(path: Path, key: str, wanted: dict[tuple[str, int], str]) -> list
         if wanted.get((row["set"], row["index"])) == row["sha1"]:
             rows.append(row)
     if other_key:
-        aside = path.with_name(f"{path.name}.other-{datetime.datetime.now():%Y%m%d-%H%M%S}")
-        os.replace(path, aside)
+        aside = set_aside(path, f".other-{datetime.datetime.now():%Y%m%d-%H%M%S}")
         warn(f"{path} holds an audit of other models or settings; set aside as {aside.name}, starting over")
         return []
     unique = {(r["set"], r["index"]): r for r in rows}

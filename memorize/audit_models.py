@@ -12,7 +12,6 @@ tokenizer is OUT/tokenizer.json.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 from memk import kernels
 
 from .errors import ConfigError
+from .outputs import content_digest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INSTALL_HINT = 'pip install "memk[audit]"'
@@ -181,7 +181,7 @@ def scoring_model_from(module, tokenizer, name: str = "in-memory model", fingerp
 def _weights_checksum(module: torch.nn.Module) -> dict:
     """Sums of every weight tensor, digested: changes whenever training changed a weight."""
     sums = [(name, float(p.double().sum()), float(p.double().abs().sum())) for name, p in module.named_parameters()]
-    return {"weights": hashlib.sha1(json.dumps(sums).encode()).hexdigest()[:12]}
+    return {"weights": content_digest(sums)}
 
 
 @torch.no_grad()
@@ -199,7 +199,7 @@ def _source_fingerprint(source: str, local: bool, config) -> dict:
         return {"commit": getattr(config, "_commit_hash", None)}
     folder = Path(source).resolve()
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
-    return {"path": str(folder), "files": hashlib.sha1(json.dumps(files).encode()).hexdigest()[:12]}
+    return {"path": str(folder), "files": content_digest(files)}
 
 
 def _memk_checkpoint_folder(path: Path) -> Path | None:

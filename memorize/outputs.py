@@ -80,8 +80,9 @@ def read_state(path: Path, load: Callable[[Path], T], what: str, then: str) -> T
         return None
 
 
-def set_aside(path: Path) -> Path:
-    aside = path.with_name(path.name + DAMAGED)
+def set_aside(path: Path, suffix: str = DAMAGED) -> Path:
+    """Move path out of the way as PATH + suffix (kept for a person to look at); the new path."""
+    aside = path.with_name(path.name + suffix)
     os.replace(path, aside)
     return aside
 
