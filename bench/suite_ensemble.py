@@ -18,7 +18,7 @@ import torch
 from memk import kernels
 
 from .case import Cycle, Group, Runner, Skip, Variant, rotations, skip_compile_when_quick
-from .suite_model import MODEL_TOLERANCE, autocast_for
+from .suite_model import MODEL_TOLERANCE, autocast_for, float64_reference_model, loss_and_grads
 
 ONE_AT_A_TIME = "one at a time"
 ENSEMBLE = "ensemble"
@@ -51,10 +51,10 @@ def _ensemble_inputs(config, members: int, batch: int, seed: int):
     def make(device: torch.device) -> dict:
         from memk.memorize.model import GPT
 
-        free = _free_bytes(device)
-        if free is not None and _ensemble_bytes(config, members, batch) > 0.6 * free:
-            return {"too_big": f"K={members} x batch {batch} needs about "
-                               f"{_ensemble_bytes(config, members, batch) / 2**30:.1f} GiB, more than this device holds free"}
+        free, need = _free_bytes(device), _ensemble_bytes(config, members, batch)
+        if free is not None and need > 0.6 * free:
+            return {"too_big": f"K={members} x batch {batch} needs about {need / 2**30:.1f} GiB, "
+                               "more than this device holds free"}
         states = []
         for k in range(members):  # each member its own initial weights, as runs with their own seeds
             torch.manual_seed(seed + k)
@@ -77,21 +77,13 @@ def _free_bytes(device: torch.device) -> int | None:
 
 def _float64_reference(inputs: dict, device: torch.device) -> dict:
     """Loss of the first and last member and the first member's gradients, each member's weights in
-    the reference model (explicit attention, plain log-probs) in float64; computed once per group."""
+    the float64 reference model; computed once per group."""
     if "float64" not in inputs:
-        from memk.memorize.model import GPT
-
-        members = len(inputs["states"])
-        losses, grads = [], None
-        for k in sorted({0, members - 1}):
-            model = GPT(inputs["config"], "reference", "reference")
-            model.load_state_dict(inputs["states"][k])
-            model = model.to(device).double()
-            loss = model.loss(inputs["check_batch"][k])
-            losses.append(loss.detach())
-            if k == 0:
-                loss.backward()
-                grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        first, last = 0, len(inputs["states"]) - 1
+        models = {k: float64_reference_model(inputs["config"], inputs["states"][k], device) for k in {first, last}}
+        loss, grads = loss_and_grads(models[first], inputs["check_batch"][first])
+        with torch.no_grad():
+            losses = [loss] + ([models[last].loss(inputs["check_batch"][last])] if last != first else [])
         inputs["float64"] = {"losses": torch.stack(losses), "grads": grads}
     return inputs["float64"]
 
@@ -110,16 +102,10 @@ def _ensemble_check(device: torch.device):
     return check
 
 
-def _thread_keeper(device: torch.device):
-    """Sets memk's training threads for a step and puts torch's count back when the case closes."""
-    from memk.memorize.runtime import use_cpu_threads
-
+def _threads_restorer():
+    """What puts torch's thread count back when a case closes (its calls set memk's training threads)."""
     saved = torch.get_num_threads()
-
-    def use(config, rows: int) -> None:
-        use_cpu_threads(device, config, rows)
-
-    return use, lambda: torch.set_num_threads(saved)
+    return lambda: torch.set_num_threads(saved)
 
 
 def _backends(device: torch.device) -> tuple[str, str]:
@@ -136,6 +122,7 @@ def _one_at_a_time_variant(dtype: str) -> Variant:
 
     def build(inputs: dict, device: torch.device) -> Runner:
         from memk.memorize.model import GPT
+        from memk.memorize.runtime import use_cpu_threads
 
         if "too_big" in inputs:
             raise Skip(inputs["too_big"])
@@ -149,11 +136,11 @@ def _one_at_a_time_variant(dtype: str) -> Variant:
         optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.98), fused=device.type == "cuda")
                       for m in models]
         cycle = Cycle(inputs["batches"])
-        use_threads, restore_threads = _thread_keeper(device)
+        restore_threads = _threads_restorer()
 
         def call():
             x = cycle.next()
-            use_threads(config, x.shape[1])
+            use_cpu_threads(device, config, x.shape[1])
             for k, (model, optimizer) in enumerate(zip(models, optimizers)):
                 optimizer.zero_grad(set_to_none=True)
                 with autocast_for(device, dtype):
@@ -190,6 +177,7 @@ def _ensemble_variant(dtype: str, compiled: bool, quick: bool) -> Variant:
     def build(inputs: dict, device: torch.device) -> Runner:
         from memk.memorize.ensemble import EnsembleAdamW, EnsembleGPT
         from memk.memorize.ensemble_executor import compiled_losses
+        from memk.memorize.runtime import use_cpu_threads
 
         if "too_big" in inputs:
             raise Skip(inputs["too_big"])
@@ -208,12 +196,12 @@ def _ensemble_variant(dtype: str, compiled: bool, quick: bool) -> Variant:
             torch._dynamo.reset()
         losses_of = compiled_losses(model) if compiled else model.member_losses
         cycle = Cycle(inputs["batches"])
-        use_threads, restore_threads = _thread_keeper(device)
+        restore_threads = _threads_restorer()
         everyone = [True] * members
 
         def call():
             x = cycle.next()
-            use_threads(config, members * x.shape[1])
+            use_cpu_threads(device, config, members * x.shape[1])
             rows = torch.full((members,), x.shape[1], device=device)
             with autocast_for(device, dtype):
                 losses = losses_of(x, rows)

@@ -119,21 +119,29 @@ def _tf32(enabled: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def float64_reference_model(config, state: dict, device: torch.device):
+    """The reference model (explicit attention, plain log-probs) with these weights, in float64:
+    what the train, bits and ensemble checks compare with."""
+    return _build_model(config, ModelBackends("reference", "reference"), device, state).double()
+
+
+def loss_and_grads(model, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model's loss on batch and the gradient it leaves on each parameter."""
+    loss = model.loss(batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
 def _float64_reference(inputs: dict, device: torch.device):
-    """Loss, gradients and bits of the reference model (explicit attention, plain log-probs) in
-    float64, on the check batch; computed once per group and kept in its inputs."""
+    """Loss, gradients and bits of the float64 reference model on the check batch; computed once
+    per group and kept in its inputs."""
     if "float64" not in inputs:
-        model = _build_model(inputs["config"], ModelBackends("reference", "reference"), device, inputs["state"]).double()
+        model = float64_reference_model(inputs["config"], inputs["state"], device)
         x = inputs["check_batch"]
-        loss = model.loss(x)
-        loss.backward()
+        loss, grads = loss_and_grads(model, x)
         with torch.no_grad():
             bits = model.sequence_bits(x)
-        inputs["float64"] = {
-            "loss": loss.detach(),
-            "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
-            "bits": bits,
-        }
+        inputs["float64"] = {"loss": loss, "grads": grads, "bits": bits}
         del model
     return inputs["float64"]
 
