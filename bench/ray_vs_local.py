@@ -7,12 +7,13 @@ script, seconds) four ways, one after the other, each into a fresh folder:
 
 - ray: `--executor ray --ensemble off`, a local Ray instance with one task per core, each
   task one run on one thread;
-- local, every core: the local executor, one run at a time (`--ensemble off`) with torch's
-  threads pinned to every core (MEMK_NUM_THREADS), what the issue compares against;
+- local, every core: the local executor, one run at a time (`--ensemble off --workers 1`)
+  with torch's threads pinned to every core (MEMK_NUM_THREADS), what the issue compares against;
 - local, memk's policy: the same with memk's thread policy (one thread for these small
   models: memk.memorize.runtime.cpu_threads_for);
-- local, memk's default: the command as it stands (`--ensemble auto`: each model's runs as
-  one ensemble where a probe measures that faster).
+- local, memk's default: the command as it stands (`--ensemble auto --workers auto` since
+  2026-11-27 afternoon: each model's runs as one ensemble where a probe measures that
+  faster, the ensembles side by side, one per core; `--ensemble auto` alone before).
 
 Each figure is the whole command's wall-clock (Ray's start-up included), with the load
 average before it. The rows are compared (timing aside): the Ray rows must equal those of
@@ -24,54 +25,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 
 import click
 
-TIMING = {"train_seconds", "finished_at", "host", "torch_threads", "trained_as"}
-
-
-def _load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
-def _rows(folder: str) -> dict[str, dict]:
-    with open(os.path.join(folder, "runs.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return {r["run_id"]: {k: v for k, v in r.items() if k not in TIMING} for r in rows}
-
-
-def _timed(preset: str, extra: list[str], env: dict, folder: str) -> dict:
-    command = [sys.executable, "-m", "memk.cli", "run-capacity", "--preset", preset, *extra, "--out", folder,
-               "--no-progress"]
-    load = _load()
-    start = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
-    wall = time.perf_counter() - start
-    if result.returncode != 0:
-        raise click.ClickException(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
-    shown = [os.path.basename(folder) if part == folder else part for part in command[3:]]  # not the temp path
-    return {"command": " ".join(["memk", *shown]), "env": {k: env[k] for k in env if k.startswith("MEMK_")},
-            "load_1_5_15_before": load, "wall_s": round(wall, 1),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+from memk.bench.command_runs import alphas, load_average, machine, package_version, run_rows, timed_capacity_command
 
 
 @click.command()
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the results here")
 @click.option("--smoke", is_flag=True, help="the smoke preset: a test of the script, not a measurement")
 def main(json_path, smoke):
-    from memk.bench.timing import cpu_name
     from memk.memorize.runtime import THREADS_ENV
 
     if json_path:  # fail now, not after minutes of measuring
@@ -82,24 +47,21 @@ def main(json_path, smoke):
     base = {k: v for k, v in os.environ.items() if k not in (THREADS_ENV, "OMP_NUM_THREADS")}
     ways = {
         "ray": (["--executor", "ray", "--cpus-per-task", "1", "--ensemble", "off"], base),
-        "local, every core": (["--ensemble", "off"], {**base, THREADS_ENV: str(cores)}),
-        "local, memk's policy": (["--ensemble", "off"], base),
+        "local, every core": (["--ensemble", "off", "--workers", "1"], {**base, THREADS_ENV: str(cores)}),
+        "local, memk's policy": (["--ensemble", "off", "--workers", "1"], base),
         "local, memk's default": ([], base),
     }
-    report = {"schema": "memk-ray-vs-local/1", "preset": preset, "smoke": smoke, "cpu": cpu_name(), "cores": cores,
-              "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-              "torch": _version("torch"), "ray": _version("ray"), "python": sys.version.split()[0],
-              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": {}}
+    report = {"schema": "memk-ray-vs-local/1", "preset": preset, "smoke": smoke, **machine(),
+              "ray": package_version("ray"), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (extra, env) in ways.items():
-            click.echo(f"{name}: memk run-capacity --preset {preset} {' '.join(extra)} (load {_load()[0]})", err=True)
-            report["runs"][name] = _timed(preset, extra, env, os.path.join(tmp, name.replace(" ", "-")))
+            click.echo(f"{name}: memk run-capacity --preset {preset} {' '.join(extra)} (load {load_average()[0]})",
+                       err=True)
+            report["runs"][name] = timed_capacity_command(preset, extra, env, os.path.join(tmp, name.replace(" ", "-")))
             click.echo(f"  {report['runs'][name]['wall_s']} s", err=True)
-        rows = {name: _rows(os.path.join(tmp, name.replace(" ", "-"))) for name in ways}
+        rows = {name: run_rows(os.path.join(tmp, name.replace(" ", "-"))) for name in ways}
         for name in ways:  # α through the origin, per precision: how far ensembles or threads move the science
-            with open(os.path.join(tmp, name.replace(" ", "-"), "summary.json")) as f:
-                summary = json.load(f)
-            report["runs"][name]["alpha"] = {p: s["fit"]["through_origin"]["alpha"] for p, s in summary["precisions"].items()}
+            report["runs"][name]["alpha"] = alphas(os.path.join(tmp, name.replace(" ", "-")))
     report["same_rows_as_ray"] = {name: rows[name] == rows["ray"] for name in ways if name != "ray"}
     walls = {name: run["wall_s"] for name, run in report["runs"].items()}
     report["speedup_of_ray"] = {name: round(wall / walls["ray"], 2) for name, wall in walls.items() if name != "ray"}

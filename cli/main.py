@@ -76,6 +76,9 @@ def training_options(command):
         click.option("--ensemble", default="auto", show_default=True,
                      help="train runs of one shape together: auto (each group the way a short probe measures "
                           "faster here), off (one at a time), or K (as ensembles of at most K)"),
+        click.option("--workers", default="auto", show_default=True,
+                     help="runs (or ensembles) training at once in this process, each on one CPU thread: auto "
+                          "(one per core on the CPU where runs are small enough for one thread, else 1), or N"),
         click.option("--dry-run", is_flag=True, help="print the plan (runs, ensembles, estimated wall-clock); train nothing"),
         *ray_options(),
     ]):
@@ -119,7 +122,7 @@ def report_failures(summary: dict, out: Path) -> int:
 @click.option("--seed", type=int, help="seed of the data stream and the model init")
 @click.option("--out", help="output folder [default: runs/capacity-PRESET]")
 @training_options
-def run_capacity(preset_name, out, no_progress, ensemble, dry_run, executor_name, ray_address, gpus_per_task,
+def run_capacity(preset_name, out, no_progress, ensemble, workers, dry_run, executor_name, ray_address, gpus_per_task,
                  cpus_per_task, **options):
     """Train GPT-2 models on random data and measure capacity in bits per parameter.
 
@@ -131,15 +134,16 @@ def run_capacity(preset_name, out, no_progress, ensemble, dry_run, executor_name
     from memk.memorize.ensemble_executor import parse_ensemble
     from memk.memorize.options import output_folder
     from memk.memorize.ray_executor import executor_from_options
+    from memk.memorize.workers import parse_workers
 
-    choice = parse_ensemble(ensemble)
+    choice, workers = parse_ensemble(ensemble), parse_workers(workers)
     exp = capacity.experiment_from_options(preset_name, **options)
     if dry_run:
-        click.echo(dry_run_plan.capacity_plan(exp, choice))
+        click.echo(dry_run_plan.capacity_plan(exp, choice, workers))
         return
     out = output_folder(out, Path("runs") / f"capacity-{preset_name}")
     executor = executor_from_options(executor_name, capacity.validate(exp), choice, ray_address, gpus_per_task,
-                                     cpus_per_task)
+                                     cpus_per_task, workers)
     summary = capacity.run_capacity(exp, out, progress=not no_progress, executor=executor)
     click.echo(capacity.format_table(summary))
     click.echo(f"results in {out}/: runs.jsonl, summary.json, capacity_curves.png, capacity_vs_params.png")
@@ -171,8 +175,8 @@ def run_capacity(preset_name, out, no_progress, ensemble, dry_run, executor_name
 @click.option("--seed", type=int, help="seed of the data split, the Markov chain and the model init")
 @click.option("--out", help="output folder [default: runs/generalization-PRESET]")
 @training_options
-def run_generalization(preset_name, out, no_progress, ensemble, dry_run, executor_name, ray_address, gpus_per_task,
-                       cpus_per_task, **options):
+def run_generalization(preset_name, out, no_progress, ensemble, workers, dry_run, executor_name, ray_address,
+                       gpus_per_task, cpus_per_task, **options):
     """Train GPT-2 models on real text (or a Markov chain): unintended memorization,
     double descent and membership inference against dataset size / capacity.
 
@@ -185,15 +189,16 @@ def run_generalization(preset_name, out, no_progress, ensemble, dry_run, executo
     from memk.memorize.generalization_summary import format_summary
     from memk.memorize.options import output_folder
     from memk.memorize.ray_executor import executor_from_options
+    from memk.memorize.workers import parse_workers
 
-    choice = parse_ensemble(ensemble)
+    choice, workers = parse_ensemble(ensemble), parse_workers(workers)
     exp = generalization.experiment_from_options(preset_name, **options)
     out = output_folder(out, Path("runs") / f"generalization-{preset_name}")
     if dry_run:
-        click.echo(dry_run_plan.generalization_plan(exp, choice, out))
+        click.echo(dry_run_plan.generalization_plan(exp, choice, out, workers))
         return
     executor = executor_from_options(executor_name, generalization.validate(exp), choice, ray_address,
-                                     gpus_per_task, cpus_per_task)
+                                     gpus_per_task, cpus_per_task, workers)
     summary = generalization.run_generalization(exp, out, progress=not no_progress, executor=executor)
     click.echo(format_summary(summary))
     click.echo(f"results in {out}/: runs.jsonl, summary.json, prediction.json, reference/, *.png")

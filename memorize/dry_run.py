@@ -8,6 +8,7 @@ that plateau end sooner, and evaluations add a few per cent.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import tempfile
@@ -20,9 +21,10 @@ from . import capacity, generalization
 from .ensemble_executor import EnsembleExecutor, EnsemblePlan, batch_rows, plan_ensembles, probe_step_seconds
 from .reference import FOLDER as REFERENCE_FOLDER
 from .reference import reference_id
-from .runtime import resolve_backends
+from .runtime import cpu_threads_pinned, resolve_backends
 from .sources import load_source
-from .sweep import Run
+from .sweep import Run, training_flops
+from .workers import workers_for
 
 
 def wall_seconds(step_caps: list[int], slots: int, alone: float, together: float) -> float:
@@ -43,6 +45,17 @@ def wall_seconds(step_caps: list[int], slots: int, alone: float, together: float
     return total
 
 
+def jobs_wall_seconds(jobs: list[tuple[float, float]], workers: int) -> float:
+    """Seconds for jobs of (cost, seconds) on `workers` workers, as memorize/workers.py runs them:
+    in order on one, else the costliest first, each taken by the worker that is free first."""
+    if workers <= 1:
+        return sum(seconds for _, seconds in jobs)
+    free_at = [0.0] * workers
+    for _, seconds in sorted(jobs, key=lambda job: -job[0]):
+        heapq.heapreplace(free_at, free_at[0] + seconds)
+    return max(free_at)
+
+
 def _runs(n: int) -> str:
     return f"{n} run" if n == 1 else f"{n} runs"
 
@@ -53,23 +66,31 @@ def _minutes(seconds: float) -> str:
 
 
 def describe(runs: list[Run], choice: str | int, device: torch.device, title: str,
-             first: Run | None = None) -> str:
-    """The plan as text: each group, its runs, its probe and the two estimates (as planned, one at a
-    time); `first` is a run that trains alone before them (run-generalization's reference)."""
+             first: Run | None = None, workers_choice: str | int = 1) -> str:
+    """The plan as text: each group, its runs, its probe and the two estimates (as planned on the
+    workers, one at a time); `first` is a run that trains alone before them (run-generalization's reference)."""
+    workers = workers_for(workers_choice, device, runs)
+    lines = [f"{title}: {_runs(len(runs))} to train on {device}, --ensemble {choice}, {workers} "
+             f"{'worker' if workers == 1 else 'workers, one thread each'}"]
+    before = 0.0
+    if first is not None:
+        before = first.train.max_steps * probe_step_seconds(first, 1, device)[0]
+        lines.append(f"  first, alone: {first.name} {first.model.name} N={first.n_sequences}, "
+                     f"at most {first.train.max_steps} steps; estimate {_minutes(before)}")
+    with cpu_threads_pinned(1) if workers > 1 else contextlib.nullcontext():  # as the workers would train
+        lines += _describe_groups(runs, choice, device, workers, before)
+    return "\n".join(lines)
+
+
+def _describe_groups(runs: list[Run], choice: str | int, device: torch.device, workers: int,
+                     before: float) -> list[str]:
     if choice == "off":
         plans = plan_ensembles(runs, 1, None)
     else:
         executor = EnsembleExecutor(device, max_members=None if choice == "auto" else int(choice),
                                     choose_faster=choice == "auto")
         plans = executor.plans(runs)
-    lines = [f"{title}: {_runs(len(runs))} to train on {device}, --ensemble {choice}"]
-    total_plan = total_alone = 0.0
-    if first is not None:
-        seconds = first.train.max_steps * probe_step_seconds(first, 1, device)[0]
-        total_plan += seconds
-        total_alone += seconds
-        lines.append(f"  first, alone: {first.name} {first.model.name} N={first.n_sequences}, "
-                     f"at most {first.train.max_steps} steps; estimate {_minutes(seconds)}")
+    lines, jobs, total_alone = [], [], 0.0
     for i, plan in enumerate(plans, 1):
         first = plan.runs[0]
         if plan.probe is not None:  # --ensemble auto measured it already
@@ -81,7 +102,10 @@ def describe(runs: list[Run], choice: str | int, device: torch.device, title: st
         caps = [r.train.max_steps for r in plan.runs]
         seconds_alone = wall_seconds(caps, 1, alone, alone)
         seconds = seconds_alone if plan.slots == 1 else wall_seconds(caps, plan.slots, alone, together)
-        total_plan += seconds
+        if plan.slots == 1:  # each run a job of its own
+            jobs += [(training_flops(r), r.train.max_steps * alone) for r in plan.runs]
+        else:
+            jobs.append((sum(map(training_flops, plan.runs)), seconds))
         total_alone += seconds_alone
         how = "one at a time" if plan.slots == 1 else f"an ensemble of {plan.slots} slots"
         capped = " (capped by the memory free)" if plan.memory_capped else ""
@@ -97,9 +121,11 @@ def describe(runs: list[Run], choice: str | int, device: torch.device, title: st
         lines.append(f"    probe: {probe}; estimate {_minutes(seconds)}")
         for run in plan.runs:
             lines.append(f"    {run.run_id}  N={run.n_sequences}  at most {run.train.max_steps} steps")
-    lines.append(f"estimated wall-clock at the step caps: {_minutes(total_plan)} as planned, "
-                 f"{_minutes(total_alone)} one run at a time (training steps only; runs that plateau end sooner)")
-    return "\n".join(lines)
+    planned = before + jobs_wall_seconds(jobs, workers)
+    lines.append(f"estimated wall-clock at the step caps: {_minutes(planned)} as planned, "
+                 f"{_minutes(before + total_alone)} one run at a time on one worker (training steps only; runs "
+                 "that plateau end sooner)")
+    return lines
 
 
 def _possible_slots(plan: EnsemblePlan, device: torch.device) -> int:
@@ -107,13 +133,14 @@ def _possible_slots(plan: EnsemblePlan, device: torch.device) -> int:
     return EnsembleExecutor(device).plans(plan.runs)[0].slots
 
 
-def capacity_plan(exp: capacity.CapacityExperiment, choice: str | int) -> str:
+def capacity_plan(exp: capacity.CapacityExperiment, choice: str | int, workers: str | int = 1) -> str:
     device = capacity.validate(exp)
     runs = capacity.plan(exp, resolve_backends(device, exp.attention_backend, exp.logprob_backend))
-    return describe(runs, choice, device, "run-capacity plan")
+    return describe(runs, choice, device, "run-capacity plan", workers_choice=workers)
 
 
-def generalization_plan(exp: generalization.GeneralizationExperiment, choice: str | int, out_dir: Path) -> str:
+def generalization_plan(exp: generalization.GeneralizationExperiment, choice: str | int, out_dir: Path,
+                        workers: str | int = 1) -> str:
     """The sweep and check runs. Their sizes need H(x | θ) per sequence: exact for the Markov chain,
     the reference model's where --out holds it trained, else the most a sequence can carry (the
     smallest sizes the plan can have)."""
@@ -135,4 +162,4 @@ def generalization_plan(exp: generalization.GeneralizationExperiment, choice: st
     runs = generalization.plan(exp, bits, len(data.train_pool), ref_id, backends)
     reference = None if trained else Run("reference", ref_config, len(data.train_pool), ref_train, backends)
     title = f"run-generalization plan (H(x | θ) = {bits:.1f} bits per sequence, {basis})"
-    return describe(runs, choice, device, title, first=reference)
+    return describe(runs, choice, device, title, first=reference, workers_choice=workers)

@@ -20,7 +20,9 @@ group takes its slot, fresh or from its checkpoint. When no queued run is left, 
 members' slots are dropped (repacked) so they cost nothing.
 
 On CUDA the ensemble's loss runs under torch.compile where a probe measures it faster
-(unverified: written without a GPU). On CPU it runs eagerly.
+(unverified: written without a GPU). On CPU it runs eagerly, and with `--workers` above 1
+ensembles (and the runs of groups trained one at a time) train side by side, one thread
+each (memorize/workers.py): on the CPU that, not stacking, is what gains the most.
 
 Checkpoints: at each evaluation a member writes its own checkpoint, in exactly the format
 train_to_saturation writes (model and torch AdamW state dicts, schedule, seconds), to the
@@ -31,6 +33,7 @@ a run checkpointed by either executor resumes under the other.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -44,11 +47,12 @@ from .bits import autocast_context
 from .ensemble import EnsembleAdamW, EnsembleGPT
 from .errors import ConfigError
 from .model import GPT, count_parameters
-from .runtime import free_memory_bytes, use_cpu_threads
+from .runtime import cpu_threads_pinned, free_memory_bytes, use_cpu_threads
 from .schedule import Schedule, batch_indices
 from .store import RunStore, provenance
-from .sweep import LocalExecutor, Run, SweepProgress, Workload
-from .train import StopSignal, save_checkpoint
+from .sweep import LocalExecutor, Run, SweepProgress, Workload, run_job, training_flops
+from .train import GLOBAL_RNG, StopSignal, save_checkpoint, seeded_gpt
+from .workers import Job, run_jobs, workers_for
 
 MEMORY_FRACTION = 0.5  # of the memory free on the device, the most an ensemble may plan to use
 
@@ -171,9 +175,7 @@ class Member:
 
 def fresh_gpt_state(run: Run, device: torch.device) -> dict[str, torch.Tensor]:
     """The weights train_to_saturation starts this run from: torch.manual_seed(seed), then GPT(config)."""
-    torch.manual_seed(run.train.seed)
-    gpt = GPT(run.model, attention_backend=run.backends.attention, logprob_backend=run.backends.logprob)
-    return gpt.to(device).state_dict()
+    return seeded_gpt(run.model, run.train.seed, run.backends.attention, run.backends.logprob, device).state_dict()
 
 
 def torch_adamw_state(gpt: GPT, run: Run, lr: float, step: int, exp_avg: dict, exp_avg_sq: dict) -> dict:
@@ -217,7 +219,7 @@ class EnsembleTrainer:
         self.optimizer = EnsembleAdamW(self.model, first.train.betas)
         self.member_losses = compiled_losses(self.model) if plan.compiled else self.model.member_losses
         self.names = list(self.model.params)
-        with torch.random.fork_rng(devices=[]):  # building it must not move the global generator
+        with GLOBAL_RNG, torch.random.fork_rng(devices=[]):  # building it must not move the global generator
             self.template = GPT(first.model, attention_backend=first.backends.attention,
                                 logprob_backend=first.backends.logprob).to(device=device, dtype=self.model.dtype)
         self.members: list[Member | None] = [None] * plan.slots
@@ -425,13 +427,15 @@ def probe_step_seconds(run: Run, members: int, device: torch.device, budget_s: f
 @dataclass
 class EnsembleExecutor:
     """Trains runs in ensembles (see the module docstring); with choose_faster, each group in the
-    ensemble only where a short probe on this device measures it faster than one run at a time."""
+    ensemble only where a short probe on this device measures it faster than one run at a time;
+    `workers` (auto or a number, memorize/workers.py) jobs at once, an ensemble or a run each."""
 
     device: torch.device
     max_members: int | None = None  # K; None: as many as a group has and memory holds
     choose_faster: bool = False  # --ensemble auto
     memory_budget: int | None = None  # bytes; None: MEMORY_FRACTION of the memory free at the start
     repack_fraction: float | None = None  # frozen share of the slots that triggers a repack; None: the device's
+    workers: str | int = 1
     trained: list[dict] = field(default_factory=list, repr=False)  # per ensemble: runs, slots, most members at once
 
     def plans(self, runs: list[Run]) -> list[EnsemblePlan]:
@@ -455,14 +459,27 @@ class EnsembleExecutor:
         return plans
 
     def execute(self, runs: list[Run], workload: Workload, store: RunStore, progress: SweepProgress) -> None:
-        fraction = repack_fraction_for(self.device) if self.repack_fraction is None else self.repack_fraction
-        for plan in self.plans(runs):
+        workers = workers_for(self.workers, self.device, runs)
+        # Side by side, every job trains on one thread: the probes measure them so.
+        with cpu_threads_pinned(1) if workers > 1 else contextlib.nullcontext():
+            plans = self.plans(runs)
+        jobs = []
+        for plan in plans:
             if plan.slots == 1:
-                LocalExecutor(self.device).execute(plan.runs, workload, store, progress)
-                continue
+                jobs += [run_job(run, workload, store, self.device) for run in plan.runs]
+            else:
+                jobs.append(self.ensemble_job(plan, workload, store))
+        run_jobs(jobs, workers, progress)
+
+    def ensemble_job(self, plan: EnsemblePlan, workload: Workload, store: RunStore) -> Job:
+        fraction = repack_fraction_for(self.device) if self.repack_fraction is None else self.repack_fraction
+
+        def train(progress: SweepProgress) -> None:
             trainer = EnsembleTrainer(plan, workload, store, progress, self.device, fraction)
             trainer.train()
             self.trained.append({"runs": len(plan.runs), "slots": plan.slots, "most_members": trainer.most_members})
+
+        return Job(f"{plan.runs[0].model.name}: an ensemble of {plan.slots}", sum(map(training_flops, plan.runs)), train)
 
 
 def repack_fraction_for(device: torch.device) -> float:
@@ -472,10 +489,10 @@ def repack_fraction_for(device: torch.device) -> float:
     return 0.25 if device.type == "cuda" else 0.0
 
 
-def executor_for(choice: str | int, device: torch.device):
-    """The executor --ensemble asks for: None (the experiment's local default) for 'off'."""
+def executor_for(choice: str | int, device: torch.device, workers: str | int = 1):
+    """The executor --ensemble and --workers ask for: the local executor for 'off'."""
     if choice == "off":
-        return None
+        return LocalExecutor(device, workers)
     if choice == "auto":
-        return EnsembleExecutor(device, choose_faster=True)
-    return EnsembleExecutor(device, max_members=int(choice))
+        return EnsembleExecutor(device, choose_faster=True, workers=workers)
+    return EnsembleExecutor(device, max_members=int(choice), workers=workers)

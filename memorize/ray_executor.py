@@ -172,9 +172,9 @@ class RayExecutor:
 
     def plans(self, runs: list[Run]) -> list[EnsemblePlan]:
         """One plan a task: a run alone, or an ensemble of runs where --ensemble groups them."""
-        grouping = executor_for(self.ensemble, self.device)
-        if grouping is None:
+        if self.ensemble == "off":
             return [EnsemblePlan([run], 1) for run in runs]
+        grouping = executor_for(self.ensemble, self.device)
         free = free_memory_bytes(self.device)  # measured here: the driver's machine stands for the workers'
         if free is not None:  # tasks side by side share a GPU's (or a machine's) memory: each plans for its share
             share = self.gpus_per_task if self.device.type == "cuda" else self.cpus_per_task / os.cpu_count()
@@ -248,13 +248,17 @@ def ray_executor(device: torch.device, address: str | None = None, gpus_per_task
 
 
 def executor_from_options(name: str, device: torch.device, ensemble: str | int, ray_address: str | None = None,
-                          gpus_per_task: float | None = None, cpus_per_task: int | None = None):
-    """The executor the command line asks for: --executor local (None: the experiment's own, or the
-    ensemble executor) or --executor ray; None where the experiment's default serves."""
+                          gpus_per_task: float | None = None, cpus_per_task: int | None = None,
+                          workers: str | int = "auto"):
+    """The executor the command line asks for: --executor local (the local or the ensemble executor,
+    `workers` jobs at once) or --executor ray (where --cpus-per-task, not --workers, says how runs share CPUs)."""
     if name == "local":
         given = [flag for flag, value in (("--ray-address", ray_address), ("--gpus-per-task", gpus_per_task),
                                           ("--cpus-per-task", cpus_per_task)) if value is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} is for --executor ray; add --executor ray or leave it out")
-        return executor_for(ensemble, device)
+        return executor_for(ensemble, device, workers)
+    if workers != "auto":
+        raise ConfigError("--workers is for --executor local: on Ray, tasks run side by side as the cluster's "
+                          "CPUs allow (--cpus-per-task); leave --workers out")
     return ray_executor(device, ray_address, gpus_per_task, 1 if cpus_per_task is None else cpus_per_task, ensemble)

@@ -7,7 +7,8 @@ through its public functions only.
 from __future__ import annotations
 
 import os
-from typing import Callable, NamedTuple
+from contextlib import contextmanager
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -52,15 +53,48 @@ def cpu_threads_for(config: GPTConfig, batch_size: int) -> int:
 
 
 def cpu_threads_for_flops(flops: float) -> int:
-    """The CPU threads for steps of `flops` each (cpu_threads_for): the pinned count, else one below
+    """The CPU threads for steps of `flops` each (cpu_threads_for): one while several runs train at
+    once (cpu_threads_pinned), else the count the environment pins, else one below
     ONE_THREAD_BELOW_FLOPS and every core this process may use above."""
+    if _pinned_threads:
+        return _pinned_threads[-1]
+    pinned = pinned_cpu_threads()
+    if pinned is not None:
+        return pinned
+    return 1 if flops < ONE_THREAD_BELOW_FLOPS else cpu_cores()
+
+
+def cpu_cores() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0))
+
+
+def pinned_cpu_threads() -> int | None:
+    """The thread count MEMK_NUM_THREADS (or else OMP_NUM_THREADS) sets; None where neither is set."""
     for name in (THREADS_ENV, "OMP_NUM_THREADS"):
         pinned = os.environ.get(name, "").strip()
         if pinned:
             if not pinned.isdigit() or int(pinned) < 1:
                 raise ConfigError(f"{name}={pinned!r} is not a thread count; set it to a positive integer or unset it")
             return int(pinned)
-    return 1 if flops < ONE_THREAD_BELOW_FLOPS else len(os.sched_getaffinity(0))
+    return None
+
+
+_pinned_threads: list[int] = []  # the innermost cpu_threads_pinned's count, while one is open
+
+
+@contextmanager
+def cpu_threads_pinned(threads: int) -> Iterator[None]:
+    """Every run started inside takes `threads` torch threads, whatever its size (memorize/workers.py:
+    runs training side by side on threads of this process take one each); torch's count is restored after."""
+    before = torch.get_num_threads()
+    _pinned_threads.append(threads)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        _pinned_threads.pop()
+        torch.set_num_threads(before)
 
 
 def use_cpu_threads(device: torch.device, config: GPTConfig, batch_size: int) -> None:

@@ -13,6 +13,7 @@ temporaries a kill left are removed.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -71,6 +72,7 @@ class RunStore:
         self._index_size = -1  # len(self.rows) when _index was built
         self.failures: dict[str, dict] = {}  # run_id -> what record_failure was told
         self._lock = None
+        self._writing = threading.Lock()  # jobs training side by side (memorize/workers.py) record rows
 
     def __enter__(self) -> RunStore:
         self._prepare()
@@ -203,19 +205,21 @@ class RunStore:
     def record(self, row: dict) -> None:
         """Add a finished run's row (runs.jsonl rewritten whole and atomically), then drop its checkpoint
         and any failure of an earlier try."""
-        self.rows.append(row)
-        self._write_rows(self.rows)
-        self.checkpoint_path(row["run_id"]).unlink(missing_ok=True)
-        if self.failures.pop(row["run_id"], None) is not None:
-            self.write_json(FAILURES, self.failures)
+        with self._writing:
+            self.rows.append(row)
+            self._write_rows(self.rows)
+            self.checkpoint_path(row["run_id"]).unlink(missing_ok=True)
+            if self.failures.pop(row["run_id"], None) is not None:
+                self.write_json(FAILURES, self.failures)
 
     def record_failure(self, run: PlannedRun, error: str, attempts: int) -> None:
         """Note a run an executor gave up on (its checkpoint is kept: a rerun retries it from there)."""
-        self.failures[run.run_id] = {
-            "run_id": run.run_id, "error": error, "attempts": attempts,
-            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        self.write_json(FAILURES, self.failures)
+        with self._writing:
+            self.failures[run.run_id] = {
+                "run_id": run.run_id, "error": error, "attempts": attempts,
+                "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            self.write_json(FAILURES, self.failures)
 
     def failures_of(self, runs: Iterable[PlannedRun]) -> list[dict]:
         """The recorded failures of these runs that have no row since, in plan order: what summaries list."""

@@ -5,7 +5,8 @@ An experiment is a plan of runs. It describes each run as a `Run` (plain and pic
 its id derived from the description alone), asks its run store (memorize/store.py)
 which runs are still to do, hands those to an executor with its `Workload`, and
 summarizes the rows the store then holds. Where and how runs execute is the executor's
-business: `LocalExecutor` trains them one at a time in this process; other executors
+business: `LocalExecutor` trains them in this process, one at a time or, on the CPU,
+several side by side (`--workers`, memorize/workers.py); other executors
 (an ensemble of same-shape runs, Ray workers) take the same runs and workload and
 return the same rows, one per run, through `train_run`'s contract (memorize/ray_executor.py
 trains them as tasks of a Ray cluster).
@@ -20,12 +21,13 @@ from typing import Callable, Protocol
 import torch
 
 from .errors import ConfigError
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, training_flops_per_token
 from .outputs import content_digest
 from .runtime import Backends, progress_bar, step_progress, use_cpu_threads
 from .schedule import RunOutcome, TrainConfig
 from .store import RunStore, provenance
 from .train import StopSignal, train_to_saturation
+from .workers import Job, run_jobs, workers_for
 
 
 @dataclass(frozen=True)
@@ -119,21 +121,36 @@ class Executor(Protocol):
         """Train every run; store.record(row) for each as it finishes."""
 
 
+def training_flops(run: Run) -> float:
+    """The FLOPs of a run's training steps at its step cap: what orders jobs, costliest first."""
+    rows = min(run.n_sequences, run.train.batch_size)
+    return training_flops_per_token(run.model) * rows * (run.model.seq_len - 1) * run.train.max_steps
+
+
+def run_job(run: Run, workload: Workload, store: RunStore, device: torch.device) -> Job:
+    """One run, trained alone, as a job: its row recorded as it finishes."""
+    def train(progress: SweepProgress) -> None:
+        on_step, close_bar = progress.run_started(run)
+        try:
+            row = train_run(run, workload, device, store.checkpoint_path(run.run_id), on_step)
+        finally:
+            close_bar()
+        store.record(row)
+        progress.run_finished()
+
+    return Job(run.label, training_flops(run), train)
+
+
 @dataclass
 class LocalExecutor:
-    """One run at a time, in this process."""
+    """The runs in this process: one at a time, or `workers` at once on the CPU (memorize/workers.py)."""
 
     device: torch.device
+    workers: str | int = 1  # auto or a number (memorize/workers.py)
 
     def execute(self, runs: list[Run], workload: Workload, store: RunStore, progress: SweepProgress) -> None:
-        for run in runs:
-            on_step, close_bar = progress.run_started(run)
-            try:
-                row = train_run(run, workload, self.device, store.checkpoint_path(run.run_id), on_step)
-            finally:
-                close_bar()
-            store.record(row)
-            progress.run_finished()
+        jobs = [run_job(run, workload, store, self.device) for run in runs]
+        run_jobs(jobs, workers_for(self.workers, self.device, runs), progress)
 
 
 def require_rows(rows: list[dict], failures: list[dict]) -> None:

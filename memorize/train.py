@@ -11,6 +11,7 @@ its last evaluation with the same batches and the same result.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -41,6 +42,20 @@ def uniform_code_signal(data: torch.Tensor, precision: str) -> StopSignal:
         return MemorizedBits(float(unintended_memorization(bits, reference).sum()), float(bits.mean()))
 
     return measure
+
+
+# torch's global generator: a run's first weights come from seeding it, and runs may start
+# side by side on threads of one process (memorize/workers.py), so one initialisation at a time.
+GLOBAL_RNG = threading.Lock()
+
+
+def seeded_gpt(config: GPTConfig, seed: int, attention_backend: str, logprob_backend: str,
+               device: torch.device) -> GPT:
+    """The GPT a run of this seed starts from: torch.manual_seed(seed), then GPT(config)."""
+    with GLOBAL_RNG:
+        torch.manual_seed(seed)
+        model = GPT(config, attention_backend=attention_backend, logprob_backend=logprob_backend)
+    return model.to(device)
 
 
 CHECKPOINT_KEYS = {"model", "optimizer", "step", "curve", "best", "loss", "cooldown_start", "stop_reason", "train_seconds"}
@@ -76,8 +91,7 @@ def train_to_saturation(
     result up to floating-point nondeterminism as an uninterrupted run).
     """
     n = len(data)
-    torch.manual_seed(cfg.seed)
-    model = GPT(model_config, attention_backend=attention_backend, logprob_backend=logprob_backend).to(device)
+    model = seeded_gpt(model_config, cfg.seed, attention_backend, logprob_backend, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     data_on_device = data.to(device)
     measure = stop_signal or uniform_code_signal(data_on_device, cfg.precision)

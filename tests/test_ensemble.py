@@ -281,6 +281,36 @@ def test_an_ensemble_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path
     assert_same_as_alone(workload, RUNS)
 
 
+@pytest.mark.slow
+def test_ensembles_side_by_side_end_as_the_runs_trained_alone(tmp_path, float64):
+    # Two workers: the ensemble of big, small and decayed on one thread, tiny (apart: 3 rows
+    # a batch) on the other, each member's weights seeded while the other trains.
+    workload = KeepingWorkload()
+    executor = EnsembleExecutor(CPU, max_members=4, workers=2)
+    with RunStore(tmp_path, "capacity") as store:
+        executor.execute(RUNS, workload, store, quiet(len(RUNS)))
+        assert [r["name"] for r in store.rows_of(RUNS)] == [r.name for r in RUNS]
+    assert executor.trained == [{"runs": 3, "slots": 3, "most_members": 3}]
+    assert_same_as_alone(workload, RUNS)
+
+
+@pytest.mark.slow
+def test_side_by_side_a_killed_ensemble_stops_the_other_worker_and_resumes(tmp_path, float64):
+    workload = KeepingWorkload()
+    with RunStore(tmp_path, "capacity") as store:
+        with pytest.raises(Killed):
+            EnsembleExecutor(CPU, max_members=4, workers=2).execute(RUNS, workload, store, KillingProgress("big", 55))
+        finished_before = list(store.rows)
+    assert "small" in [r["name"] for r in finished_before]  # what finished before the kill is kept
+    with RunStore(tmp_path, "capacity") as store:
+        todo = store.todo(RUNS)
+        assert "big" in [r.name for r in todo] and len(todo) == len(RUNS) - len(finished_before)
+        EnsembleExecutor(CPU, max_members=4, workers=2).execute(todo, workload, store, quiet(len(RUNS)))
+        rows = store.rows
+    assert rows[:len(finished_before)] == finished_before and len(rows) == len(RUNS)
+    assert_same_as_alone(workload, RUNS)
+
+
 # ---------------------------------------------------------------------------------------
 # Planning and the --ensemble option
 
@@ -335,6 +365,15 @@ def test_a_bad_ensemble_value_is_one_line_and_exit_2(tmp_path, command, value):
     assert not (tmp_path / "runs.jsonl").exists()
 
 
+@pytest.mark.parametrize("command", ["run-capacity", "run-generalization"])
+def test_a_bad_workers_value_is_one_line_and_exit_2(tmp_path, command):
+    result = memk(command, "--preset", "smoke", "--out", str(tmp_path), "--workers", "0")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--workers must be auto or a whole number >= 1" in lines[0]
+    assert not (tmp_path / "runs.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
     out = tmp_path / "runs"
@@ -344,6 +383,9 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path):
     assert "4 runs to train on cpu" in text and text.count("group ") == 2 and "ms/step alone" in text
     assert "estimated wall-clock at the step caps" in text
     assert not out.exists()  # nothing written: no folder, no lock, no rows
+    two = memk("run-capacity", "--preset", "smoke", "--dry-run", "--workers", "2", "--ensemble", "off")
+    assert two.returncode == 0, two.stderr
+    assert "--ensemble off, 2 workers, one thread each" in two.stdout and "one at a time" in two.stdout
 
 
 @pytest.mark.slow

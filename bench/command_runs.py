@@ -1,0 +1,66 @@
+"""Whole `memk run-capacity` commands timed one after another: what the wall-clock scripts
+(ray_vs_local.py, preset_wall.py) share."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+import click
+
+TIMING = {"train_seconds", "finished_at", "host", "torch_threads", "trained_as"}  # row fields that name how, not what
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def package_version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    from memk.bench.timing import cpu_name
+
+    return {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
+            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "torch": package_version("torch"), "python": sys.version.split()[0]}
+
+
+def run_rows(folder: str) -> dict[str, dict]:
+    """A finished command's rows by run id, the fields that say how it trained left out."""
+    with open(os.path.join(folder, "runs.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["run_id"]: {k: v for k, v in r.items() if k not in TIMING} for r in rows}
+
+
+def alphas(folder: str) -> dict[str, float]:
+    """α through the origin per precision, from a finished command's summary.json."""
+    with open(os.path.join(folder, "summary.json")) as f:
+        summary = json.load(f)
+    return {p: s["fit"]["through_origin"]["alpha"] for p, s in summary["precisions"].items()}
+
+
+def timed_capacity_command(preset: str, extra: list[str], env: dict, folder: str) -> dict:
+    """Run `memk run-capacity --preset PRESET EXTRA --out FOLDER` and say how long it took, under what load."""
+    command = [sys.executable, "-m", "memk.cli", "run-capacity", "--preset", preset, *extra, "--out", folder,
+               "--no-progress"]
+    load = load_average()
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise click.ClickException(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
+    shown = [os.path.basename(folder) if part == folder else part for part in command[3:]]  # not the temp path
+    return {"command": " ".join(["memk", *shown]), "env": {k: env[k] for k in env if k.startswith("MEMK_")},
+            "load_1_5_15_before": load, "wall_s": round(wall, 1),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

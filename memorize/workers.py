@@ -1,0 +1,148 @@
+"""Several jobs training at once in this process, on the CPU: `--workers`.
+
+A job is what an executor trains in one go: a run (LocalExecutor) or an ensemble of runs
+(EnsembleExecutor). A training step of the small models of memk's presets is a few
+hundred operations each too short to split across cores: a second torch thread gains
+about 1.2x there, while two runs side by side on one thread each keep both cores busy
+(1.7x, bench/results/ray-vs-local-2core.json). So `run_jobs` trains up to `workers` jobs
+at once on Python threads of this process, torch pinned to one thread each (its
+operations release the GIL). One-thread jobs cannot make the other core's OpenMP threads
+spin, so a busy machine slows them down and no more.
+
+What makes jobs safe side by side: RunStore records rows under a lock; a run's first
+weights come from train.seeded_gpt, which holds the lock of torch's global generator;
+grad mode and autocast are per thread in torch; everything else a job touches is its
+own. A job that fails, or Ctrl-C, stops the others at their next training step (their
+checkpoints keep what they did up to their last evaluation) and the error is raised.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .errors import ConfigError
+from .runtime import cpu_cores, cpu_threads_for, cpu_threads_pinned, pinned_cpu_threads
+
+
+def parse_workers(value: str) -> str | int:
+    """'auto' or a number of workers >= 1; anything else is a ConfigError."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"--workers must be auto or a whole number >= 1, got {value!r}; e.g. --workers 2, "
+                          "or --workers 1 to train one job at a time")
+    return int(text)
+
+
+def workers_for(choice: str | int, device: torch.device, runs: list) -> int:
+    """How many jobs train at once. auto: on the CPU, one per core where every run trains on one
+    thread (memk's thread policy for small steps, or MEMK_NUM_THREADS=1), else one; on CUDA one."""
+    pinned = pinned_cpu_threads()
+    if choice == "auto":
+        if device.type != "cpu" or (pinned or 1) > 1:
+            return 1
+        one_thread = all(cpu_threads_for(run.model, run.train.batch_size) == 1 for run in runs)
+        return cpu_cores() if one_thread else 1
+    if choice > 1 and device.type != "cpu":
+        raise ConfigError(f"--workers {choice} is for the CPU: on {device.type} runs share the device through "
+                          "--ensemble; leave --workers out")
+    if choice > 1 and pinned is not None and pinned > 1:
+        raise ConfigError(f"--workers {choice} trains each job on one thread, but MEMK_NUM_THREADS or "
+                          f"OMP_NUM_THREADS asks for {pinned}; unset it, or use --workers 1")
+    return choice
+
+
+@dataclass
+class Job:
+    """Work an executor hands over: `train(progress)` trains it and records its rows in the store."""
+
+    label: str
+    cost: float  # an estimate of its work (training FLOPs at the step caps): the costliest start first
+    train: Callable[[object], None]
+
+
+class Stopped(Exception):
+    """Raised in a job's training loop (through its step callback) when another job failed or Ctrl-C came."""
+
+
+class StoppableProgress:
+    """A SweepProgress (memorize/sweep.py) shared by the workers: calls under one lock, and each
+    run's step callback raises Stopped once `stop` is set."""
+
+    def __init__(self, progress, stop: threading.Event):
+        self.progress, self.stop, self.lock = progress, stop, threading.Lock()
+
+    def run_started(self, run):
+        with self.lock:
+            on_step, close_bar = self.progress.run_started(run)
+
+        def step(p: dict) -> None:
+            if self.stop.is_set():
+                raise Stopped()
+            with self.lock:
+                on_step(p)
+
+        def close() -> None:
+            with self.lock:
+                close_bar()
+
+        return step, close
+
+    def run_finished(self) -> None:
+        with self.lock:
+            self.progress.run_finished()
+
+    def show(self, status: str) -> None:
+        with self.lock:
+            self.progress.show(status)
+
+
+def run_jobs(jobs: list[Job], workers: int, progress) -> None:
+    """Train every job: in order where workers is 1; else the costliest first, `workers` at once, each
+    on one torch thread. The first error of a job (or Ctrl-C) stops the others and is raised."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            job.train(progress)
+        return
+    queue = deque(sorted(jobs, key=lambda job: -job.cost))
+    stop, taking, errors = threading.Event(), threading.Lock(), []
+    shared = StoppableProgress(progress, stop)
+
+    def worker() -> None:
+        while not stop.is_set():
+            with taking:
+                if not queue:
+                    return
+                job = queue.popleft()
+            try:
+                job.train(shared)
+            except Stopped:
+                return
+            except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which raises it
+                errors.append(e)
+                stop.set()
+                return
+
+    with cpu_threads_pinned(1):
+        threads = [threading.Thread(target=worker, name=f"memk-worker-{i}", daemon=True)
+                   for i in range(min(workers, len(jobs)))]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                while thread.is_alive():
+                    thread.join(0.2)  # short waits: Ctrl-C reaches the main thread between them
+        except BaseException:  # Ctrl-C, even while the workers start: they stop at their next step
+            stop.set()
+            for thread in threads:
+                if thread.is_alive():
+                    thread.join()
+            raise
+    if errors:
+        raise errors[0]

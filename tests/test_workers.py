@@ -1,0 +1,163 @@
+"""--workers: jobs side by side on threads of this process, each on one torch thread.
+
+What must hold: jobs really overlap (a barrier only two concurrent jobs can pass), the
+costliest start first, each trains on one thread and torch's count comes back after; a
+failing job or Ctrl-C stops the others at their next step and is raised; the option's
+bad values and conflicts are named. That runs side by side give the rows of runs trained
+one at a time is checked in test_sweep.py (local executor) and test_ensemble.py (ensembles).
+"""
+
+import _thread
+import threading
+import time
+
+import pytest
+import torch
+
+from memk.memorize import workers as workers_module
+from memk.memorize.errors import ConfigError
+from memk.memorize.model import GPTConfig
+from memk.memorize.ray_executor import executor_from_options
+from memk.memorize.runtime import Backends
+from memk.memorize.schedule import TrainConfig
+from memk.memorize.sweep import Run, SweepProgress
+from memk.memorize.workers import Job, Stopped, parse_workers, run_jobs, workers_for
+
+CPU = torch.device("cpu")
+TRAIN = TrainConfig(batch_size=64, max_steps=100)
+TINY = Run("tiny", GPTConfig(1, 8, 1, 16, 8), 10, TRAIN, Backends("sdpa", "reference"))
+LARGE = Run("large", GPTConfig(4, 512, 8, 2048, 64), 10, TRAIN, Backends("sdpa", "reference"))  # all cores by policy
+WAIT_S = 20  # the longest a test job waits for another before it counts as a failure
+
+
+@pytest.fixture
+def no_pinned_threads(monkeypatch):
+    for name in ("MEMK_NUM_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize("text, expected", [("auto", "auto"), ("AUTO", "auto"), ("1", 1), (" 3 ", 3)])
+def test_the_workers_option_reads_auto_or_a_count(text, expected):
+    assert parse_workers(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "two", "1.5", ""])
+def test_a_bad_workers_option_names_the_problem_and_the_fix(text):
+    with pytest.raises(ConfigError, match="--workers must be auto or a whole number >= 1.*e.g. --workers 2"):
+        parse_workers(text)
+
+
+def test_auto_takes_a_worker_per_core_only_where_every_run_takes_one_thread(monkeypatch, no_pinned_threads):
+    monkeypatch.setattr(workers_module, "cpu_cores", lambda: 4)
+    assert workers_for("auto", CPU, [TINY, TINY]) == 4
+    assert workers_for("auto", CPU, [TINY, LARGE]) == 1  # the large run's steps want every core
+    assert workers_for("auto", torch.device("cuda"), [TINY]) == 1  # runs share a GPU through --ensemble
+    monkeypatch.setenv("MEMK_NUM_THREADS", "2")
+    assert workers_for("auto", CPU, [TINY]) == 1  # the user asked for two threads a run
+    monkeypatch.setenv("MEMK_NUM_THREADS", "1")
+    assert workers_for("auto", CPU, [TINY, LARGE]) == 4  # ... or for one, whatever the size
+    assert workers_for(3, CPU, [LARGE]) == 3  # a number is taken as given
+
+
+def test_workers_that_cannot_be_honoured_are_named(monkeypatch, no_pinned_threads):
+    with pytest.raises(ConfigError, match="--workers 2 is for the CPU"):
+        workers_for(2, torch.device("cuda"), [TINY])
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    with pytest.raises(ConfigError, match="MEMK_NUM_THREADS or OMP_NUM_THREADS asks for 2; unset it"):
+        workers_for(2, CPU, [TINY])
+    with pytest.raises(ConfigError, match="--workers is for --executor local"):  # before Ray is imported
+        executor_from_options("ray", CPU, "off", workers=2)
+
+
+def quiet():
+    return SweepProgress(0, 0, "test", enabled=False)
+
+
+def test_jobs_run_side_by_side_costliest_first_each_on_one_thread():
+    both_running = threading.Barrier(2, timeout=WAIT_S)  # passes only if two jobs run at once
+    started, threads = [], {}
+    before = torch.get_num_threads()
+
+    def job(name, cost, wait):
+        def train(progress):
+            started.append(name)
+            threads[name] = torch.get_num_threads()
+            if wait:
+                both_running.wait()
+        return Job(name, cost, train)
+
+    run_jobs([job("cheap", 1.0, False), job("costly", 3.0, True), job("middle", 2.0, True)], 2, quiet())
+    assert set(started[:2]) == {"costly", "middle"} and started[2] == "cheap"
+    assert threads == {"cheap": 1, "costly": 1, "middle": 1}
+    assert torch.get_num_threads() == before
+
+
+def test_one_worker_trains_the_jobs_in_their_order_in_this_thread():
+    seen = []
+    jobs = [Job(name, cost, lambda progress, name=name: seen.append((name, threading.current_thread())))
+            for name, cost in (("a", 1.0), ("b", 3.0), ("c", 2.0))]
+    run_jobs(jobs, 1, quiet())
+    assert seen == [(name, threading.main_thread()) for name in "abc"]
+
+
+def steps_until_stopped(progress, stopped: list, name: str) -> None:
+    """A job's training loop: a step callback every few ms until the executor stops it."""
+    on_step, close = progress.run_started(TINY)
+    deadline = time.monotonic() + WAIT_S
+    try:
+        while time.monotonic() < deadline:
+            on_step({"step": 1, "loss": 1.0, "bits": 0.0})
+            time.sleep(0.005)
+    except Stopped:
+        stopped.append(name)
+        raise
+    finally:
+        close()
+
+
+def test_a_failing_job_stops_the_others_at_their_next_step_and_its_error_is_raised():
+    stopped, other_running = [], threading.Event()
+
+    def other(progress):
+        other_running.set()
+        steps_until_stopped(progress, stopped, "other")
+
+    def failing(progress):
+        assert other_running.wait(WAIT_S)
+        raise ValueError("diverged")
+
+    t = time.monotonic()
+    with pytest.raises(ValueError, match="diverged"):
+        run_jobs([Job("other", 2.0, other), Job("failing", 1.0, failing), Job("never", 0.5, lambda p: stopped.append("ran"))],
+                 2, quiet())
+    assert stopped == ["other"] and time.monotonic() - t < WAIT_S  # stopped, not run to its end; the third never started
+
+
+def test_ctrl_c_stops_every_job_and_is_raised():
+    stopped, running = [], threading.Barrier(2, timeout=WAIT_S)
+
+    def interrupting(progress):
+        running.wait()
+        _thread.interrupt_main()  # what Ctrl-C does: KeyboardInterrupt in the main thread
+        steps_until_stopped(progress, stopped, "interrupting")
+
+    def other(progress):
+        running.wait()
+        steps_until_stopped(progress, stopped, "other")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs([Job("interrupting", 1.0, interrupting), Job("other", 1.0, other)], 2, quiet())
+    assert sorted(stopped) == ["interrupting", "other"]
+
+
+def test_the_dry_run_schedules_jobs_as_the_workers_take_them():
+    from memk.memorize.dry_run import jobs_wall_seconds, wall_seconds
+
+    jobs = [(1.0, 5.0), (3.0, 10.0), (2.0, 6.0)]  # (cost, seconds)
+    assert jobs_wall_seconds(jobs, 1) == 21.0
+    assert jobs_wall_seconds(jobs, 2) == 11.0  # 10 | 6 then 5
+    assert jobs_wall_seconds(jobs, 5) == 10.0
+    # One group in 2 slots: runs of 100, 50 and 50 steps; a step costs 1 s alone, 1.5 s for two.
+    # Steps 0-50: two members (75 s); 50-100: two members (75 s); nothing after.
+    assert wall_seconds([100, 50, 50], 2, 1.0, 1.5) == 150.0
+    assert wall_seconds([100, 50], 1, 1.0, 1.0) == 150.0
