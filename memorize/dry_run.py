@@ -13,6 +13,7 @@ import heapq
 import json
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -61,14 +62,31 @@ def _runs(n: int) -> str:
 
 
 def _minutes(seconds: float) -> str:
+    """3m05s; 5h20m past an hour; 4.2 days past two days."""
     whole = round(seconds)
+    if whole >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    if whole >= 3600:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
     return f"{whole // 60}m{whole % 60:02d}s"
+
+
+class Estimate(NamedTuple):
+    text: str  # what --dry-run prints
+    planned_s: float  # the wall-clock estimate as planned (ensembles, workers)
+    one_at_a_time_s: float  # ... and with every run alone, one at a time
 
 
 def describe(runs: list[Run], choice: str | int, device: torch.device, title: str,
              first: Run | None = None, workers_choice: str | int = 1) -> str:
     """The plan as text: each group, its runs, its probe and the two estimates (as planned on the
     workers, one at a time); `first` is a run that trains alone before them (run-generalization's reference)."""
+    return estimate(runs, choice, device, title, first, workers_choice).text
+
+
+def estimate(runs: list[Run], choice: str | int, device: torch.device, title: str,
+             first: Run | None = None, workers_choice: str | int = 1) -> Estimate:
+    """describe's plan, with its two estimates in seconds."""
     workers = workers_for(workers_choice, device, runs)
     lines = [f"{title}: {_runs(len(runs))} to train on {device}, --ensemble {choice}, {workers} "
              f"{'worker' if workers == 1 else 'workers, one thread each'}"]
@@ -78,17 +96,17 @@ def describe(runs: list[Run], choice: str | int, device: torch.device, title: st
         lines.append(f"  first, alone: {first.name} {first.model.name} N={first.n_sequences}, "
                      f"at most {first.train.max_steps} steps; estimate {_minutes(before)}")
     with cpu_threads_pinned(1) if workers > 1 else contextlib.nullcontext():  # as the workers would train
-        lines += _describe_groups(runs, choice, device, workers, before)
-    return "\n".join(lines)
+        groups, planned, alone = _describe_groups(runs, choice, device, workers, before)
+    return Estimate("\n".join(lines + groups), planned, alone)
 
 
 def _describe_groups(runs: list[Run], choice: str | int, device: torch.device, workers: int,
-                     before: float) -> list[str]:
+                     before: float) -> tuple[list[str], float, float]:
     if choice == "off":
         plans = plan_ensembles(runs, 1, None)
-    else:
+    else:  # eager probes only: compiling each group costs tens of seconds (a run tries it, per group)
         executor = EnsembleExecutor(device, max_members=None if choice == "auto" else int(choice),
-                                    choose_faster=choice == "auto")
+                                    choose_faster=choice == "auto", try_compile=False)
         plans = executor.plans(runs)
     lines, jobs, total_alone = [], [], 0.0
     for i, plan in enumerate(plans, 1):
@@ -122,10 +140,11 @@ def _describe_groups(runs: list[Run], choice: str | int, device: torch.device, w
         for run in plan.runs:
             lines.append(f"    {run.run_id}  N={run.n_sequences}  at most {run.train.max_steps} steps")
     planned = before + jobs_wall_seconds(jobs, workers)
+    eager = "; eager steps: on CUDA a run also tries torch.compile and CUDA graphs" if device.type == "cuda" else ""
     lines.append(f"estimated wall-clock at the step caps: {_minutes(planned)} as planned, "
                  f"{_minutes(before + total_alone)} one run at a time on one worker (training steps only; runs "
-                 "that plateau end sooner)")
-    return lines
+                 f"that plateau end sooner{eager})")
+    return lines, planned, before + total_alone
 
 
 def _possible_slots(plan: EnsemblePlan, device: torch.device) -> int:
@@ -134,9 +153,13 @@ def _possible_slots(plan: EnsemblePlan, device: torch.device) -> int:
 
 
 def capacity_plan(exp: capacity.CapacityExperiment, choice: str | int, workers: str | int = 1) -> str:
+    return capacity_estimate(exp, choice, workers).text
+
+
+def capacity_estimate(exp: capacity.CapacityExperiment, choice: str | int, workers: str | int = 1) -> Estimate:
     device = capacity.validate(exp)
     runs = capacity.plan(exp, resolve_backends(device, exp.attention_backend, exp.logprob_backend))
-    return describe(runs, choice, device, "run-capacity plan", workers_choice=workers)
+    return estimate(runs, choice, device, "run-capacity plan", workers_choice=workers)
 
 
 def generalization_plan(exp: generalization.GeneralizationExperiment, choice: str | int, out_dir: Path,

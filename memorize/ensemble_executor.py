@@ -19,8 +19,9 @@ Members need not be in step with each other: a member that finishes is recorded 
 group takes its slot, fresh or from its checkpoint. When no queued run is left, finished
 members' slots are dropped (repacked) so they cost nothing.
 
-On CUDA the ensemble's loss runs under torch.compile where a probe measures it faster
-(unverified: written without a GPU). On CPU it runs eagerly, and with `--workers` above 1
+On CUDA the ensemble's loss runs eagerly, under torch.compile, or under torch.compile with
+its kernels replayed as CUDA graphs, whichever a probe measures fastest (unverified: written
+without a GPU). On CPU it runs eagerly, and with `--workers` above 1
 ensembles (and the runs of groups trained one at a time) train side by side, one thread
 each (memorize/workers.py): on the CPU that, not stacking, is what gains the most.
 
@@ -107,7 +108,7 @@ class EnsemblePlan:
     slots: int
     memory_capped: bool = False  # fewer slots than asked, because of the memory free
     probe: tuple[int, float, float] | None = None  # (members, s/step alone, s/step together) where measured
-    compiled: bool = False  # the ensemble's loss under torch.compile (chosen on CUDA only, where it measures faster)
+    compile_mode: str | None = None  # one of COMPILE_MODES, chosen on CUDA where it measures faster; None: eager
 
     @property
     def key(self) -> tuple:
@@ -217,7 +218,8 @@ class EnsembleTrainer:
         self.model = EnsembleGPT(first.model, plan.slots, first.backends.attention, first.backends.logprob,
                                  device=device, dtype=torch.get_default_dtype())
         self.optimizer = EnsembleAdamW(self.model, first.train.betas)
-        self.member_losses = compiled_losses(self.model) if plan.compiled else self.model.member_losses
+        self.member_losses = (self.model.member_losses if plan.compile_mode is None
+                              else compiled_losses(self.model, plan.compile_mode))
         self.names = list(self.model.params)
         with GLOBAL_RNG, torch.random.fork_rng(devices=[]):  # building it must not move the global generator
             self.template = GPT(first.model, attention_backend=first.backends.attention,
@@ -369,18 +371,35 @@ def _median_seconds(steps: list[Callable[[], None]], budget_s: float, most_calls
     return [sorted(seconds)[len(seconds) // 2] for seconds in times]
 
 
-def compiled_losses(model: EnsembleGPT) -> Callable:
-    """model.member_losses under torch.compile, our kernels inside as the custom ops they are.
-    Meant for CUDA, where tiny models are launch-bound; a repack changes K and recompiles.
-    (Unverified: written without a GPU at hand.)"""
-    return torch.compile(model.member_losses, dynamic=False)
+# How the ensemble's loss may run on CUDA besides eagerly, each timed by the probe: torch.compile's
+# fused kernels, and the same kernels replayed as CUDA graphs (one launch for the whole forward,
+# and one for the backward: what launch-bound tiny models want).
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
+def compiled_losses(model: EnsembleGPT, mode: str = "default") -> Callable:
+    """model.member_losses under torch.compile in `mode` (COMPILE_MODES), our kernels inside as the
+    custom ops they are. Meant for CUDA, where tiny models are launch-bound; a repack changes K and
+    recompiles. (Unverified: written without a GPU at hand.)"""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    compiled = torch.compile(model.member_losses, dynamic=False, mode=mode)
+    if mode == "default":
+        return compiled
+
+    def graphed(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last replay's outputs are not read again
+        return compiled(x, rows)
+
+    return graphed
 
 
 def probe_step_seconds(run: Run, members: int, device: torch.device, budget_s: float = 1.0,
-                       compiled: bool = False) -> tuple[float, float]:
+                       compile_mode: str | None = None) -> tuple[float, float]:
     """(seconds per step of one run alone, seconds per step of an ensemble of `members` such runs),
     on random tokens in batches of the run's rows: the loop's own step (forward, backward, clip,
-    AdamW) for each; the ensemble's loss compiled if asked (compiled in the untimed warm-up calls)."""
+    AdamW) for each; the ensemble's loss compiled in `compile_mode` if one is given (compiled in
+    the untimed warm-up calls)."""
     c, cfg = run.model, run.train
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
@@ -403,7 +422,7 @@ def probe_step_seconds(run: Run, members: int, device: torch.device, budget_s: f
         for k in range(members):
             ensemble.import_member(k, gpt.state_dict())
         ensemble_optimizer = EnsembleAdamW(ensemble, cfg.betas)
-        member_losses = compiled_losses(ensemble) if compiled else ensemble.member_losses
+        member_losses = ensemble.member_losses if compile_mode is None else compiled_losses(ensemble, compile_mode)
         rows = torch.full((members,), batch_rows(run), device=device)
 
         def ensemble_step():
@@ -436,6 +455,7 @@ class EnsembleExecutor:
     memory_budget: int | None = None  # bytes; None: MEMORY_FRACTION of the memory free at the start
     repack_fraction: float | None = None  # frozen share of the slots that triggers a repack; None: the device's
     workers: str | int = 1
+    try_compile: bool = True  # on CUDA, probe the compiled modes too (the dry run leaves them out: tens of seconds each)
     trained: list[dict] = field(default_factory=list, repr=False)  # per ensemble: runs, slots, most members at once
 
     def plans(self, runs: list[Run]) -> list[EnsemblePlan]:
@@ -445,11 +465,13 @@ class EnsembleExecutor:
             budget = None if free is None else int(MEMORY_FRACTION * free)
         plans = plan_ensembles(runs, self.max_members, budget)
         for plan in plans:
-            if plan.slots > 1 and self.device.type == "cuda":  # eager or compiled: whichever measures faster
-                _, eager = probe_step_seconds(plan.widest, plan.slots, self.device)
-                alone, compiled = probe_step_seconds(plan.widest, plan.slots, self.device, compiled=True)
-                plan.compiled = compiled < eager
-                plan.probe = (plan.slots, alone, min(eager, compiled))
+            if plan.slots > 1 and self.device.type == "cuda" and self.try_compile:  # whichever measures fastest
+                alone, eager = probe_step_seconds(plan.widest, plan.slots, self.device)
+                together = {None: eager}
+                for mode in COMPILE_MODES:
+                    together[mode] = probe_step_seconds(plan.widest, plan.slots, self.device, compile_mode=mode)[1]
+                plan.compile_mode = min(together, key=lambda mode: together[mode])
+                plan.probe = (plan.slots, alone, together[plan.compile_mode])
             if plan.slots > 1 and self.choose_faster:
                 if plan.probe is None:
                     plan.probe = (plan.slots, *probe_step_seconds(plan.widest, plan.slots, self.device))

@@ -19,9 +19,11 @@ import torch
 from memk.memorize.data import uniform_random_sequences
 from memk.memorize.ensemble import EnsembleAdamW, EnsembleGPT, parameter_shapes
 from memk.memorize.ensemble_executor import (
+    COMPILE_MODES,
     EnsembleExecutor,
     EnsemblePlan,
     EnsembleTrainer,
+    compiled_losses,
     member_bytes,
     parse_ensemble,
     plan_ensembles,
@@ -409,13 +411,12 @@ def test_the_smoke_preset_through_the_ensemble_matches_the_local_executor(tmp_pa
 
 
 # ---------------------------------------------------------------------------------------
-# CUDA: the ensemble step eager or under torch.compile (unverified where written: no GPU)
+# CUDA: the ensemble step eager, compiled, or compiled and replayed as CUDA graphs (unverified where written: no GPU)
 
 
 @pytest.mark.cuda
-def test_on_cuda_the_compiled_ensemble_loss_is_the_eager_one_and_members_match_local_runs(tmp_path):
-    from memk.memorize.ensemble_executor import compiled_losses
-
+@pytest.mark.parametrize("mode", COMPILE_MODES)
+def test_on_cuda_the_compiled_ensemble_loss_and_gradients_are_the_eager_ones(mode):
     cuda = torch.device("cuda")
     config = GPTConfig(1, 32, 2, 64, 16)
     ensemble = EnsembleGPT(config, 3, "sdpa", "reference", device=cuda)
@@ -423,15 +424,33 @@ def test_on_cuda_the_compiled_ensemble_loss_is_the_eager_one_and_members_match_l
         for p in ensemble.params.values():
             p.normal_(0, 0.1)
     x, rows = torch.randint(0, 64, (3, 8, 16), device=cuda), torch.tensor([8, 5, 8], device=cuda)
-    torch.testing.assert_close(compiled_losses(ensemble)(x, rows), ensemble.member_losses(x, rows), rtol=1e-5, atol=1e-5)
+    losses_of = compiled_losses(ensemble, mode)
+    results = []
+    for member_losses in (ensemble.member_losses, losses_of, losses_of):  # compiled: a second call replays
+        losses = member_losses(x, rows)
+        grads = torch.autograd.grad(losses.sum(), list(ensemble.params.values()))
+        results.append((losses.detach().clone(), [g.clone() for g in grads]))
+    for losses, grads in results[1:]:
+        torch.testing.assert_close(losses, results[0][0], rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, results[0][1]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", [None, *COMPILE_MODES], ids=["eager", *COMPILE_MODES])
+def test_on_cuda_ensemble_members_end_as_the_runs_trained_alone(tmp_path, mode):
+    cuda = torch.device("cuda")
     runs = [replace(r, backends=Backends("sdpa", "reference")) for r in RUNS]
     by_executor = {}
-    for name, executor in (("local", LocalExecutor(cuda)), ("ensemble", EnsembleExecutor(cuda, max_members=4))):
-        workload = KeepingWorkload()
-        with RunStore(tmp_path / name, "capacity") as store:
-            executor.execute(runs, workload, store, quiet(len(runs)))
-        by_executor[name] = workload.outcomes
+    workload = KeepingWorkload()
+    with RunStore(tmp_path / "local", "capacity") as store:
+        LocalExecutor(cuda).execute(runs, workload, store, quiet(len(runs)))
+    by_executor["local"] = workload.outcomes
+    workload = KeepingWorkload()
+    with RunStore(tmp_path / "ensemble", "capacity") as store:  # one compile: no repack changes K
+        plan = EnsemblePlan(runs, slots=len(runs), compile_mode=mode)
+        EnsembleTrainer(plan, workload, store, quiet(len(runs)), cuda, repack_fraction=1.0).train()
+    by_executor["ensemble"] = workload.outcomes
     for run in runs:  # float32 on a GPU: the same stops, bits to float32 rounding grown over 60 steps
         a, b = by_executor["local"][run.name], by_executor["ensemble"][run.name]
         assert (a.steps, a.stop_reason) == (b.steps, b.stop_reason)
