@@ -6,6 +6,7 @@ tests' per-file counts, the science stage's α, and the closing verdict on the i
     python -m memk.bench.acceptance clear-build-lock
     python -m memk.bench.acceptance junit-summary DIR/tests/junit.xml
     python -m memk.bench.acceptance science DIR/science/run --json DIR/science/alpha.json
+    python -m memk.bench.acceptance plan --device cuda --json DIR/plan/paper.json [--preset smoke]
     python -m memk.bench.acceptance verdict DIR
 
 The targets are benchmarks, not tests: a missed target is a FAIL row in the verdict, never a
@@ -32,6 +33,7 @@ import click
 # Where the script's stages write, under its output folder.
 BENCH_DIR = "bench"
 SCIENCE_ALPHA = "science/alpha.json"
+PLAN_JSON = "plan/paper.json"
 ENV_JSON = "env.json"
 DEVICE_SLUG = "device-slug.txt"
 VERDICT_MD = "verdict.md"
@@ -42,6 +44,7 @@ CE_VS_EAGER = 2.0
 ATTENTION_SEQ64_VS_BEST_SDPA = 1.3
 ATTENTION_SEQ1024_VS_FLASH = 0.8
 ENSEMBLE_VS_ONE_AT_A_TIME = 5.0  # model-steps/s of an ensemble of 1-layer models at batch 2048 (issue 13)
+PAPER_PLAN_HOURS = 24.0  # the paper preset's dry-run estimate "in hours, not days" (issue 13)
 
 
 # ---- environment and build ------------------------------------------------------------------
@@ -265,6 +268,29 @@ def science_command(run_dir, json_path):
         sys.exit(1)
 
 
+@main.command("plan")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), required=True)
+@click.option("--preset", default="paper", show_default=True, help="the capacity preset to plan (smoke: a test)")
+@click.option("--json", "json_path", required=True, type=click.Path(dir_okay=False), help="write the estimate here")
+def plan_command(device, preset, json_path):
+    """`memk run-capacity --preset PRESET --dry-run` on this device: the plan, and its wall-clock
+    estimate at the step caps as planned (--ensemble auto, --workers auto) and one run at a time."""
+    from memk.memorize import capacity, dry_run
+
+    exp = capacity.preset(preset)
+    exp = type(exp)(**{**vars(exp), "device": device})
+    started = time.perf_counter()
+    estimate = dry_run.capacity_estimate(exp, "auto", "auto")
+    click.echo(estimate.text)
+    result = {"preset": preset, "device": device, "planned_s": estimate.planned_s,
+              "one_at_a_time_s": estimate.one_at_a_time_s, "probe_s": round(time.perf_counter() - started, 1),
+              "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "text": estimate.text}
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+
+
 # ---- the verdict -----------------------------------------------------------------------------
 
 
@@ -473,18 +499,35 @@ def science_rows(alpha: dict | None) -> list[Row]:
     return [Row("capacity slice (V 2048, S 64): α per precision and bfloat16/float32", figure, "reported")]
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds / 86400:.1f} days" if seconds >= 86400 else f"{seconds / 3600:.1f} h"
+
+
+def plan_rows(plan: dict | None, judged: bool) -> list[Row]:
+    target = f"`paper` preset: the dry run's estimate at the step caps within {PAPER_PLAN_HOURS:g} h (hours, not days)"
+    if plan is None:
+        return [Row(target, "not measured", "n/a")]
+    figure = (f"{plan['preset']} preset: {_duration(plan['planned_s'])} as planned, "
+              f"{_duration(plan['one_at_a_time_s'])} one run at a time (probes took {plan['probe_s']:g} s)")
+    return [Row(target, figure, _judge(plan["planned_s"] <= PAPER_PLAN_HOURS * 3600, judged and plan["preset"] == "paper"))]
+
+
 def verdict_rows(out_dir: str) -> tuple[list[Row], dict | None]:
     results, env = load_bench_results(os.path.join(out_dir, BENCH_DIR))
     judged = env is not None and env["device_type"] == "cuda"
     device_name = env["device_name"] if env else "unknown device"
-    alpha_path = os.path.join(out_dir, SCIENCE_ALPHA)
-    alpha = None
-    if os.path.exists(alpha_path):
-        with open(alpha_path) as f:
-            alpha = json.load(f)
+    alpha, plan = (_read_json(os.path.join(out_dir, name)) for name in (SCIENCE_ALPHA, PLAN_JSON))
     rows = (cross_entropy_rows(results, device_name, judged) + attention_rows(results, judged)
-            + train_rows(results, judged) + ensemble_rows(results, judged) + linear_rows(results) + science_rows(alpha))
+            + train_rows(results, judged) + ensemble_rows(results, judged) + plan_rows(plan, judged)
+            + linear_rows(results) + science_rows(alpha))
     return rows, env
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def format_verdict(rows: list[Row], env: dict | None) -> str:
