@@ -59,7 +59,7 @@ def _model(n_layer: int, d_model: int, n_head: int, vocab_size: int, seq_len: in
 
 PRESETS: dict[str, Callable[[], CapacityExperiment]] = {
     # Four one-layer models (1.7K to 16K parameters) on V=64, S=32: 20 runs that finish
-    # in about three minutes on an idle 2-core CPU. The step cap stops them short of full
+    # in about two minutes on an idle 2-core CPU. The step cap stops them short of full
     # saturation, so α comes out below the paper's (README says by how much).
     "default": lambda: CapacityExperiment(
         models=tuple(_model(1, d, h, 64, 32) for d, h in ((8, 1), (16, 2), (24, 2), (32, 2))),
