@@ -64,3 +64,30 @@ def timed_capacity_command(preset: str, extra: list[str], env: dict, folder: str
     return {"command": " ".join(["memk", *shown]), "env": {k: env[k] for k in env if k.startswith("MEMK_")},
             "load_1_5_15_before": load, "wall_s": round(wall, 1),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def time_ways(preset: str, ways: dict[str, tuple[list[str], dict]]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Each way (name -> extra options, environment) run in turn into a fresh folder: its timing with
+    α, and its rows (run_rows), by name."""
+    timings, rows = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (extra, env) in ways.items():
+            folder = os.path.join(tmp, name.replace(" ", "-"))
+            click.echo(f"{name}: memk run-capacity --preset {preset} {' '.join(extra)} (load {load_average()[0]})",
+                       err=True)
+            timings[name] = timed_capacity_command(preset, extra, env, folder)
+            timings[name]["alpha"] = alphas(folder)  # how far ensembles, threads or workers move the science
+            rows[name] = run_rows(folder)
+            click.echo(f"  {timings[name]['wall_s']} s", err=True)
+    return timings, rows
+
+
+def write_report(report: dict, json_path: str | None) -> None:
+    """The report as JSON, to json_path or standard output."""
+    text = json.dumps(report, indent=1) + "\n"
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(text)
+        click.echo(f"wrote {json_path}", err=True)
+    else:
+        click.echo(text)

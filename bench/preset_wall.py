@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 
 import click
 
-from memk.bench.command_runs import alphas, load_average, machine, run_rows, timed_capacity_command
+from memk.bench.command_runs import machine, time_ways, write_report
 
 WAYS = {
     "one at a time": ["--ensemble", "off", "--workers", "1"],
@@ -51,15 +50,7 @@ def main(json_path, smoke):
     env = {k: v for k, v in os.environ.items() if k not in (THREADS_ENV, "OMP_NUM_THREADS")}  # memk's policy
     report = {"schema": "memk-preset-wall/1", "preset": preset, "smoke": smoke, **machine(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        folders = {name: os.path.join(tmp, name.replace(" ", "-")) for name in WAYS}
-        for name, extra in WAYS.items():
-            click.echo(f"{name}: memk run-capacity --preset {preset} {' '.join(extra)} (load {load_average()[0]})",
-                       err=True)
-            report["runs"][name] = timed_capacity_command(preset, extra, env, folders[name])
-            report["runs"][name]["alpha"] = alphas(folders[name])
-            click.echo(f"  {report['runs'][name]['wall_s']} s", err=True)
-        rows = {name: run_rows(folder) for name, folder in folders.items()}
+    report["runs"], rows = time_ways(preset, {name: (extra, env) for name, extra in WAYS.items()})
     report["same_rows_as_one_at_a_time"] = {name: rows[name] == rows["one at a time"] for name in WAYS
                                             if name != "one at a time"}
     walls = {name: run["wall_s"] for name, run in report["runs"].items()}
@@ -67,13 +58,7 @@ def main(json_path, smoke):
                                             for name, wall in walls.items() if name != "one at a time"}
     click.echo(json.dumps({"wall_s": walls, "speedup": report["speedup_over_one_at_a_time"],
                            "same_rows": report["same_rows_as_one_at_a_time"]}), err=True)
-    text = json.dumps(report, indent=1) + "\n"
-    if json_path:
-        with open(json_path, "w") as f:
-            f.write(text)
-        click.echo(f"wrote {json_path}", err=True)
-    else:
-        click.echo(text)
+    write_report(report, json_path)
 
 
 if __name__ == "__main__":

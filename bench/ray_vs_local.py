@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 
 import click
 
-from memk.bench.command_runs import alphas, load_average, machine, package_version, run_rows, timed_capacity_command
+from memk.bench.command_runs import machine, package_version, time_ways, write_report
 
 
 @click.command()
@@ -53,27 +52,13 @@ def main(json_path, smoke):
     }
     report = {"schema": "memk-ray-vs-local/1", "preset": preset, "smoke": smoke, **machine(),
               "ray": package_version("ray"), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, (extra, env) in ways.items():
-            click.echo(f"{name}: memk run-capacity --preset {preset} {' '.join(extra)} (load {load_average()[0]})",
-                       err=True)
-            report["runs"][name] = timed_capacity_command(preset, extra, env, os.path.join(tmp, name.replace(" ", "-")))
-            click.echo(f"  {report['runs'][name]['wall_s']} s", err=True)
-        rows = {name: run_rows(os.path.join(tmp, name.replace(" ", "-"))) for name in ways}
-        for name in ways:  # α through the origin, per precision: how far ensembles or threads move the science
-            report["runs"][name]["alpha"] = alphas(os.path.join(tmp, name.replace(" ", "-")))
+    report["runs"], rows = time_ways(preset, ways)
     report["same_rows_as_ray"] = {name: rows[name] == rows["ray"] for name in ways if name != "ray"}
     walls = {name: run["wall_s"] for name, run in report["runs"].items()}
     report["speedup_of_ray"] = {name: round(wall / walls["ray"], 2) for name, wall in walls.items() if name != "ray"}
     click.echo(json.dumps({"wall_s": walls, "speedup_of_ray": report["speedup_of_ray"],
                            "same_rows_as_ray": report["same_rows_as_ray"]}), err=True)
-    text = json.dumps(report, indent=1) + "\n"
-    if json_path:
-        with open(json_path, "w") as f:
-            f.write(text)
-        click.echo(f"wrote {json_path}", err=True)
-    else:
-        click.echo(text)
+    write_report(report, json_path)
 
 
 if __name__ == "__main__":

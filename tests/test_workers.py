@@ -161,3 +161,20 @@ def test_the_dry_run_schedules_jobs_as_the_workers_take_them():
     # Steps 0-50: two members (75 s); 50-100: two members (75 s); nothing after.
     assert wall_seconds([100, 50, 50], 2, 1.0, 1.5) == 150.0
     assert wall_seconds([100, 50], 1, 1.0, 1.0) == 150.0
+
+
+@pytest.mark.slow
+def test_the_wall_clock_script_runs_the_four_ways_and_side_by_side_keeps_the_rows(tmp_path):
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    out = tmp_path / "wall.json"
+    done = subprocess.run([sys.executable, "-m", "memk.bench.preset_wall", "--smoke", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert list(report["runs"]) == ["one at a time", "ensembles", "side by side", "default"]
+    assert report["same_rows_as_one_at_a_time"]["side by side"] is True  # one thread a run either way
+    assert "--workers 1" in report["runs"]["one at a time"]["command"]
