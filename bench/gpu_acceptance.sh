@@ -162,7 +162,7 @@ if [ -n "$COPY_TO" ]; then mkdir -p "$COPY_TO" && COPY_TO="$(cd "$COPY_TO" && pw
 # results copied out already. CPU: limits for a 2-core CI machine; the stages take far less.
 declare -A BUDGET
 if [ "$MODE" = gpu ]; then
-    BUDGET=([install]=20 [env]=15 [build]=80 [tests]=75 [bench-logprob]=60 [bench-attention]=30
+    BUDGET=([install]=20 [env]=15 [build]=80 [tests]=90 [bench-logprob]=60 [bench-attention]=30
             [bench-train]=110 [science]=130 [report]=20 [plan]=50)
     DEVICE=cuda INTERPRETER="" TEST_TIMEOUT=30 BENCH_SIZE=()
     # 12 runs (3 models x 2 sizes x 2 precisions) of at most 2500 steps; a step of these models at

@@ -437,7 +437,7 @@ def test_on_cuda_the_compiled_ensemble_loss_and_gradients_are_the_eager_ones(mod
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("mode", [None, *COMPILE_MODES], ids=["eager", *COMPILE_MODES])
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"], ids=["eager", "cuda-graphs"])  # compiling costs ~15 s
 def test_on_cuda_ensemble_members_end_as_the_runs_trained_alone(tmp_path, mode):
     cuda = torch.device("cuda")
     runs = [replace(r, backends=Backends("sdpa", "reference")) for r in RUNS]
