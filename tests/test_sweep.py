@@ -114,3 +114,44 @@ def test_runs_side_by_side_give_exactly_the_rows_of_runs_one_at_a_time(tmp_path,
     assert [r["run_id"] for r in rows[2]] == [r.run_id for r in runs]  # plan order, whichever finished first
     untimed = lambda rows: [{k: v for k, v in r.items() if k != "finished_at"} for r in rows]  # noqa: E731
     assert untimed(rows[2]) == untimed(rows[1])
+
+
+def test_ctrl_c_side_by_side_keeps_finished_rows_and_a_rerun_ends_as_an_uninterrupted_sweep(tmp_path):
+    import _thread
+    import time
+
+    runs = [run(n=6), run(n=12, train=replace(TRAIN, seed=1)), run(n=24, train=replace(TRAIN, seed=2))]
+
+    class CtrlCAt(SweepProgress):
+        """Ctrl-C (KeyboardInterrupt in the main thread) when the n=24 run reaches step 12."""
+
+        def run_started(self, r):
+            on_step, close = super().run_started(r)
+
+            def step(p):
+                if r.n_sequences == 24 and p["step"] == 12:
+                    _thread.interrupt_main()
+                    time.sleep(1.0)  # the main thread notices within its 0.2 s waits and stops the workers
+                on_step(p)
+
+            return step, close
+
+    cpu = torch.device("cpu")
+    with RunStore(tmp_path / "straight", "capacity") as store:
+        LocalExecutor(cpu, 2).execute(runs, CountingWorkload(), store, SweepProgress(3, 0, "t", enabled=False))
+        straight = store.rows_of(runs)
+    with RunStore(tmp_path / "cut", "capacity") as store:
+        with pytest.raises(KeyboardInterrupt):
+            LocalExecutor(cpu, 2).execute(runs, CountingWorkload(), store, CtrlCAt(3, 0, "t", enabled=False))
+        kept = list(store.rows)
+    assert runs[2].run_id not in [r["run_id"] for r in kept]  # stopped mid-run: its checkpoint holds step 10
+    assert torch.load(tmp_path / "cut" / "checkpoints" / f"{runs[2].run_id}.pt", weights_only=False)["step"] == 10
+    with RunStore(tmp_path / "cut", "capacity") as store:
+        todo = store.todo(runs)
+        assert len(todo) == len(runs) - len(kept)
+        LocalExecutor(cpu, 2).execute(todo, CountingWorkload(), store, SweepProgress(3, 0, "t", enabled=False))
+        resumed = store.rows_of(runs)
+    assert [r for r in resumed if r in kept] == kept  # finished rows kept as they were
+    for a, b in zip(resumed, straight):
+        assert (a["run_id"], a["steps"]) == (b["run_id"], b["steps"])
+        assert math.isclose(a["memorized_bits"], b["memorized_bits"], rel_tol=1e-6)
