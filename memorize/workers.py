@@ -114,35 +114,45 @@ def run_jobs(jobs: list[Job], workers: int, progress) -> None:
     stop, taking, errors = threading.Event(), threading.Lock(), []
     shared = StoppableProgress(progress, stop)
 
-    def worker() -> None:
-        while not stop.is_set():
-            with taking:
-                if not queue:
+    entered = [threading.Event() for _ in range(min(workers, len(jobs)))]
+    exited = [threading.Event() for _ in entered]
+
+    def worker(i: int) -> None:
+        entered[i].set()  # before looking at stop: see the main thread's wait below
+        try:
+            while not stop.is_set():
+                with taking:
+                    if not queue:
+                        return
+                    job = queue.popleft()
+                try:
+                    job.train(shared)
+                except Stopped:
                     return
-                job = queue.popleft()
-            try:
-                job.train(shared)
-            except Stopped:
-                return
-            except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which raises it
-                errors.append(e)
-                stop.set()
-                return
+                except BaseException as e:  # noqa: BLE001 -- handed to the main thread, which raises it
+                    errors.append(e)
+                    stop.set()
+                    return
+        finally:
+            exited[i].set()
 
     with cpu_threads_pinned(1):
-        threads = [threading.Thread(target=worker, name=f"memk-worker-{i}", daemon=True)
-                   for i in range(min(workers, len(jobs)))]
+        threads = [threading.Thread(target=worker, args=(i,), name=f"memk-worker-{i}", daemon=True)
+                   for i in range(len(exited))]
         try:
             for thread in threads:
                 thread.start()
-            for thread in threads:
-                while thread.is_alive():
-                    thread.join(0.2)  # short waits: Ctrl-C reaches the main thread between them
+            for done in exited:  # not Thread.join: on Python 3.11 a join cut by Ctrl-C marks a running thread stopped
+                while not done.wait(0.2):
+                    pass
         except BaseException:  # Ctrl-C, even while the workers start: they stop at their next step
             stop.set()
-            for thread in threads:
-                if thread.is_alive():
-                    thread.join()
+            # A worker that has not entered yet sees stop when it does, and takes no job.
+            for came, done in zip(entered, exited):
+                if came.is_set():
+                    done.wait()
             raise
+        for thread in threads:
+            thread.join()
     if errors:
         raise errors[0]

@@ -16,3 +16,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT (Ctrl-C) raises KeyboardInterrupt during the test, as in a terminal, even where the
+    test runner was started with SIGINT ignored (a shell's background job)."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)

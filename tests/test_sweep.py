@@ -116,8 +116,9 @@ def test_runs_side_by_side_give_exactly_the_rows_of_runs_one_at_a_time(tmp_path,
     assert untimed(rows[2]) == untimed(rows[1])
 
 
-def test_ctrl_c_side_by_side_keeps_finished_rows_and_a_rerun_ends_as_an_uninterrupted_sweep(tmp_path):
-    import _thread
+def test_ctrl_c_side_by_side_keeps_finished_rows_and_a_rerun_ends_as_an_uninterrupted_sweep(tmp_path, sigint_raises):
+    import os
+    import signal
     import time
 
     runs = [run(n=6), run(n=12, train=replace(TRAIN, seed=1)), run(n=24, train=replace(TRAIN, seed=2))]
@@ -130,7 +131,7 @@ def test_ctrl_c_side_by_side_keeps_finished_rows_and_a_rerun_ends_as_an_uninterr
 
             def step(p):
                 if r.n_sequences == 24 and p["step"] == 12:
-                    _thread.interrupt_main()
+                    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the main thread takes it (workers block it)
                     time.sleep(1.0)  # the main thread notices within its 0.2 s waits and stops the workers
                 on_step(p)
 

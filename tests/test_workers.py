@@ -7,7 +7,8 @@ bad values and conflicts are named. That runs side by side give the rows of runs
 one at a time is checked in test_sweep.py (local executor) and test_ensemble.py (ensembles).
 """
 
-import _thread
+import os
+import signal
 import threading
 import time
 
@@ -133,12 +134,12 @@ def test_a_failing_job_stops_the_others_at_their_next_step_and_its_error_is_rais
     assert stopped == ["other"] and time.monotonic() - t < WAIT_S  # stopped, not run to its end; the third never started
 
 
-def test_ctrl_c_stops_every_job_and_is_raised():
+def test_ctrl_c_stops_every_job_and_is_raised(sigint_raises):
     stopped, running = [], threading.Barrier(2, timeout=WAIT_S)
 
     def interrupting(progress):
         running.wait()
-        _thread.interrupt_main()  # what Ctrl-C does: KeyboardInterrupt in the main thread
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C; the workers block SIGINT, so the main thread takes it
         steps_until_stopped(progress, stopped, "interrupting")
 
     def other(progress):
@@ -148,6 +149,7 @@ def test_ctrl_c_stops_every_job_and_is_raised():
     with pytest.raises(KeyboardInterrupt):
         run_jobs([Job("interrupting", 1.0, interrupting), Job("other", 1.0, other)], 2, quiet())
     assert sorted(stopped) == ["interrupting", "other"]
+    assert [t for t in threading.enumerate() if t.name.startswith("memk-worker")] == []  # none left running
 
 
 def test_the_dry_run_schedules_jobs_as_the_workers_take_them():
