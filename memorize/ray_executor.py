@@ -34,6 +34,7 @@ from .errors import ConfigError
 from .runtime import THREADS_ENV, free_memory_bytes
 from .store import RunStore
 from .sweep import Run, SweepProgress, Workload, train_run
+from .workers import check_workers
 
 INSTALL = 'pip install "memk[ray]"'
 LOCAL = "local"  # --ray-address default: start a Ray instance on this machine for this command
@@ -257,6 +258,7 @@ def executor_from_options(name: str, device: torch.device, ensemble: str | int, 
                                           ("--cpus-per-task", cpus_per_task)) if value is not None]
         if given:
             raise ConfigError(f"{', '.join(given)} is for --executor ray; add --executor ray or leave it out")
+        check_workers(workers, device)  # now, before the output folder is touched
         return executor_for(ensemble, device, workers)
     if workers != "auto":
         raise ConfigError("--workers is for --executor local: on Ray, tasks run side by side as the cluster's "

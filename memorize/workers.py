@@ -43,19 +43,27 @@ def parse_workers(value: str) -> str | int:
 def workers_for(choice: str | int, device: torch.device, runs: list) -> int:
     """How many jobs train at once. auto: on the CPU, one per core where every run trains on one
     thread (memk's thread policy for small steps, or MEMK_NUM_THREADS=1), else one; on CUDA one."""
+    check_workers(choice, device)
     pinned = pinned_cpu_threads()
     if choice == "auto":
         if device.type != "cpu" or (pinned or 1) > 1:
             return 1
         one_thread = all(cpu_threads_for(run.model, run.train.batch_size) == 1 for run in runs)
         return cpu_cores() if one_thread else 1
+    return choice
+
+
+def check_workers(choice: str | int, device: torch.device) -> None:
+    """A ConfigError where a number of workers cannot be honoured here (checked before anything is written)."""
+    if choice == "auto":
+        return
+    pinned = pinned_cpu_threads()
     if choice > 1 and device.type != "cpu":
         raise ConfigError(f"--workers {choice} is for the CPU: on {device.type} runs share the device through "
                           "--ensemble; leave --workers out")
     if choice > 1 and pinned is not None and pinned > 1:
         raise ConfigError(f"--workers {choice} trains each job on one thread, but MEMK_NUM_THREADS or "
                           f"OMP_NUM_THREADS asks for {pinned}; unset it, or use --workers 1")
-    return choice
 
 
 @dataclass

@@ -7,6 +7,7 @@ repacks, refills its slots, splits under a memory cap or is killed and resumed.
 """
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -368,12 +369,19 @@ def test_a_bad_ensemble_value_is_one_line_and_exit_2(tmp_path, command, value):
 
 
 @pytest.mark.parametrize("command", ["run-capacity", "run-generalization"])
-def test_a_bad_workers_value_is_one_line_and_exit_2(tmp_path, command):
-    result = memk(command, "--preset", "smoke", "--out", str(tmp_path), "--workers", "0")
+@pytest.mark.parametrize("value, env, message", [
+    ("0", {}, "--workers must be auto or a whole number >= 1"),
+    ("2", {"MEMK_NUM_THREADS": "2"}, "asks for 2; unset it, or use --workers 1"),
+])
+def test_a_bad_workers_value_is_one_line_and_exit_2_before_anything_is_written(tmp_path, command, value, env,
+                                                                               message):
+    out = tmp_path / "out"
+    result = subprocess.run([*MEMK, command, "--preset", "smoke", "--out", str(out), "--workers", value],
+                            capture_output=True, text=True, timeout=600, cwd=OUTSIDE, env={**os.environ, **env})
     assert result.returncode == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--workers must be auto or a whole number >= 1" in lines[0]
-    assert not (tmp_path / "runs.jsonl").exists()
+    assert len(lines) == 1 and message in lines[0]
+    assert not out.exists()
 
 
 @pytest.mark.slow
