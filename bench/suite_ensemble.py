@@ -176,7 +176,7 @@ def _ensemble_variant(dtype: str, compiled: bool, quick: bool) -> Variant:
 
     def build(inputs: dict, device: torch.device) -> Runner:
         from memk.memorize.ensemble import EnsembleAdamW, EnsembleGPT
-        from memk.memorize.ensemble_executor import compiled_losses
+        from memk.memorize.ensemble import compiled_losses
         from memk.memorize.runtime import use_cpu_threads
 
         if "too_big" in inputs:

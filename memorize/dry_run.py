@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from . import capacity, generalization
-from .ensemble_executor import EnsembleExecutor, EnsemblePlan, batch_rows, plan_ensembles, probe_step_seconds
+from .ensemble_executor import EnsembleExecutor, EnsemblePlan, plan_ensembles
+from .ensemble_probe import probe_step_seconds
 from .reference import FOLDER as REFERENCE_FOLDER
 from .reference import reference_id
 from .runtime import cpu_threads_pinned, resolve_backends
 from .sources import load_source
-from .sweep import Run, training_flops
+from .sweep import Run, batch_rows, training_flops
 from .workers import workers_for
 
 

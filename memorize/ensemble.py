@@ -10,12 +10,17 @@ sequences. Members never mix: member k's outputs depend on member k's weights an
 only, so the gradient of the sum of the members' losses is, member by member, each
 member's own gradient.
 
+`compiled_losses` is member_losses under torch.compile, or compiled and replayed as CUDA
+graphs: the ways the ensemble executor may run it on CUDA.
+
 `EnsembleAdamW` is torch.optim.AdamW's update (decoupled weight decay, bias corrections,
 eps) written on the stacked tensors with a learning rate, weight decay, step count and
 gradient-norm clip per member, and an `active` mask: members outside it are not touched.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -256,3 +261,26 @@ class EnsembleAdamW:
     def zero_grad(self) -> None:
         for p in self.model.params.values():
             p.grad = None
+
+
+# How the ensemble's loss may run on CUDA besides eagerly, each timed by the probe: torch.compile's
+# fused kernels, and the same kernels replayed as CUDA graphs (one launch for the whole forward,
+# and one for the backward: what launch-bound tiny models want).
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
+def compiled_losses(model: EnsembleGPT, mode: str = "default") -> Callable:
+    """model.member_losses under torch.compile in `mode` (COMPILE_MODES), our kernels inside as the
+    custom ops they are. Meant for CUDA, where tiny models are launch-bound; a repack changes K and
+    recompiles. (Unverified: written without a GPU at hand.)"""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    compiled = torch.compile(model.member_losses, dynamic=False, mode=mode)
+    if mode == "default":
+        return compiled
+
+    def graphed(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last replay's outputs are not read again
+        return compiled(x, rows)
+
+    return graphed

@@ -45,13 +45,14 @@ from typing import Callable
 import torch
 
 from .bits import autocast_context
-from .ensemble import EnsembleAdamW, EnsembleGPT
+from .ensemble import COMPILE_MODES, EnsembleAdamW, EnsembleGPT, compiled_losses
+from .ensemble_probe import probe_step_seconds
 from .errors import ConfigError
 from .model import GPT, count_parameters
 from .runtime import cpu_threads_pinned, free_memory_bytes, use_cpu_threads
 from .schedule import Schedule, batch_indices
 from .store import RunStore, provenance
-from .sweep import LocalExecutor, Run, SweepProgress, Workload, run_job, training_flops
+from .sweep import LocalExecutor, Run, SweepProgress, Workload, batch_rows, run_job, training_flops
 from .train import GLOBAL_RNG, StopSignal, save_checkpoint, seeded_gpt
 from .workers import Job, run_jobs, workers_for
 
@@ -118,11 +119,6 @@ class EnsemblePlan:
     def widest(self) -> Run:
         """The run with the most rows a batch: every member's batch is padded to its width."""
         return max(self.runs, key=batch_rows)
-
-
-def batch_rows(run: Run) -> int:
-    """Sequences in each of the run's batches: all of them where the dataset is smaller than a batch."""
-    return min(run.n_sequences, run.train.batch_size)
 
 
 def split_by_batch_rows(runs: list[Run]) -> list[list[Run]]:
@@ -348,95 +344,6 @@ class EnsembleTrainer:
             if m is not None:
                 m.schedule.advance(loss)
                 m.on_step({"step": m.schedule.step, "loss": m.schedule.loss, "bits": m.schedule.curve[-1][1]})
-
-
-# ---------------------------------------------------------------------------------------
-# Measuring: the ensemble against one run at a time, on this device
-
-
-def _median_seconds(steps: list[Callable[[], None]], budget_s: float, most_calls: int) -> list[float]:
-    """Median seconds per call of each step function: warmed up, then called in turn (so a change
-    in the machine's load hits all alike) until budget_s has passed, at least 3 and at most
-    most_calls times each. Medians, because other processes' bursts lengthen a few calls a lot."""
-    for step in steps:
-        for _ in range(3):
-            step()
-    times: list[list[float]] = [[] for _ in steps]
-    started = time.perf_counter()
-    while len(times[0]) < most_calls and (len(times[0]) < 3 or time.perf_counter() - started < budget_s):
-        for step, seconds in zip(steps, times):
-            t = time.perf_counter()
-            step()
-            seconds.append(time.perf_counter() - t)
-    return [sorted(seconds)[len(seconds) // 2] for seconds in times]
-
-
-# How the ensemble's loss may run on CUDA besides eagerly, each timed by the probe: torch.compile's
-# fused kernels, and the same kernels replayed as CUDA graphs (one launch for the whole forward,
-# and one for the backward: what launch-bound tiny models want).
-COMPILE_MODES = ("default", "reduce-overhead")
-
-
-def compiled_losses(model: EnsembleGPT, mode: str = "default") -> Callable:
-    """model.member_losses under torch.compile in `mode` (COMPILE_MODES), our kernels inside as the
-    custom ops they are. Meant for CUDA, where tiny models are launch-bound; a repack changes K and
-    recompiles. (Unverified: written without a GPU at hand.)"""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
-    compiled = torch.compile(model.member_losses, dynamic=False, mode=mode)
-    if mode == "default":
-        return compiled
-
-    def graphed(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last replay's outputs are not read again
-        return compiled(x, rows)
-
-    return graphed
-
-
-def probe_step_seconds(run: Run, members: int, device: torch.device, budget_s: float = 1.0,
-                       compile_mode: str | None = None) -> tuple[float, float]:
-    """(seconds per step of one run alone, seconds per step of an ensemble of `members` such runs),
-    on random tokens in batches of the run's rows: the loop's own step (forward, backward, clip,
-    AdamW) for each; the ensemble's loss compiled in `compile_mode` if one is given (compiled in
-    the untimed warm-up calls)."""
-    c, cfg = run.model, run.train
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(0)
-        gpt = GPT(c, attention_backend=run.backends.attention, logprob_backend=run.backends.logprob).to(device)
-        optimizer = torch.optim.AdamW(gpt.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        x = torch.randint(0, c.vocab_size, (members, batch_rows(run), c.seq_len), device=device)
-
-        def single_step():
-            use_cpu_threads(device, c, batch_rows(run))  # each side at the threads it would train with
-            with autocast_context(device, cfg.precision):
-                loss = gpt.loss(x[0])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(gpt.parameters(), cfg.grad_clip or math.inf)
-            optimizer.step()
-            float(loss.detach())
-
-        ensemble = EnsembleGPT(c, members, run.backends.attention, run.backends.logprob, device,
-                               torch.get_default_dtype())
-        for k in range(members):
-            ensemble.import_member(k, gpt.state_dict())
-        ensemble_optimizer = EnsembleAdamW(ensemble, cfg.betas)
-        member_losses = ensemble.member_losses if compile_mode is None else compiled_losses(ensemble, compile_mode)
-        rows = torch.full((members,), batch_rows(run), device=device)
-
-        def ensemble_step():
-            use_cpu_threads(device, c, members * batch_rows(run))
-            with autocast_context(device, cfg.precision):
-                losses = member_losses(x, rows)
-            ensemble_optimizer.zero_grad()
-            losses.sum().backward()
-            ensemble_optimizer.clip_gradients([cfg.grad_clip] * members)
-            ensemble_optimizer.step([cfg.lr] * members, [cfg.weight_decay] * members, [True] * members)
-            losses.tolist()
-
-        alone, together = _median_seconds([single_step, ensemble_step], budget_s, 50)
-        return alone, together
 
 
 # ---------------------------------------------------------------------------------------

@@ -121,10 +121,14 @@ class Executor(Protocol):
         """Train every run; store.record(row) for each as it finishes."""
 
 
+def batch_rows(run: Run) -> int:
+    """Sequences in each of the run's batches: all of them where the dataset is smaller than a batch."""
+    return min(run.n_sequences, run.train.batch_size)
+
+
 def training_flops(run: Run) -> float:
     """The FLOPs of a run's training steps at its step cap: what orders jobs, costliest first."""
-    rows = min(run.n_sequences, run.train.batch_size)
-    return training_flops_per_token(run.model) * rows * (run.model.seq_len - 1) * run.train.max_steps
+    return training_flops_per_token(run.model) * batch_rows(run) * (run.model.seq_len - 1) * run.train.max_steps
 
 
 def run_job(run: Run, workload: Workload, store: RunStore, device: torch.device) -> Job:

@@ -18,13 +18,11 @@ import pytest
 import torch
 
 from memk.memorize.data import uniform_random_sequences
-from memk.memorize.ensemble import EnsembleAdamW, EnsembleGPT, parameter_shapes
+from memk.memorize.ensemble import COMPILE_MODES, EnsembleAdamW, EnsembleGPT, compiled_losses, parameter_shapes
 from memk.memorize.ensemble_executor import (
-    COMPILE_MODES,
     EnsembleExecutor,
     EnsemblePlan,
     EnsembleTrainer,
-    compiled_losses,
     member_bytes,
     parse_ensemble,
     plan_ensembles,
