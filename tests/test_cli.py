@@ -37,7 +37,9 @@ def test_console_script_is_installed():
 @pytest.mark.slow
 def test_smoke_preset_end_to_end_then_resume_after_kill(tmp_path):
     out = tmp_path / "runs"
-    args = [*MEMK, "run-capacity", "--preset", "smoke", "--out", str(out), "--no-progress"]
+    # One worker: its jobs run in turn, so there is time to kill between a finished run and the
+    # next (two side by side can finish within one poll). The resume below takes the default.
+    args = [*MEMK, "run-capacity", "--preset", "smoke", "--out", str(out), "--no-progress", "--workers", "1"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=OUTSIDE)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # kill once a run has finished and the next is under way

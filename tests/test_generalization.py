@@ -177,7 +177,10 @@ def test_cli_resumes_after_a_kill_without_redoing_finished_runs(tmp_path):
     out = tmp_path / "gen"
     args = ["run-generalization", "--preset", "smoke", "--source", "markov", "--max-steps", "200", "--out", str(out),
             "--no-progress"]
-    proc = subprocess.Popen([*MEMK, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=OUTSIDE)
+    # One worker: its jobs run in turn, so there is time to kill between a finished run and the
+    # next (two side by side can finish within one poll). The resume below takes the default.
+    proc = subprocess.Popen([*MEMK, *args, "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=OUTSIDE)
     runs = out / "runs.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # kill once a run has finished and the next is under way
