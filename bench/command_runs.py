@@ -27,11 +27,26 @@ def package_version(package: str) -> str | None:
         return None
 
 
+def check_writable(json_path: str | None) -> None:
+    """Fail now, not after minutes of measuring, where the results could not be written."""
+    if json_path:
+        with open(json_path, "a"):
+            pass
+
+
+def policy_env() -> dict:
+    """This environment less the thread pins (MEMK_NUM_THREADS, OMP_NUM_THREADS): memk's own thread policy."""
+    from memk.memorize.runtime import THREADS_ENV
+
+    return {k: v for k, v in os.environ.items() if k not in (THREADS_ENV, "OMP_NUM_THREADS")}
+
+
 def machine() -> dict:
     """What the figures were measured on."""
     from memk.bench.timing import cpu_name
+    from memk.memorize.runtime import cpu_cores
 
-    return {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
+    return {"cpu": cpu_name(), "cores": cpu_cores(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
             "torch": package_version("torch"), "python": sys.version.split()[0]}
 

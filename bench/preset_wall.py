@@ -22,12 +22,11 @@ is reported for each. Run it on an idle machine: other work skews every figure.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import click
 
-from memk.bench.command_runs import machine, time_ways, write_report
+from memk.bench.command_runs import check_writable, machine, policy_env, time_ways, write_report
 
 WAYS = {
     "one at a time": ["--ensemble", "off", "--workers", "1"],
@@ -41,13 +40,9 @@ WAYS = {
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the results here")
 @click.option("--smoke", is_flag=True, help="the smoke preset: a test of the script, not a measurement")
 def main(json_path, smoke):
-    from memk.memorize.runtime import THREADS_ENV
-
-    if json_path:  # fail now, not after minutes of measuring
-        with open(json_path, "a"):
-            pass
+    check_writable(json_path)
     preset = "smoke" if smoke else "default"
-    env = {k: v for k, v in os.environ.items() if k not in (THREADS_ENV, "OMP_NUM_THREADS")}  # memk's policy
+    env = policy_env()
     report = {"schema": "memk-preset-wall/1", "preset": preset, "smoke": smoke, **machine(),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": {}}
     report["runs"], rows = time_ways(preset, {name: (extra, env) for name, extra in WAYS.items()})

@@ -24,26 +24,23 @@ Run it on an idle machine: other work skews every figure.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import click
 
-from memk.bench.command_runs import machine, package_version, time_ways, write_report
+from memk.bench.command_runs import check_writable, machine, package_version, policy_env, time_ways, write_report
 
 
 @click.command()
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="write the results here")
 @click.option("--smoke", is_flag=True, help="the smoke preset: a test of the script, not a measurement")
 def main(json_path, smoke):
-    from memk.memorize.runtime import THREADS_ENV
+    from memk.memorize.runtime import THREADS_ENV, cpu_cores
 
-    if json_path:  # fail now, not after minutes of measuring
-        with open(json_path, "a"):
-            pass
-    cores = len(os.sched_getaffinity(0))
+    check_writable(json_path)
+    cores = cpu_cores()
     preset = "smoke" if smoke else "default"
-    base = {k: v for k, v in os.environ.items() if k not in (THREADS_ENV, "OMP_NUM_THREADS")}
+    base = policy_env()
     ways = {
         "ray": (["--executor", "ray", "--cpus-per-task", "1", "--ensemble", "off"], base),
         "local, every core": (["--ensemble", "off", "--workers", "1"], {**base, THREADS_ENV: str(cores)}),
