@@ -46,7 +46,7 @@ import torch
 
 from .bits import autocast_context
 from .ensemble import COMPILE_MODES, EnsembleAdamW, EnsembleGPT, compiled_losses
-from .ensemble_probe import probe_step_seconds
+from .ensemble_probe import probe_modes, probe_step_seconds
 from .errors import ConfigError
 from .model import GPT, count_parameters
 from .runtime import cpu_threads_pinned, free_memory_bytes, use_cpu_threads
@@ -373,10 +373,7 @@ class EnsembleExecutor:
         plans = plan_ensembles(runs, self.max_members, budget)
         for plan in plans:
             if plan.slots > 1 and self.device.type == "cuda" and self.try_compile:  # whichever measures fastest
-                alone, eager = probe_step_seconds(plan.widest, plan.slots, self.device)
-                together = {None: eager}
-                for mode in COMPILE_MODES:
-                    together[mode] = probe_step_seconds(plan.widest, plan.slots, self.device, compile_mode=mode)[1]
+                alone, together = probe_modes(plan.widest, plan.slots, self.device, (None, *COMPILE_MODES))
                 plan.compile_mode = min(together, key=lambda mode: together[mode])
                 plan.probe = (plan.slots, alone, together[plan.compile_mode])
             if plan.slots > 1 and self.choose_faster:

@@ -43,6 +43,14 @@ def probe_step_seconds(run: Run, members: int, device: torch.device, budget_s: f
     on random tokens in batches of the run's rows: the loop's own step (forward, backward, clip,
     AdamW) for each; the ensemble's loss compiled in `compile_mode` if one is given (compiled in
     the untimed warm-up calls)."""
+    alone, together = probe_modes(run, members, device, (compile_mode,), budget_s)
+    return alone, together[compile_mode]
+
+
+def probe_modes(run: Run, members: int, device: torch.device, modes: tuple[str | None, ...],
+                budget_s: float = 1.0) -> tuple[float, dict[str | None, float]]:
+    """probe_step_seconds for several ways of running the ensemble's loss at once (None: eager; else
+    a mode of ensemble.COMPILE_MODES): the step alone timed once, every way in turn with it."""
     c, cfg = run.model, run.train
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
@@ -65,18 +73,22 @@ def probe_step_seconds(run: Run, members: int, device: torch.device, budget_s: f
         for k in range(members):
             ensemble.import_member(k, gpt.state_dict())
         ensemble_optimizer = EnsembleAdamW(ensemble, cfg.betas)
-        member_losses = ensemble.member_losses if compile_mode is None else compiled_losses(ensemble, compile_mode)
         rows = torch.full((members,), batch_rows(run), device=device)
 
-        def ensemble_step():
-            use_cpu_threads(device, c, members * batch_rows(run))
-            with autocast_context(device, cfg.precision):
-                losses = member_losses(x, rows)
-            ensemble_optimizer.zero_grad()
-            losses.sum().backward()
-            ensemble_optimizer.clip_gradients([cfg.grad_clip] * members)
-            ensemble_optimizer.step([cfg.lr] * members, [cfg.weight_decay] * members, [True] * members)
-            losses.tolist()
+        def ensemble_step(mode: str | None) -> Callable[[], None]:
+            member_losses = ensemble.member_losses if mode is None else compiled_losses(ensemble, mode)
 
-        alone, together = _median_seconds([single_step, ensemble_step], budget_s, 50)
-        return alone, together
+            def step():
+                use_cpu_threads(device, c, members * batch_rows(run))
+                with autocast_context(device, cfg.precision):
+                    losses = member_losses(x, rows)
+                ensemble_optimizer.zero_grad()
+                losses.sum().backward()
+                ensemble_optimizer.clip_gradients([cfg.grad_clip] * members)
+                ensemble_optimizer.step([cfg.lr] * members, [cfg.weight_decay] * members, [True] * members)
+                losses.tolist()
+
+            return step
+
+        alone, *together = _median_seconds([single_step, *map(ensemble_step, modes)], budget_s, 50)
+        return alone, dict(zip(modes, together))
