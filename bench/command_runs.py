@@ -1,5 +1,5 @@
-"""Whole `memk run-capacity` commands timed one after another: what the wall-clock scripts
-(ray_vs_local.py, preset_wall.py) share."""
+"""Whole `memk run-capacity` or `memk run-generalization` commands timed one after another: what
+the wall-clock scripts (ray_vs_local.py, preset_wall.py) share."""
 
 from __future__ import annotations
 
@@ -59,39 +59,51 @@ def run_rows(folder: str) -> dict[str, dict]:
 
 
 def alphas(folder: str) -> dict[str, float]:
-    """α through the origin per precision, from a finished command's summary.json."""
+    """α through the origin per precision, from a finished capacity command's summary.json."""
     with open(os.path.join(folder, "summary.json")) as f:
         summary = json.load(f)
     return {p: s["fit"]["through_origin"]["alpha"] for p, s in summary["precisions"].items()}
 
 
-def timed_capacity_command(preset: str, extra: list[str], env: dict, folder: str) -> dict:
-    """Run `memk run-capacity --preset PRESET EXTRA --out FOLDER` and say how long it took, under what load."""
-    command = [sys.executable, "-m", "memk.cli", "run-capacity", "--preset", preset, *extra, "--out", folder,
-               "--no-progress"]
+def f1_law(folder: str) -> dict[str, float]:
+    """The fitted membership-F1 law's coefficients and R², from a finished generalization command's summary.json."""
+    with open(os.path.join(folder, "summary.json")) as f:
+        law = json.load(f)["f1_law"]
+    return {k: law[k] for k in ("c1", "c2", "c3", "r2")}
+
+
+SCIENCE = {"run-capacity": ("alpha", alphas), "run-generalization": ("f1_law", f1_law)}  # what each command measures
+
+
+def timed_command(command: str, preset: str, extra: list[str], env: dict, folder: str) -> dict:
+    """Run `memk COMMAND --preset PRESET EXTRA --out FOLDER` and say how long it took, under what load."""
+    argv = [sys.executable, "-m", "memk.cli", command, "--preset", preset, *extra, "--out", folder, "--no-progress"]
     load = load_average()
     start = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     wall = time.perf_counter() - start
     if result.returncode != 0:
-        raise click.ClickException(f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}")
-    shown = [os.path.basename(folder) if part == folder else part for part in command[3:]]  # not the temp path
+        raise click.ClickException(f"{' '.join(argv)} failed: {result.stderr.strip()[-500:]}")
+    shown = [os.path.basename(folder) if part == folder else part for part in argv[3:]]  # not the temp path
     return {"command": " ".join(["memk", *shown]), "env": {k: env[k] for k in env if k.startswith("MEMK_")},
             "load_1_5_15_before": load, "wall_s": round(wall, 1),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def time_ways(preset: str, ways: dict[str, tuple[list[str], dict]]) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Each way (name -> extra options, environment) run in turn into a fresh folder: its timing with
-    α, and its rows (run_rows), by name."""
+def time_ways(preset: str, ways: dict[str, tuple[list[str], dict]],
+              command: str = "run-capacity") -> tuple[dict[str, dict], dict[str, dict]]:
+    """Each way (name -> extra options, environment) of `memk COMMAND --preset PRESET` run in turn
+    into a fresh folder: its timing with what it measured (α, or the F1 law), and its rows
+    (run_rows), by name."""
+    key, science = SCIENCE[command]
     timings, rows = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (extra, env) in ways.items():
             folder = os.path.join(tmp, name.replace(" ", "-"))
-            click.echo(f"{name}: memk run-capacity --preset {preset} {' '.join(extra)} (load {load_average()[0]})",
+            click.echo(f"{name}: memk {command} --preset {preset} {' '.join(extra)} (load {load_average()[0]})",
                        err=True)
-            timings[name] = timed_capacity_command(preset, extra, env, folder)
-            timings[name]["alpha"] = alphas(folder)  # how far ensembles, threads or workers move the science
+            timings[name] = timed_command(command, preset, extra, env, folder)
+            timings[name][key] = science(folder)  # how far ensembles, threads or workers move the science
             rows[name] = run_rows(folder)
             click.echo(f"  {timings[name]['wall_s']} s", err=True)
     return timings, rows
