@@ -450,7 +450,7 @@ def _is_ensemble(record: dict) -> bool:
 
 def ensemble_rows(results: list[dict], judged: bool) -> list[Row]:
     """Per model and dtype, at the largest K measured: the ensemble's model-steps/s over one at a time."""
-    from .suite_ensemble import ENSEMBLE, ENSEMBLE_COMPILED, ONE_AT_A_TIME
+    from .suite_ensemble import ENSEMBLE, ENSEMBLE_COMPILED, ENSEMBLE_GRAPHED, ONE_AT_A_TIME
 
     rows = []
     ensembles = [r for r in results if r["suite"] == "train" and _is_ensemble(r)]
@@ -459,7 +459,8 @@ def ensemble_rows(results: list[dict], judged: bool) -> list[Row]:
         first = group[0]
         target = (f"{first['params']['members']} runs of {first['params']['name']} at batch {first['params']['batch']}, "
                   f"{first['dtype']}: an ensemble at least {ENSEMBLE_VS_ONE_AT_A_TIME:g}x the model-steps/s of one at a time")
-        measured = [r for r in group if r["variant"] in (ENSEMBLE, ENSEMBLE_COMPILED) and r["status"] == "ok"
+        measured = [r for r in group if r["variant"] in (ENSEMBLE, ENSEMBLE_COMPILED, ENSEMBLE_GRAPHED)
+                    and r["status"] == "ok"
                     and ONE_AT_A_TIME in r["ratios"]]
         if not measured:
             ensemble = next((r for r in group if r["variant"] == ENSEMBLE), None)

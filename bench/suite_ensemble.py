@@ -23,6 +23,7 @@ from .suite_model import MODEL_TOLERANCE, autocast_for, float64_reference_model,
 ONE_AT_A_TIME = "one at a time"
 ENSEMBLE = "ensemble"
 ENSEMBLE_COMPILED = "ensemble (compile)"
+ENSEMBLE_GRAPHED = "ensemble (CUDA graphs)"  # torch.compile(mode="reduce-overhead"): the kernels replayed as graphs
 CHECK_ROWS = 256  # rows of each member's first batch the float64 check codes
 
 
@@ -171,8 +172,10 @@ def _one_at_a_time_variant(dtype: str) -> Variant:
                    f"K GPTs stepped one after another (forward, backward, clip, torch AdamW), {dtype}", dtype=dtype)
 
 
-def _ensemble_variant(dtype: str, compiled: bool, quick: bool) -> Variant:
-    """One EnsembleGPT of K members with EnsembleAdamW; one call steps all members at once."""
+def _ensemble_variant(dtype: str, compile_mode: str | None, quick: bool) -> Variant:
+    """One EnsembleGPT of K members with EnsembleAdamW; one call steps all members at once; its
+    losses compiled in compile_mode (memorize/ensemble.py's COMPILE_MODES) unless it is None."""
+    compiled = compile_mode is not None
 
     def build(inputs: dict, device: torch.device) -> Runner:
         from memk.memorize.ensemble import EnsembleAdamW, EnsembleGPT
@@ -194,7 +197,7 @@ def _ensemble_variant(dtype: str, compiled: bool, quick: bool) -> Variant:
         optimizer = EnsembleAdamW(model, (0.9, 0.98))
         if compiled:
             torch._dynamo.reset()
-        losses_of = compiled_losses(model) if compiled else model.member_losses
+        losses_of = compiled_losses(model, compile_mode) if compiled else model.member_losses
         cycle = Cycle(inputs["batches"])
         restore_threads = _threads_restorer()
         everyone = [True] * members
@@ -223,9 +226,10 @@ def _ensemble_variant(dtype: str, compiled: bool, quick: bool) -> Variant:
 
         return Runner(call, outputs, restore_threads, reset=optimizer.zero_grad)
 
-    name = ENSEMBLE_COMPILED if compiled else ENSEMBLE
-    return Variant(name, "candidate", build,
-                   ("torch.compile of the members' losses, " if compiled else "")
+    name = {None: ENSEMBLE, "default": ENSEMBLE_COMPILED, "reduce-overhead": ENSEMBLE_GRAPHED}[compile_mode]
+    how = {None: "", "default": "torch.compile of the members' losses, ",
+           "reduce-overhead": "torch.compile(mode='reduce-overhead') of the members' losses (CUDA graphs), "}
+    return Variant(name, "candidate", build, how[compile_mode]
                    + f"EnsembleGPT of K members with EnsembleAdamW (forward, backward, per-member clip and step), {dtype}",
                    compare_to=(ONE_AT_A_TIME,), dtype=dtype)
 
@@ -235,9 +239,10 @@ def ensemble_groups(device: torch.device, dtypes: list[str], quick: bool,
                     members: list[int] | None = None, compile_members: list[int] | None = None,
                     compile_dtypes: list[str] | None = None) -> list[Group]:
     """One group per model, batch, dtype and K: K runs one at a time against their ensemble (and,
-    on CUDA, the ensemble compiled; compile_members and compile_dtypes limit that, since each K and
-    dtype compiles anew, for tens of seconds).
+    on CUDA, the ensemble compiled, then compiled as CUDA graphs; compile_members and
+    compile_dtypes limit that, since each K, dtype and mode compiles anew, for tens of seconds).
     Groups too big for the memory free are kept, their variants skipped with the reason."""
+    from memk.memorize.ensemble import COMPILE_MODES
     from memk.memorize.model import GPTConfig, count_parameters, training_flops_per_token
 
     default_configs, default_batches, default_members = default_ensemble_sizes(device, quick)
@@ -248,10 +253,10 @@ def ensemble_groups(device: torch.device, dtypes: list[str], quick: bool,
         for batch in batches:
             for dtype in [d for d in dtypes if d in ("float32", "bfloat16", "float16")]:
                 for k in members:
-                    variants = [_one_at_a_time_variant(dtype), _ensemble_variant(dtype, False, quick)]
+                    variants = [_one_at_a_time_variant(dtype), _ensemble_variant(dtype, None, quick)]
                     if (compile_members is None or k in compile_members) and (
                             compile_dtypes is None or dtype in compile_dtypes):
-                        variants.append(_ensemble_variant(dtype, True, quick))
+                        variants += [_ensemble_variant(dtype, mode, quick) for mode in COMPILE_MODES]
                     tokens = k * batch * (config.seq_len - 1)
                     groups.append(Group(
                         suite="train",

@@ -66,7 +66,8 @@ def test_acceptance_preset_on_a_gpu_is_the_issues_selection():
     for g in ensembles:
         names = {v.name for v in g.variants}
         assert {"one at a time", "ensemble"} <= names
-        assert ("ensemble (compile)" in names) == (g.params["members"] == 32 and g.dtype == "bfloat16")
+        compiled = g.params["members"] == 32 and g.dtype == "bfloat16"
+        assert ("ensemble (compile)" in names) == compiled and ("ensemble (CUDA graphs)" in names) == compiled
 
 
 def test_triton_attention_runs_under_the_interpreter_when_asked():
@@ -164,7 +165,7 @@ def test_verdict_judges_the_ensemble_at_its_largest_k_and_keeps_it_out_of_the_tr
     out = _fake_gpu_run(tmp_path, ce_median=1e-3, seq64_ratios={"sdpa:math": 2.0}, flash_1024=1.0, train_ratio=2.0)
     path = out / "bench" / "fake.json"
     report = json.loads(path.read_text())
-    for dtype, compiled_at_32 in (("bfloat16", 6.0), ("float32", 4.0)):
+    for dtype, compiled_at_32, graphed_at_32 in (("bfloat16", 4.0, 6.0), ("float32", 4.0, None)):
         family = f"ensemble step L1-d64 B2048 {dtype}"
         for k, eager in ((8, 9.0), (32, 3.0)):  # K=8's 9x is not the one judged: the largest K is
             params = {"name": "L1-d64", "batch": 2048, "members": k}
@@ -176,6 +177,10 @@ def test_verdict_judges_the_ensemble_at_its_largest_k_and_keeps_it_out_of_the_tr
                 report["results"].append(_record("train", family, k, "ensemble (compile)", dtype, params,
                                                  1.0 / compiled_at_32, role="candidate",
                                                  ratios={"one at a time": compiled_at_32}))
+            if k == 32 and graphed_at_32:  # the best of the ways is judged: CUDA graphs' 6x passes
+                report["results"].append(_record("train", family, k, "ensemble (CUDA graphs)", dtype, params,
+                                                 1.0 / graphed_at_32, role="candidate",
+                                                 ratios={"one at a time": graphed_at_32}))
     for r in report["results"]:
         if r["family"].startswith("ensemble"):
             r["throughput"] = {"value": r["sweep"]["value"] / r["time"]["median_s"], "unit": "model-steps/s"}
@@ -184,7 +189,7 @@ def test_verdict_judges_the_ensemble_at_its_largest_k_and_keeps_it_out_of_the_tr
     ensemble = {k: v for k, v in rows.items() if "an ensemble at least 5x" in k}
     assert [(k.split(",")[0], v.status) for k, v in ensemble.items()] == [
         ("32 runs of L1-d64 at batch 2048", "PASS"), ("32 runs of L1-d64 at batch 2048", "FAIL")]
-    assert "ensemble (compile) 6.00x" in next(iter(ensemble.values())).figure
+    assert "ensemble (CUDA graphs) 6.00x" in next(iter(ensemble.values())).figure
     assert len([k for k in rows if k.startswith("training step")]) == 3  # the model's rows only, as before
 
 
