@@ -88,7 +88,7 @@ def describe(runs: list[Run], choice: str | int, device: torch.device, title: st
 def estimate(runs: list[Run], choice: str | int, device: torch.device, title: str,
              first: Run | None = None, workers_choice: str | int = 1) -> Estimate:
     """describe's plan, with its two estimates in seconds."""
-    workers = workers_for(workers_choice, device, runs)
+    workers = workers_for(workers_choice, device, runs, training_flops)
     lines = [f"{title}: {_runs(len(runs))} to train on {device}, --ensemble {choice}, {workers} "
              f"{'worker' if workers == 1 else 'workers, one thread each'}"]
     before = 0.0

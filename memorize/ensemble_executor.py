@@ -385,7 +385,7 @@ class EnsembleExecutor:
         return plans
 
     def execute(self, runs: list[Run], workload: Workload, store: RunStore, progress: SweepProgress) -> None:
-        workers = workers_for(self.workers, self.device, runs)
+        workers = workers_for(self.workers, self.device, runs, training_flops)
         # Side by side, every job trains on one thread: the probes measure them so.
         with cpu_threads_pinned(1) if workers > 1 else contextlib.nullcontext():
             plans = self.plans(runs)

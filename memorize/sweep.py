@@ -154,7 +154,7 @@ class LocalExecutor:
 
     def execute(self, runs: list[Run], workload: Workload, store: RunStore, progress: SweepProgress) -> None:
         jobs = [run_job(run, workload, store, self.device) for run in runs]
-        run_jobs(jobs, workers_for(self.workers, self.device, runs), progress)
+        run_jobs(jobs, workers_for(self.workers, self.device, runs, training_flops), progress)
 
 
 def require_rows(rows: list[dict], failures: list[dict]) -> None:

@@ -4,7 +4,9 @@ A job is what an executor trains in one go: a run (LocalExecutor) or an ensemble
 (EnsembleExecutor). A training step of the small models of memk's presets is a few
 hundred operations each too short to split across cores: a second torch thread gains
 about 1.2x there, while two runs side by side on one thread each keep both cores busy
-(1.7x, bench/results/ray-vs-local-2core.json). So `run_jobs` trains up to `workers` jobs
+(1.7x, bench/results/ray-vs-local-2core.json; 1.4x for the generalization preset's
+V-2048 runs, which memk's policy gives two threads alone,
+bench/results/generalization-default-wall-2core.json). So `run_jobs` trains up to `workers` jobs
 at once on Python threads of this process, torch pinned to one thread each (its
 operations release the GIL). One-thread jobs cannot make the other core's OpenMP threads
 spin, so a busy machine slows them down and no more.
@@ -40,17 +42,22 @@ def parse_workers(value: str) -> str | int:
     return int(text)
 
 
-def workers_for(choice: str | int, device: torch.device, runs: list) -> int:
+def workers_for(choice: str | int, device: torch.device, runs: list, cost: Callable[[object], float]) -> int:
     """How many jobs train at once. auto: on the CPU, one per core where every run trains on one
-    thread (memk's thread policy for small steps, or MEMK_NUM_THREADS=1), else one; on CUDA one."""
+    thread anyway (memk's thread policy for small steps, or MEMK_NUM_THREADS=1), or where the runs
+    keep every core busy: none holds more than 1/cores of their `cost` (training FLOPs), so no core
+    waits long on a last run that trains alone; one otherwise, and on CUDA."""
     check_workers(choice, device)
+    if choice != "auto":
+        return choice
     pinned = pinned_cpu_threads()
-    if choice == "auto":
-        if device.type != "cpu" or (pinned or 1) > 1:
-            return 1
-        one_thread = all(cpu_threads_for(run.model, run.train.batch_size) == 1 for run in runs)
-        return cpu_cores() if one_thread else 1
-    return choice
+    if device.type != "cpu" or (pinned or 1) > 1 or not runs:
+        return 1
+    cores = cpu_cores()
+    if all(cpu_threads_for(run.model, run.train.batch_size) == 1 for run in runs):
+        return cores
+    costs = [cost(run) for run in runs]
+    return cores if max(costs) * cores <= sum(costs) else 1
 
 
 def check_workers(choice: str | int, device: torch.device) -> None:

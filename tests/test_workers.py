@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from memk.memorize.model import GPTConfig
 from memk.memorize.ray_executor import executor_from_options
 from memk.memorize.runtime import Backends
 from memk.memorize.schedule import TrainConfig
-from memk.memorize.sweep import Run, SweepProgress
+from memk.memorize.sweep import Run, SweepProgress, training_flops
 from memk.memorize.workers import Job, Stopped, parse_workers, run_jobs, workers_for
 
 CPU = torch.device("cpu")
@@ -48,24 +49,38 @@ def test_a_bad_workers_option_names_the_problem_and_the_fix(text):
         parse_workers(text)
 
 
-def test_auto_takes_a_worker_per_core_only_where_every_run_takes_one_thread(monkeypatch, no_pinned_threads):
+def test_auto_takes_a_worker_per_core_where_runs_take_one_thread_or_keep_every_core_busy(
+        monkeypatch, no_pinned_threads):
     monkeypatch.setattr(workers_module, "cpu_cores", lambda: 4)
-    assert workers_for("auto", CPU, [TINY, TINY]) == 4
-    assert workers_for("auto", CPU, [TINY, LARGE]) == 1  # the large run's steps want every core
-    assert workers_for("auto", torch.device("cuda"), [TINY]) == 1  # runs share a GPU through --ensemble
+    assert workers_for("auto", CPU, [TINY, TINY], training_flops) == 4  # one thread a run anyway
+    assert workers_for("auto", CPU, [TINY, LARGE], training_flops) == 1  # the large run would train alone on one
+    assert workers_for("auto", CPU, [LARGE] * 4, training_flops) == 4  # four alike keep four cores busy
+    assert workers_for("auto", CPU, [LARGE] * 3 + [TINY], training_flops) == 1  # ... three do not
+    assert workers_for("auto", torch.device("cuda"), [TINY], training_flops) == 1  # runs share a GPU through --ensemble
+    monkeypatch.setattr(workers_module, "cpu_cores", lambda: 2)
+    assert workers_for("auto", CPU, [LARGE, LARGE, TINY], training_flops) == 2
     monkeypatch.setenv("MEMK_NUM_THREADS", "2")
-    assert workers_for("auto", CPU, [TINY]) == 1  # the user asked for two threads a run
+    assert workers_for("auto", CPU, [TINY, TINY], training_flops) == 1  # the user asked for two threads a run
     monkeypatch.setenv("MEMK_NUM_THREADS", "1")
-    assert workers_for("auto", CPU, [TINY, LARGE]) == 4  # ... or for one, whatever the size
-    assert workers_for(3, CPU, [LARGE]) == 3  # a number is taken as given
+    assert workers_for("auto", CPU, [TINY, LARGE], training_flops) == 2  # ... or for one, whatever the size
+    assert workers_for(3, CPU, [LARGE], training_flops) == 3  # a number is taken as given
+
+
+def test_auto_balances_by_the_cost_it_is_given(monkeypatch, no_pinned_threads):
+    monkeypatch.setattr(workers_module, "cpu_cores", lambda: 2)
+    costs = {"a": 3.0, "b": 1.0, "c": 2.0}
+    runs = [replace(LARGE, name=name) for name in costs]
+    assert workers_for("auto", CPU, runs, lambda run: costs[run.name]) == 2  # 3 of 6: half
+    costs["a"] = 3.1
+    assert workers_for("auto", CPU, runs, lambda run: costs[run.name]) == 1  # over half: a core would wait
 
 
 def test_workers_that_cannot_be_honoured_are_named(monkeypatch, no_pinned_threads):
     with pytest.raises(ConfigError, match="--workers 2 is for the CPU"):
-        workers_for(2, torch.device("cuda"), [TINY])
+        workers_for(2, torch.device("cuda"), [TINY], training_flops)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     with pytest.raises(ConfigError, match="MEMK_NUM_THREADS or OMP_NUM_THREADS asks for 2; unset it"):
-        workers_for(2, CPU, [TINY])
+        workers_for(2, CPU, [TINY], training_flops)
     with pytest.raises(ConfigError, match="--workers is for --executor local"):  # before Ray is imported
         executor_from_options("ray", CPU, "off", workers=2)
 
