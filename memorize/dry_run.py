@@ -108,7 +108,7 @@ def _describe_groups(runs: list[Run], choice: str | int, device: torch.device, w
     else:  # eager probes only: compiling each group costs tens of seconds (a run tries it, per group)
         executor = EnsembleExecutor(device, max_members=None if choice == "auto" else int(choice),
                                     choose_faster=choice == "auto", try_compile=False)
-        plans = executor.plans(runs)
+        plans = executor.plans(runs, workers)
     lines, jobs, total_alone = [], [], 0.0
     for i, plan in enumerate(plans, 1):
         first = plan.runs[0]

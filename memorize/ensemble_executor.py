@@ -359,17 +359,20 @@ class EnsembleExecutor:
     device: torch.device
     max_members: int | None = None  # K; None: as many as a group has and memory holds
     choose_faster: bool = False  # --ensemble auto
-    memory_budget: int | None = None  # bytes; None: MEMORY_FRACTION of the memory free at the start
+    memory_budget: int | None = None  # bytes; None: MEMORY_FRACTION of the memory free at the start, shared by the workers
     repack_fraction: float | None = None  # frozen share of the slots that triggers a repack; None: the device's
     workers: str | int = 1
     try_compile: bool = True  # on CUDA, probe the compiled modes too (the dry run leaves them out: tens of seconds each)
     trained: list[dict] = field(default_factory=list, repr=False)  # per ensemble: runs, slots, most members at once
 
-    def plans(self, runs: list[Run]) -> list[EnsemblePlan]:
+    def plans(self, runs: list[Run], workers: int = 1) -> list[EnsemblePlan]:
+        """The groups and their slots; `workers` jobs training at once share the memory budget."""
         budget = self.memory_budget
         if budget is None:
             free = free_memory_bytes(self.device)
             budget = None if free is None else int(MEMORY_FRACTION * free)
+        if budget is not None:
+            budget //= workers
         plans = plan_ensembles(runs, self.max_members, budget)
         for plan in plans:
             if plan.slots > 1 and self.device.type == "cuda" and self.try_compile:  # whichever measures fastest
@@ -388,7 +391,7 @@ class EnsembleExecutor:
         workers = workers_for(self.workers, self.device, runs, training_flops)
         # Side by side, every job trains on one thread: the probes measure them so.
         with cpu_threads_pinned(1) if workers > 1 else contextlib.nullcontext():
-            plans = self.plans(runs)
+            plans = self.plans(runs, workers)
         jobs = []
         for plan in plans:
             if plan.slots == 1:

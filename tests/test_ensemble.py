@@ -238,6 +238,13 @@ def test_a_memory_cap_splits_a_group_into_fewer_slots_that_refill(tmp_path, floa
     assert_same_as_alone(workload, runs)
 
 
+def test_jobs_side_by_side_share_the_memory_budget():
+    runs = RUNS[:3]  # one ensemble key, one batch-rows bucket
+    executor = EnsembleExecutor(CPU, memory_budget=int(4.5 * member_bytes(runs[0])))
+    assert [(p.slots, p.memory_capped) for p in executor.plans(runs)] == [(3, False)]
+    assert [(p.slots, p.memory_capped) for p in executor.plans(runs, workers=2)] == [(2, True)]  # 2.25 members each
+
+
 class Killed(Exception):
     pass
 
