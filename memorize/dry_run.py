@@ -2,8 +2,9 @@
 
 The runs, how the executor that --ensemble asks for groups them, and an estimate of the
 wall-clock from a short probe of each group's training step on this device (memorize/
-ensemble_executor.py). The estimate counts training steps at each run's step cap: runs
-that plateau end sooner, and evaluations add a few per cent.
+ensemble_executor.py); a step too long to time in a second or so is timed at fewer rows
+and extrapolated (ensemble_probe.DRY_RUN_PROBE). The estimate counts training steps
+at each run's step cap: runs that plateau end sooner, and evaluations add a few per cent.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from . import capacity, generalization
 from .ensemble_executor import EnsembleExecutor, EnsemblePlan, plan_ensembles
-from .ensemble_probe import probe_step_seconds
+from .ensemble_probe import DRY_RUN_PROBE, ProbeLimits, probe_rows, probe_step_seconds
 from .reference import FOLDER as REFERENCE_FOLDER
 from .reference import reference_id
 from .runtime import cpu_threads_pinned, resolve_backends
@@ -91,23 +92,25 @@ def estimate(runs: list[Run], choice: str | int, device: torch.device, title: st
     workers = workers_for(workers_choice, device, runs, training_flops)
     lines = [f"{title}: {_runs(len(runs))} to train on {device}, --ensemble {choice}, {workers} "
              f"{'worker' if workers == 1 else 'workers, one thread each'}"]
-    before = 0.0
+    before, limits = 0.0, DRY_RUN_PROBE.get(device.type, ProbeLimits())
     if first is not None:
-        before = first.train.max_steps * probe_step_seconds(first, 1, device)[0]
+        before = first.train.max_steps * probe_step_seconds(first, 1, device, limits=limits)[0]
         lines.append(f"  first, alone: {first.name} {first.model.name} N={first.n_sequences}, "
-                     f"at most {first.train.max_steps} steps; estimate {_minutes(before)}")
+                     f"at most {first.train.max_steps} steps; estimate {_minutes(before)}"
+                     f"{_extrapolated(first, 1, limits)}")
     with cpu_threads_pinned(1) if workers > 1 else contextlib.nullcontext():  # as the workers would train
-        groups, planned, alone = _describe_groups(runs, choice, device, workers, before)
+        groups, planned, alone = _describe_groups(runs, choice, device, workers, before, limits)
     return Estimate("\n".join(lines + groups), planned, alone)
 
 
 def _describe_groups(runs: list[Run], choice: str | int, device: torch.device, workers: int,
-                     before: float) -> tuple[list[str], float, float]:
+                     before: float, limits: ProbeLimits) -> tuple[list[str], float, float]:
     if choice == "off":
         plans = plan_ensembles(runs, 1, None)
     else:  # eager probes only: compiling each group costs tens of seconds (a run tries it, per group)
         executor = EnsembleExecutor(device, max_members=None if choice == "auto" else int(choice),
-                                    choose_faster=choice == "auto", try_compile=False)
+                                    choose_faster=choice == "auto", try_compile=False,
+                                    probe_limits=limits)
         plans = executor.plans(runs, workers)
     lines, jobs, total_alone = [], [], 0.0
     for i, plan in enumerate(plans, 1):
@@ -116,7 +119,7 @@ def _describe_groups(runs: list[Run], choice: str | int, device: torch.device, w
             members, alone, together = plan.probe
         else:  # measure at the slots the group has, or would have as an ensemble
             members = plan.slots if plan.slots > 1 else _possible_slots(plan, device)
-            alone, together = probe_step_seconds(plan.widest, members, device)
+            alone, together = probe_step_seconds(plan.widest, members, device, limits=limits)
             together = together if members > 1 else None
         caps = [r.train.max_steps for r in plan.runs]
         seconds_alone = wall_seconds(caps, 1, alone, alone)
@@ -137,7 +140,7 @@ def _describe_groups(runs: list[Run], choice: str | int, device: torch.device, w
         if together is not None:
             per_run = together / members * 1e3
             probe += f", {together * 1e3:.2f} ms/step for {members} together ({per_run:.2f} ms per run-step)"
-        lines.append(f"    probe: {probe}; estimate {_minutes(seconds)}")
+        lines.append(f"    probe: {probe}; estimate {_minutes(seconds)}{_extrapolated(plan.widest, members, limits)}")
         for run in plan.runs:
             lines.append(f"    {run.run_id}  N={run.n_sequences}  at most {run.train.max_steps} steps")
     planned = before + jobs_wall_seconds(jobs, workers)
@@ -148,9 +151,17 @@ def _describe_groups(runs: list[Run], choice: str | int, device: torch.device, w
     return lines, planned, before + total_alone
 
 
+def _extrapolated(run: Run, members: int, limits: ProbeLimits) -> str:
+    """Where the probe timed fewer rows than the batch (ensemble_probe.probe_rows), a note saying so."""
+    fewer = probe_rows(run, members, limits.most_flops)
+    if fewer is None:
+        return ""
+    return f" (steps timed at 1 and {fewer} of the batch's {batch_rows(run)} rows and extrapolated)"
+
+
 def _possible_slots(plan: EnsemblePlan, device: torch.device) -> int:
     """The slots the group would get as an ensemble with no --ensemble cap (memory still caps it)."""
-    return EnsembleExecutor(device).plans(plan.runs)[0].slots
+    return EnsembleExecutor(device, try_compile=False).plans(plan.runs)[0].slots
 
 
 def capacity_plan(exp: capacity.CapacityExperiment, choice: str | int, workers: str | int = 1) -> str:

@@ -46,7 +46,7 @@ import torch
 
 from .bits import autocast_context
 from .ensemble import COMPILE_MODES, EnsembleAdamW, EnsembleGPT, compiled_losses
-from .ensemble_probe import probe_modes, probe_step_seconds
+from .ensemble_probe import ProbeLimits, probe_modes, probe_step_seconds
 from .errors import ConfigError
 from .model import GPT, count_parameters
 from .runtime import cpu_threads_pinned, free_memory_bytes, use_cpu_threads
@@ -363,6 +363,7 @@ class EnsembleExecutor:
     repack_fraction: float | None = None  # frozen share of the slots that triggers a repack; None: the device's
     workers: str | int = 1
     try_compile: bool = True  # on CUDA, probe the compiled modes too (the dry run leaves them out: tens of seconds each)
+    probe_limits: ProbeLimits = ProbeLimits()  # how long a probe may take (the dry run's are shorter)
     trained: list[dict] = field(default_factory=list, repr=False)  # per ensemble: runs, slots, most members at once
 
     def plans(self, runs: list[Run], workers: int = 1) -> list[EnsemblePlan]:
@@ -376,12 +377,14 @@ class EnsembleExecutor:
         plans = plan_ensembles(runs, self.max_members, budget)
         for plan in plans:
             if plan.slots > 1 and self.device.type == "cuda" and self.try_compile:  # whichever measures fastest
-                alone, together = probe_modes(plan.widest, plan.slots, self.device, (None, *COMPILE_MODES))
+                alone, together = probe_modes(plan.widest, plan.slots, self.device, (None, *COMPILE_MODES),
+                                              self.probe_limits)
                 plan.compile_mode = min(together, key=lambda mode: together[mode])
                 plan.probe = (plan.slots, alone, together[plan.compile_mode])
             if plan.slots > 1 and self.choose_faster:
                 if plan.probe is None:
-                    plan.probe = (plan.slots, *probe_step_seconds(plan.widest, plan.slots, self.device))
+                    plan.probe = (plan.slots, *probe_step_seconds(plan.widest, plan.slots, self.device,
+                                                                  limits=self.probe_limits))
                 members, alone, together = plan.probe
                 if together / members >= alone:
                     plan.slots = 1
