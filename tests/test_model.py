@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from memk.memorize.model import GPT, GPTConfig, count_parameters
+from memk.memorize.model import GPT, GPTConfig, TiedHead, count_parameters, tied_head
 
 
 def test_parameter_count_by_hand_one_layer():
@@ -36,6 +36,36 @@ def test_output_head_is_the_token_embedding():
             h = block(h)
         expected = model.ln_f(h) @ model.wte.weight.T
     torch.testing.assert_close(model(x), expected)
+
+
+def test_the_tied_head_has_the_gradients_of_a_linear_map_in_float64():
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(TiedHead.apply, (hidden, weight))
+    # and those of the textbook formulas, on a non-contiguous hidden (a transposed view)
+    wide = torch.randn(5, 3, 8, dtype=torch.float64).transpose(0, 1).requires_grad_()
+    g = torch.randn(3, 5, 11, dtype=torch.float64)
+    tied_head(wide, weight).backward(g)
+    torch.testing.assert_close(wide.grad, g @ weight.detach(), rtol=1e-12, atol=1e-12)
+    expected = torch.einsum("btv,btd->vd", g, wide.detach())
+    torch.testing.assert_close(weight.grad, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_tied_head_under_cpu_autocast_matches_float64_to_bfloat16_rounding():
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 9, 16, requires_grad=True)
+    weight = torch.randn(37, 16, requires_grad=True)
+    g = torch.randn(4, 9, 37)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = tied_head(hidden, weight)
+    assert logits.dtype == torch.bfloat16
+    logits.backward(g.bfloat16())
+    assert hidden.grad.dtype == hidden.dtype and weight.grad.dtype == weight.dtype
+    h64, w64, g64 = hidden.detach().double(), weight.detach().double(), g.double()
+    for got, want in ((logits, h64 @ w64.T), (hidden.grad, g64 @ w64), (weight.grad, torch.einsum("btv,btd->vd", g64, h64))):
+        rel = (got.double() - want).norm() / want.norm()
+        assert rel < 1e-2, rel  # each bfloat16 operand rounded to 2^-9 relative: about 3e-3 for two
 
 
 def test_causal_a_later_token_never_changes_earlier_logits():
