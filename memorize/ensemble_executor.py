@@ -57,6 +57,11 @@ from .train import GLOBAL_RNG, StopSignal, save_checkpoint, seeded_gpt
 from .workers import Job, run_jobs, workers_for
 
 MEMORY_FRACTION = 0.5  # of the memory free on the device, the most an ensemble may plan to use
+# --ensemble auto stacks a group where the probe's member-step takes at most this share of a step
+# alone: the probe leaves out what a real ensemble adds (padded rows, K members' evaluations, and
+# side by side, workers contending for memory bandwidth): side by side, the generalization preset's
+# ensembles made the run slower, 526.9 s against 469.9 s with none (generalization-default-wall-2core.json).
+ENSEMBLE_STEP_AT_MOST = 0.9
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,7 +358,8 @@ class EnsembleTrainer:
 @dataclass
 class EnsembleExecutor:
     """Trains runs in ensembles (see the module docstring); with choose_faster, each group in the
-    ensemble only where a short probe on this device measures it faster than one run at a time;
+    ensemble only where a short probe on this device measures it clearly faster (ENSEMBLE_STEP_AT_MOST)
+    than one run at a time;
     `workers` (auto or a number, memorize/workers.py) jobs at once, an ensemble or a run each."""
 
     device: torch.device
@@ -386,7 +392,7 @@ class EnsembleExecutor:
                     plan.probe = (plan.slots, *probe_step_seconds(plan.widest, plan.slots, self.device,
                                                                   limits=self.probe_limits))
                 members, alone, together = plan.probe
-                if together / members >= alone:
+                if together / members >= ENSEMBLE_STEP_AT_MOST * alone:
                     plan.slots = 1
         return plans
 

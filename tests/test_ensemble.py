@@ -238,6 +238,17 @@ def test_a_memory_cap_splits_a_group_into_fewer_slots_that_refill(tmp_path, floa
     assert_same_as_alone(workload, runs)
 
 
+@pytest.mark.parametrize("member_step, stacked", [(0.85, True), (0.95, False), (1.2, False)])
+def test_auto_stacks_a_group_only_where_its_member_step_is_clearly_faster(monkeypatch, member_step, stacked):
+    import memk.memorize.ensemble_executor as ee
+
+    runs = RUNS[:3]
+    monkeypatch.setattr(ee, "probe_step_seconds", lambda run, k, device, limits: (1.0, k * member_step))
+    plans = EnsembleExecutor(CPU, choose_faster=True).plans(runs)
+    assert [p.slots for p in plans] == [3 if stacked else 1]
+    assert plans[0].probe == (3, 1.0, 3 * member_step)  # what --dry-run prints
+
+
 def test_jobs_side_by_side_share_the_memory_budget():
     runs = RUNS[:3]  # one ensemble key, one batch-rows bucket
     executor = EnsembleExecutor(CPU, memory_budget=int(4.5 * member_bytes(runs[0])))
