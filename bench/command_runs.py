@@ -42,13 +42,16 @@ def policy_env() -> dict:
 
 
 def machine() -> dict:
-    """What the figures were measured on."""
+    """What the figures were measured on, and memk's commit (None outside a git checkout)."""
     from memk.bench.timing import cpu_name
     from memk.memorize.runtime import cpu_cores
 
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return {"cpu": cpu_name(), "cores": cpu_cores(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "torch": package_version("torch"), "python": sys.version.split()[0]}
+            "torch": package_version("torch"), "python": sys.version.split()[0],
+            "memk_commit": git.stdout.strip() if git.returncode == 0 else None}
 
 
 def run_rows(folder: str) -> dict[str, dict]:

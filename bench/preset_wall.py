@@ -14,10 +14,10 @@ script, seconds) four ways, one after the other, each into a fresh folder:
   per core, one thread each;
 - the default (`--ensemble auto --workers auto`): the ensembles side by side.
 
-`--command run-generalization` times that command's preset the same four ways, except
-that "side by side" and "ensembles side by side" ask for a worker per core by number
-(`--workers N`), whatever `auto` would pick there, and "default" is left out where it is
-one of the four already (a note in the report says which).
+`--command run-generalization` times that command's preset the same ways, except that
+"side by side" asks for a worker per core by number (`--workers N`), and adds "ensembles
+side by side" (`--ensemble auto --workers N`); "default" is whatever the commit in the
+report makes of no options. `--ways` times only the ways named.
 
 Each figure is the whole command's wall-clock, with the load average before it. The rows
 are compared with one-at-a-time's (timing aside): side by side equals them exactly where
@@ -51,6 +51,7 @@ def generalization_ways(cores: int) -> dict[str, list[str]]:
         "ensembles": ["--ensemble", "auto", "--workers", "1"],
         "side by side": ["--ensemble", "off", "--workers", str(cores)],
         "ensembles side by side": ["--ensemble", "auto", "--workers", str(cores)],
+        "default": [],
     }
 
 
@@ -59,26 +60,27 @@ def generalization_ways(cores: int) -> dict[str, list[str]]:
 @click.option("--smoke", is_flag=True, help="the smoke preset: a test of the script, not a measurement")
 @click.option("--command", type=click.Choice(list(SCIENCE)), default="run-capacity", show_default=True,
               help="the experiment whose preset is timed")
-def main(json_path, smoke, command):
+@click.option("--ways", help="only these ways, comma-separated (e.g. 'one at a time,default'); default: all")
+def main(json_path, smoke, command, ways):
     check_writable(json_path)
     preset = "smoke" if smoke else "default"
     env = policy_env()
     report = {"schema": "memk-preset-wall/1", "command": f"memk {command}", "preset": preset, "smoke": smoke,
               **machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "runs": {}}
-    if command == "run-capacity":
-        ways = CAPACITY_WAYS
-    else:
-        ways = generalization_ways(report["cores"])
-        report["note"] = ("memk run-generalization's default (--ensemble auto --workers auto) is 'ensembles' "
-                          "here: auto picks one worker where runs take more than one thread alone")
-    report["runs"], rows = time_ways(preset, {name: (extra, env) for name, extra in ways.items()}, command)
-    report["same_rows_as_one_at_a_time"] = {name: rows[name] == rows["one at a time"] for name in ways
-                                            if name != "one at a time"}
+    every = CAPACITY_WAYS if command == "run-capacity" else generalization_ways(report["cores"])
+    chosen = [w.strip() for w in ways.split(",")] if ways else list(every)
+    unknown = [w for w in chosen if w not in every]
+    if unknown:
+        raise click.UsageError(f"--ways: no way named {', '.join(unknown)}; choose among {', '.join(every)}")
+    report["runs"], rows = time_ways(preset, {name: (every[name], env) for name in chosen}, command)
     walls = {name: run["wall_s"] for name, run in report["runs"].items()}
-    report["speedup_over_one_at_a_time"] = {name: round(walls["one at a time"] / wall, 2)
-                                            for name, wall in walls.items() if name != "one at a time"}
-    click.echo(json.dumps({"wall_s": walls, "speedup": report["speedup_over_one_at_a_time"],
-                           "same_rows": report["same_rows_as_one_at_a_time"]}), err=True)
+    if "one at a time" in chosen:
+        report["same_rows_as_one_at_a_time"] = {name: rows[name] == rows["one at a time"] for name in chosen
+                                                if name != "one at a time"}
+        report["speedup_over_one_at_a_time"] = {name: round(walls["one at a time"] / wall, 2)
+                                                for name, wall in walls.items() if name != "one at a time"}
+    click.echo(json.dumps({"wall_s": walls, "speedup": report.get("speedup_over_one_at_a_time"),
+                           "same_rows": report.get("same_rows_as_one_at_a_time")}), err=True)
     write_report(report, json_path)
 
 
