@@ -21,7 +21,7 @@ CAPACITY_PRESETS = {
     "smoke": "two tiny models, seconds: for tests",
 }
 GENERALIZATION_PRESETS = {
-    "default": "the built-in text, BPE 2048, S 64, 1-layer models: about 16 minutes on a 2-core CPU",
+    "default": "the built-in text, BPE 2048, S 64, 1-layer models: about 7 minutes on a 2-core CPU",
     "markov": "the default's design on a Markov chain with exact entropy: about 4 minutes",
     "gpu": "1-4 layers, d 64-256, bfloat16, batch 512: for a GPU and a corpus of 10^5+ sequences",
     "smoke": "tiny models, seconds: for tests",
