@@ -99,8 +99,11 @@ def _headline_groups(results: list[dict]) -> list[str]:
     """The keys of the groups the README shows: per family one representative size, except the
     attention suite, which shows every sequence length of its D64 families and nothing else."""
     by_family: dict[tuple[str, str], set] = defaultdict(set)
+    measured: dict[tuple[str, str], set] = defaultdict(set)
     for r in results:
         by_family[(r["suite"], r["family"])].add(r["sweep"]["value"])
+        if r["status"] == "ok":
+            measured[(r["suite"], r["family"])].add(r["sweep"]["value"])
     chosen = []
     for (suite, family), sizes in by_family.items():
         sizes = sorted(sizes)
@@ -112,8 +115,8 @@ def _headline_groups(results: list[dict]) -> list[str]:
             for size in sizes:
                 chosen.append((suite, family, size))
             continue
-        else:
-            size = sizes[-1]  # the largest model measured
+        else:  # the largest size measured (a larger one skipped for memory says less), else the largest
+            size = max(measured[(suite, family)] or sizes)
         chosen.append((suite, family, size))
     keys = []
     for _suite, family, size in chosen:

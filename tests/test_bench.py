@@ -278,6 +278,16 @@ def test_report_rewrites_only_the_marked_section(quick_report, tmp_path):
         R.replace_section("no markers", "x")
 
 
+def test_the_headline_shows_the_largest_size_that_ran_not_one_skipped_for_memory():
+    def result(value, status):
+        return {"suite": "train", "family": "ensemble step B512", "group": f"g{value}", "status": status,
+                "sweep": {"axis": "members", "value": value}}
+
+    ran = [result(1, "ok"), result(4, "ok"), result(16, "skipped"), result(64, "skipped")]
+    assert R._headline_groups(ran) == ["g4"]
+    assert R._headline_groups([result(16, "skipped"), result(64, "skipped")]) == ["g64"]  # nothing ran: the largest
+
+
 # ---- the command line: issue 11's bench items -----------------------------------------------
 
 
