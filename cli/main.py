@@ -74,11 +74,12 @@ def training_options(command):
         click.option("--logprob-backend", help="memk.kernels log-prob backend (auto picks the best for the device)"),
         click.option("--no-progress", is_flag=True, help="no progress bars"),
         click.option("--ensemble", default="auto", show_default=True,
-                     help="train runs of one shape together: auto (each group the way a short probe measures "
-                          "faster here), off (one at a time), or K (as ensembles of at most K)"),
+                     help="train runs of one shape together: auto (as an ensemble where a short probe measures "
+                          "it clearly faster here), off (one at a time), or K (as ensembles of at most K)"),
         click.option("--workers", default="auto", show_default=True,
                      help="runs (or ensembles) training at once in this process, each on one CPU thread: auto "
-                          "(one per core on the CPU where runs are small enough for one thread, else 1), or N"),
+                          "(one per core on the CPU where runs are small enough for one thread or no run "
+                          "dominates the work, else 1), or N"),
         click.option("--dry-run", is_flag=True, help="print the plan (runs, ensembles, estimated wall-clock); train nothing"),
         *ray_options(),
     ]):
