@@ -37,14 +37,14 @@ def calibrate(shapes, batch: int, rounds: int, steps: int) -> list[dict]:
     import torch
 
     from memk.memorize.data import uniform_random_sequences
-    from memk.memorize.model import GPT, GPTConfig, training_flops_per_token
+    from memk.memorize.model import GPT, GPTConfig, training_flops_per_sequence
 
     cores = len(os.sched_getaffinity(0))
     out = []
     for n_layer, d_model, n_head, vocab, seq in shapes:
         config = GPTConfig(n_layer, d_model, n_head, vocab, seq)
         row = {"model": config.name, "batch": batch,
-               "flops_per_step": training_flops_per_token(config) * batch * (seq - 1), "step_ms": {}}
+               "flops_per_step": training_flops_per_sequence(config) * batch, "step_ms": {}}
         for threads in sorted({1, cores}):
             torch.set_num_threads(threads)
             torch.manual_seed(0)

@@ -20,7 +20,7 @@ import torch
 
 from .bits import autocast_context
 from .ensemble import EnsembleAdamW, EnsembleGPT, compiled_losses
-from .model import GPT, training_flops_per_token
+from .model import GPT, training_flops_per_sequence
 from .runtime import use_cpu_threads
 from .sweep import Run, batch_rows
 
@@ -60,7 +60,7 @@ def probe_rows(run: Run, members: int, most_flops: float | None) -> int | None:
     """The rows a member's batch is timed at so that a step of `members` such runs stays within
     most_flops (at least 2, to extrapolate from); None where the batch's own rows do."""
     rows = batch_rows(run)
-    per_row = members * training_flops_per_token(run.model) * (run.model.seq_len - 1)
+    per_row = members * training_flops_per_sequence(run.model)
     if most_flops is None or rows <= 2 or rows * per_row <= most_flops:
         return None
     return max(2, int(most_flops // per_row))

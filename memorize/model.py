@@ -72,6 +72,11 @@ def training_flops_per_token(config: GPTConfig) -> float:
     return 6.0 * matmul_params + 12.0 * L * (config.seq_len - 1) * d
 
 
+def training_flops_per_sequence(config: GPTConfig) -> float:
+    """Training FLOPs per sequence of a batch: its seq_len - 1 predicted tokens."""
+    return training_flops_per_token(config) * (config.seq_len - 1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, attention_backend: str):
         super().__init__()

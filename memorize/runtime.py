@@ -15,7 +15,7 @@ import torch
 from memk import kernels
 
 from .errors import ConfigError
-from .model import GPTConfig, count_parameters, training_flops_per_token
+from .model import GPTConfig, count_parameters, training_flops_per_sequence
 
 EVAL_BATCH = 512  # sequences per forward pass when a model codes a dataset (bits.model_sequence_bits)
 THREADS_ENV = "MEMK_NUM_THREADS"  # pins the CPU threads of every run
@@ -49,7 +49,7 @@ def resolve_device(device: str) -> torch.device:
 def cpu_threads_for(config: GPTConfig, batch_size: int) -> int:
     """The CPU threads a run of this model and batch trains with: MEMK_NUM_THREADS or
     OMP_NUM_THREADS where set, else one for small steps and every core this process may use."""
-    return cpu_threads_for_flops(training_flops_per_token(config) * batch_size * (config.seq_len - 1))
+    return cpu_threads_for_flops(training_flops_per_sequence(config) * batch_size)
 
 
 def cpu_threads_for_flops(flops: float) -> int:

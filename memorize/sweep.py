@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 import torch
 
 from .errors import ConfigError
-from .model import GPT, GPTConfig, training_flops_per_token
+from .model import GPT, GPTConfig, training_flops_per_sequence
 from .outputs import content_digest
 from .runtime import Backends, progress_bar, step_progress, use_cpu_threads
 from .schedule import RunOutcome, TrainConfig
@@ -128,7 +128,7 @@ def batch_rows(run: Run) -> int:
 
 def training_flops(run: Run) -> float:
     """The FLOPs of a run's training steps at its step cap: what orders jobs, costliest first."""
-    return training_flops_per_token(run.model) * batch_rows(run) * (run.model.seq_len - 1) * run.train.max_steps
+    return training_flops_per_sequence(run.model) * batch_rows(run) * run.train.max_steps
 
 
 def run_job(run: Run, workload: Workload, store: RunStore, device: torch.device) -> Job:
