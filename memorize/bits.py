@@ -8,13 +8,13 @@ these tokens, so both sides of mem_U code the same thing (PAPER.md).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 import torch
 
 from .model import GPT
+from .precision import autocast_context
 
 
 def coded_tokens(seq_len: int) -> int:
@@ -27,13 +27,6 @@ def uniform_sequence_entropy_bits(vocab_size: int, seq_len: int) -> float:
     return coded_tokens(seq_len) * math.log2(vocab_size)
 
 
-def autocast_context(device: torch.device, precision: str):
-    """bfloat16 autocast for 'bfloat16', nothing for 'float32'."""
-    if precision == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    if precision == "float32":
-        return contextlib.nullcontext()
-    raise ValueError(f"precision must be 'float32' or 'bfloat16', got {precision!r}")
 
 
 @torch.no_grad()
@@ -42,7 +35,8 @@ def model_sequence_bits(
 ) -> np.ndarray:
     """-log2 p(x_1..x_{S-1} | x_0, θ̂) per sequence, float64 (n,).
 
-    The forward pass runs as the model was trained (bfloat16 autocast or float32); the
+    The forward pass runs as the model was trained (in its weights' dtype, under autocast for
+    "bfloat16-autocast"); the
     log-probabilities are taken in float32 from its logits and summed in float64.
     """
     device = next(model.parameters()).device

@@ -44,7 +44,7 @@ from typing import Callable
 
 import torch
 
-from .bits import autocast_context
+from .precision import autocast_context, weights_dtype
 from .ensemble import COMPILE_MODES, EnsembleAdamW, EnsembleGPT, compiled_losses
 from .ensemble_probe import ProbeLimits, probe_modes, probe_step_seconds
 from .errors import ConfigError
@@ -142,11 +142,15 @@ def split_by_batch_rows(runs: list[Run]) -> list[list[Run]]:
 
 def plan_ensembles(runs: list[Run], max_members: int | None, memory_budget: int | None) -> list[EnsemblePlan]:
     """Group the runs by ensemble_key (groups in order of first appearance), split each group by
-    batch rows, and give each part min(runs, max_members, what memory_budget holds) slots, at least one."""
+    batch rows, and give each part min(runs, max_members, what memory_budget holds) slots, at least one.
+    Runs with bfloat16 weights train alone (a plan of one slot each)."""
     groups: dict[tuple, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(ensemble_key(run), []).append(run)
     plans = []
+    for run in runs:
+        if weights_dtype(run.train.precision) != torch.float32:  # EnsembleGPT stacks float32 weights only
+            plans.append(EnsemblePlan([run], 1))
+        else:
+            groups.setdefault(ensemble_key(run), []).append(run)
     for group in groups.values():
         for members in split_by_batch_rows(group):
             wanted = min(len(members), max_members or len(members))

@@ -18,7 +18,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .bits import autocast_context
+from .precision import autocast_context
 from .ensemble import EnsembleAdamW, EnsembleGPT, compiled_losses
 from .model import GPT, training_flops_per_sequence
 from .runtime import use_cpu_threads

@@ -46,14 +46,20 @@ class Run:
     @property
     def run_id(self) -> str:
         backends = {"attention": self.backends.attention, "logprob": self.backends.logprob}
-        digest = content_digest([self.model.to_dict(), self.n_sequences, self.train.to_dict(), *self.context, backends])
+        digest = content_digest([self.model.to_dict(), self.n_sequences, self.train.to_dict(), *self._context, backends])
         return f"{self.name}-{digest}"
 
     @property
     def legacy_run_id(self) -> str:
         """The id memk gave this run before the backends were part of it (rows of such folders
         still count where they record the same backends)."""
-        return f"{self.name}-{content_digest([self.model.to_dict(), self.n_sequences, self.train.to_dict(), *self.context])}"
+        return f"{self.name}-{content_digest([self.model.to_dict(), self.n_sequences, self.train.to_dict(), *self._context])}"
+
+    @property
+    def _context(self) -> tuple:
+        # Until 2026-12 "bfloat16" named autocast over float32 weights: a folder's rows of then must
+        # not pass for runs with bfloat16 weights, so those runs' ids say so.
+        return (*self.context, "bfloat16 weights") if self.train.precision == "bfloat16" else self.context
 
     @property
     def label(self) -> str:

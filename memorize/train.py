@@ -18,9 +18,10 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .bits import autocast_context, model_sequence_bits, uniform_sequence_entropy_bits, unintended_memorization
+from .bits import model_sequence_bits, uniform_sequence_entropy_bits, unintended_memorization
 from .model import GPT, GPTConfig
 from .outputs import atomic_write, read_state
+from .precision import autocast_context, optimizer_for, weights_dtype
 from .schedule import RunOutcome, Schedule, TrainConfig, batch_indices
 
 
@@ -50,12 +51,13 @@ GLOBAL_RNG = threading.Lock()
 
 
 def seeded_gpt(config: GPTConfig, seed: int, attention_backend: str, logprob_backend: str,
-               device: torch.device) -> GPT:
-    """The GPT a run of this seed starts from: torch.manual_seed(seed), then GPT(config)."""
+               device: torch.device, dtype: torch.dtype = torch.float32) -> GPT:
+    """The GPT a run of this seed starts from: torch.manual_seed(seed), then GPT(config) (drawn in
+    float32 and rounded to `dtype`, so a run's first weights do not depend on its precision but by rounding)."""
     with GLOBAL_RNG:
         torch.manual_seed(seed)
         model = GPT(config, attention_backend=attention_backend, logprob_backend=logprob_backend)
-    return model.to(device)
+    return model.to(device=device, dtype=dtype)
 
 
 CHECKPOINT_KEYS = {"model", "optimizer", "step", "curve", "best", "loss", "cooldown_start", "stop_reason", "train_seconds"}
@@ -91,8 +93,8 @@ def train_to_saturation(
     result up to floating-point nondeterminism as an uninterrupted run).
     """
     n = len(data)
-    model = seeded_gpt(model_config, cfg.seed, attention_backend, logprob_backend, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    model = seeded_gpt(model_config, cfg.seed, attention_backend, logprob_backend, device, weights_dtype(cfg.precision))
+    optimizer = optimizer_for(model.parameters(), cfg.precision, cfg.lr, cfg.betas, cfg.weight_decay)
     data_on_device = data.to(device)
     measure = stop_signal or uniform_code_signal(data_on_device, cfg.precision)
 

@@ -56,7 +56,7 @@ def test_fused_and_reference_backends_agree_on_the_same_checkpoint():
     reference = GPT(config, logprob_backend="reference")
     reference.load_state_dict(fused.state_dict())
     x = uniform_random_sequences(40, 61, 24, seed=1)
-    for precision in ("float32", "bfloat16"):
+    for precision in ("float32", "bfloat16-autocast"):
         a = model_sequence_bits(fused, x, precision=precision)
         b = model_sequence_bits(reference, x, precision=precision)
         # the same logits on both sides: 23 float32 log-probs of ~6 bits differ by rounding alone
@@ -64,12 +64,12 @@ def test_fused_and_reference_backends_agree_on_the_same_checkpoint():
     torch.testing.assert_close(fused.loss(x), reference.loss(x))
 
 
-def test_bfloat16_evaluation_stays_close_to_float32():
+def test_bfloat16_autocast_evaluation_stays_close_to_float32():
     torch.manual_seed(2)
     model = GPT(GPTConfig(1, 32, 2, 50, 16))
     x = uniform_random_sequences(20, 50, 16, seed=0)
     f32 = model_sequence_bits(model, x, precision="float32")
-    bf16 = model_sequence_bits(model, x, precision="bfloat16")
+    bf16 = model_sequence_bits(model, x, precision="bfloat16-autocast")
     np.testing.assert_allclose(bf16, f32, rtol=2e-2)
 
 

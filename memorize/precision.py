@@ -1,0 +1,93 @@
+"""Training precisions: what a run's weights are stored in and what its arithmetic runs in.
+
+- "float32": float32 weights, optimizer state and arithmetic.
+- "bfloat16": the paper's setting (PAPER.md: α 3.51 against float32's 3.83, although float32
+  parameters hold twice the bits): the weights and Adam's moments are stored in bfloat16,
+  the forward and backward run in bfloat16, the log-probabilities are taken in float32 from
+  the bfloat16 logits. Each optimizer step (BFloat16AdamW) reads the stored bfloat16
+  numbers, computes AdamW's update in float32 and rounds the new weights and moments to
+  the nearest bfloat16 (ties to even). Round-to-nearest is what a model cast to bfloat16
+  and stepped by torch.optim.AdamW does, the plainest reading of the paper; an update below
+  half a weight's bfloat16 spacing is lost, which is part of what bfloat16 costs.
+  (Stochastic rounding would keep such updates in expectation: another experiment.)
+- "bfloat16-autocast": float32 master weights and optimizer state, forward and backward
+  under bfloat16 autocast (memk's "bfloat16" before 2026-12).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from .constants import PRECISIONS
+
+WEIGHTS_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bfloat16-autocast": torch.float32}
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def weights_dtype(precision: str) -> torch.dtype:
+    """The dtype a run's parameters and optimizer state are stored in."""
+    check_precision(precision)
+    return WEIGHTS_DTYPE[precision]
+
+
+def autocast_context(device: torch.device, precision: str):
+    """bfloat16 autocast for 'bfloat16-autocast'; nothing otherwise (the weights' dtype rules)."""
+    check_precision(precision)
+    if precision == "bfloat16-autocast":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def optimizer_for(parameters, precision: str, lr: float, betas: tuple[float, float], weight_decay: float,
+                  eps: float = 1e-8) -> torch.optim.Optimizer:
+    """torch.optim.AdamW for float32 weights; BFloat16AdamW for bfloat16 ones."""
+    if weights_dtype(precision) == torch.bfloat16:
+        return BFloat16AdamW(parameters, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+    return torch.optim.AdamW(parameters, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+class BFloat16AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, bias corrections: torch.optim.AdamW's arithmetic) on
+    bfloat16 parameters with bfloat16 moments: each step computes in float32 from the stored
+    numbers and rounds weights and moments to the nearest bfloat16 once.
+
+    Its state dict has torch.optim.AdamW's layout (step, exp_avg, exp_avg_sq per parameter)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be positive and finite, got {lr}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                step = float(state["step"])
+                grad = p.grad.float()
+                m = state["exp_avg"].float().lerp_(grad, 1 - beta1)
+                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                weights = p.float().mul_(1 - lr * wd)
+                denom = (v / (1 - beta2**step)).sqrt_().add_(eps)
+                weights.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
+                p.copy_(weights)  # round to nearest, ties to even
+                state["exp_avg"].copy_(m)
+                state["exp_avg_sq"].copy_(v)
+        return loss
