@@ -28,7 +28,8 @@ from .data import uniform_random_sequences
 from .model import GPT, GPTConfig, count_parameters
 from .options import check_experiment, choose_sizes, override_training, parse_models, pick_preset, reshape_models
 from .runtime import Backends, check_fits, resolve_backends, training_memory_bytes
-from .schedule import PRECISIONS, RunOutcome, TrainConfig
+from .constants import BOTH_PRECISIONS
+from .schedule import SATURATED_BELOW, RunOutcome, TrainConfig, doubling_gain, saturated
 from .store import RunStore
 from .sweep import Executor, LocalExecutor, Run, SweepProgress, require_rows
 from .train import StopSignal, uniform_code_signal
@@ -149,6 +150,10 @@ class UniformWorkload:
             "model_bits_per_sequence": outcome.model_bits_per_sequence,
             "steps": outcome.steps,
             "stop_reason": outcome.stop_reason,
+            # how far from saturation it stopped: the bits gained over the last doubling of steps
+            # before the cool-down, as a share (schedule.doubling_gain); saturated below SATURATED_BELOW
+            "saturation_gain": outcome.saturation_gain,
+            "saturated": saturated(outcome.saturation_gain),
             "final_loss": outcome.final_loss,
             "train_seconds": outcome.train_seconds,
             "bits_curve": outcome.curve,
@@ -243,10 +248,14 @@ def summarize(rows: list[dict]) -> dict:
                     "capacity_at_n_sequences": best["n_sequences"],
                     # The plateau is seen when some dataset held clearly more bits than the model stored.
                     "plateau_seen": runs[-1]["dataset_bits"] >= 1.5 * best["memorized_bits"],
+                    # The capacity is a lower bound unless the run that set it was trained to saturation.
+                    "saturation_gain": _saturation_gain(best),
+                    "saturated": saturated(_saturation_gain(best)),
                     "points": [
                         {
-                            k: r[k]
-                            for k in ("n_sequences", "dataset_bits", "memorized_bits", "fraction_memorized", "steps", "stop_reason")
+                            **{k: r[k] for k in ("n_sequences", "dataset_bits", "memorized_bits", "fraction_memorized",
+                                                 "steps", "stop_reason")},
+                            "saturation_gain": _saturation_gain(r),
                         }
                         for r in runs
                     ],
@@ -257,16 +266,27 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def _saturation_gain(row: dict) -> float | None:
+    """A row's saturation gain; rows of earlier memk lack it and have it computed from their curve
+    up to their cool-down's start, which is unknown there: the whole curve stands in."""
+    if "saturation_gain" in row:
+        return row["saturation_gain"]
+    return doubling_gain([tuple(point) for point in row.get("bits_curve", [])])
+
+
 def format_table(summary: dict) -> str:
     """The table printed at the end of a run."""
     lines = []
     for precision, block in summary["precisions"].items():
         lines.append(f"precision {precision}")
-        lines.append(f"  {'model':<24}{'params':>9}{'capacity bits':>15}{'bits/param':>12}  plateau  at N")
+        lines.append(f"  {'model':<24}{'params':>9}{'capacity bits':>15}{'bits/param':>12}  plateau  at N"
+                     "  last doubling")
         for m in block["models"]:
+            gain = m.get("saturation_gain")
+            verdict = "n/a" if gain is None else f"+{gain:.1%}" + ("" if m["saturated"] else " (lower bound)")
             lines.append(
                 f"  {m['model_name']:<24}{m['parameters']:>9}{m['capacity_bits']:>15.0f}{m['bits_per_parameter']:>12.3f}"
-                f"  {'yes' if m['plateau_seen'] else 'NO ':<7}  {m['capacity_at_n_sequences']}"
+                f"  {'yes' if m['plateau_seen'] else 'NO ':<7}  {m['capacity_at_n_sequences']:<5} {verdict}"
             )
         fit = block["fit"]
         o = fit["through_origin"]
@@ -274,7 +294,8 @@ def format_table(summary: dict) -> str:
         if fit["with_intercept"] is not None:
             w = fit["with_intercept"]
             lines.append(f"  α with intercept: {_alpha_text(w)}, intercept {w['intercept']:.0f} bits")
-        lines.append(f"  (paper: {PAPER_ALPHA} bits/param; {int(fit['confidence'] * 100)}% intervals)")
+        lines.append(f"  (paper: {PAPER_ALPHA} bits/param; {int(fit['confidence'] * 100)}% intervals; last doubling: bits"
+                     f" gained over the last doubling of steps; saturated below +{SATURATED_BELOW:.0%})")
     return "\n".join(lines)
 
 
@@ -313,7 +334,7 @@ def experiment_from_options(
         changes["models"] = reshape_models(exp.models, vocab, length)
     changes.update(choose_sizes(sizes, size_factors))
     if precision is not None:
-        changes["precisions"] = PRECISIONS if precision == "both" else (precision,)
+        changes["precisions"] = BOTH_PRECISIONS if precision == "both" else (precision,)
     for key, value in (("device", device), ("seed", seed), ("attention_backend", attention_backend),
                        ("logprob_backend", logprob_backend)):
         if value is not None:

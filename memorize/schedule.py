@@ -4,8 +4,10 @@ AdamW (betas 0.9/0.98, weight decay 0 by default, as the paper's Adam) on a
 warmup-stable-decay schedule: the learning rate rises linearly from 0 over
 `warmup_steps`, holds, and ends with a cool-down, a linear decay to 0 over
 `cooldown_steps`. The horizon is not known in advance, so the cool-down starts when
-the bits curve flattens (`plateau_reached`), or `cooldown_steps` before the step cap
-`max_steps`, whichever comes first; the run ends when the cool-down does. Annealing
+the bits curve saturates (`doubling_gain`: a doubling of the steps raised the bits by less
+than `saturation_gain`; the capacity experiments' rule) or flattens over a window
+(`plateau_reached`; the others'), or `cooldown_steps` before the step cap `max_steps`,
+whichever comes first; the run ends when the cool-down does. Annealing
 the rate lets the model settle into the minimum the constant rate only circles, so it
 stores more bits.
 
@@ -22,7 +24,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from .constants import PRECISIONS
+from .constants import PRECISIONS  # noqa: F401  (re-exported: options and the CLI import it from here)
+from .precision import check_precision
 
 
 @dataclass(frozen=True)
@@ -41,10 +44,12 @@ class TrainConfig:
     plateau_rel_tol: float = 0.005  # smallest relative gain over the window that counts as rising
     precision: str = "float32"
     seed: int = 0
+    # The saturation rule, where set, replaces the plateau rule: the cool-down begins once the bits
+    # gained over the last doubling of steps fall below this share (doubling_gain).
+    saturation_gain: float | None = None
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
         if not 0 <= self.cooldown_steps <= self.max_steps:
             raise ValueError(f"cooldown_steps must lie in [0, max_steps={self.max_steps}], got {self.cooldown_steps}")
         for name in ("warmup_steps", "min_steps"):
@@ -55,9 +60,17 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be positive and finite, got {self.lr}")
+        if self.saturation_gain is not None and not 0 < self.saturation_gain < 1:
+            raise ValueError(f"saturation_gain must lie in (0, 1), e.g. 0.02, got {self.saturation_gain}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Its fields, less those added since run ids were first taken while they hold their defaults
+        (a run's id digests this dict: folders of earlier memk resume under the same ids)."""
+        d = asdict(self)
+        for name, default in ADDED_FIELDS.items():
+            if d[name] == default:
+                del d[name]
+        return d
 
     def with_step_cap(self, max_steps: int, cooldown_steps: int | None = None) -> TrainConfig:
         """The same schedule under another step cap: the cool-down keeps its share of the
@@ -93,6 +106,35 @@ def plateau_reached(curve: list[float], window: int, rel_tol: float) -> bool:
     return recent - before < rel_tol * before
 
 
+# A run is called saturated when a doubling of its steps (before the cool-down) raised its bits by
+# less than this share: more training would not raise them materially (issue 21).
+SATURATED_BELOW = 0.02
+ADDED_FIELDS = {"saturation_gain": None}  # TrainConfig fields newer than the first run ids, with their defaults
+
+
+def doubling_gain(curve: list[tuple[int, float]], until: int | None = None) -> float | None:
+    """The relative gain of the best memorized bits over the last doubling of steps:
+    (best up to step T - best up to T/2) / best up to T/2, with T the last evaluated step (or the
+    last at or before `until`). Best-so-far values make it robust to the curve's noise. None where
+    it cannot be judged: fewer than two evaluated steps in (0, T], or nothing memorized by T/2."""
+    points = [(step, bits) for step, bits in curve if until is None or step <= until]
+    if not points or points[-1][0] <= 0:
+        return None
+    last = points[-1][0]
+    half = [bits for step, bits in points if step <= last / 2]
+    if not half or not any(0 < step <= last / 2 for step, _ in points):
+        return None
+    before = max(half)
+    if before <= 0:
+        return None
+    return (max(bits for _, bits in points) - before) / before
+
+
+def saturated(gain: float | None, below: float = SATURATED_BELOW) -> bool:
+    """The saturation verdict on a doubling gain: judged, and below the threshold."""
+    return gain is not None and gain < below
+
+
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
     """Indices of the sequences in step's batch: epochs of seeded permutations, stateless.
 
@@ -124,13 +166,15 @@ class Evaluation:
 @dataclass
 class RunOutcome:
     steps: int
-    stop_reason: str  # "plateau" or "step_cap"
+    stop_reason: str  # "saturated", "plateau" or "step_cap"
     memorized_bits: float  # best total on the bits curve (the model at that evaluation)
     memorized_bits_final: float
     model_bits_per_sequence: float  # mean -log2 p(x|θ̂) at the best evaluation
     final_loss: float
     curve: list[tuple[int, float]] = field(default_factory=list)  # (step, memorized bits)
     train_seconds: float = 0.0
+    # doubling_gain of the curve up to the cool-down's start: how far from saturation the run stopped
+    saturation_gain: float | None = None
 
 
 class Schedule:
@@ -148,7 +192,7 @@ class Schedule:
         self.curve: list[tuple[int, float]] = []
         self.best: Evaluation | None = None
         self.cooldown_start: int | None = None  # the step the learning-rate decay began
-        self.stop_reason: str | None = None  # why it began: "plateau" or "step_cap"
+        self.stop_reason: str | None = None  # why it began: "saturated", "plateau" or "step_cap"
         self.loss = math.nan  # of the last step taken
 
     @property
@@ -174,17 +218,21 @@ class Schedule:
         return evaluation
 
     def begin_cooldown_if_due(self) -> bool:
-        """In the stable phase, start the cool-down on a plateau (judged at an evaluation, after
-        min_steps) or when only the cool-down is left before the cap; True if it began now."""
+        """In the stable phase, start the cool-down at saturation (the saturation rule, where the
+        config sets it) or else on a plateau (judged at an evaluation, after min_steps), or when only
+        the cool-down is left before the cap; True if it began now."""
         if self.cooldown_start is not None:
             return False
         cfg = self.cfg
         evaluated_now = bool(self.curve) and self.curve[-1][0] == self.step
-        if evaluated_now and self.step >= cfg.min_steps and plateau_reached(
+        if evaluated_now and self.step >= cfg.min_steps and cfg.saturation_gain is not None:
+            if saturated(doubling_gain(self.curve), cfg.saturation_gain):
+                self.stop_reason, self.cooldown_start = "saturated", self.step
+        elif evaluated_now and self.step >= cfg.min_steps and plateau_reached(
             [bits for _, bits in self.curve], cfg.plateau_window, cfg.plateau_rel_tol
         ):
             self.stop_reason, self.cooldown_start = "plateau", self.step
-        elif self.step >= cfg.max_steps - cfg.cooldown_steps:
+        if self.cooldown_start is None and self.step >= cfg.max_steps - cfg.cooldown_steps:
             self.stop_reason, self.cooldown_start = "step_cap", self.step
         return self.cooldown_start is not None
 
@@ -208,6 +256,7 @@ class Schedule:
             final_loss=self.loss,
             curve=self.curve,
             train_seconds=train_seconds,
+            saturation_gain=doubling_gain(self.curve, until=self.cooldown_start),
         )
 
     def state_dict(self) -> dict:

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from memk.memorize.schedule import Schedule, TrainConfig, batch_indices, learning_rate, plateau_reached
+from memk.memorize.schedule import (
+    Schedule,
+    TrainConfig,
+    batch_indices,
+    doubling_gain,
+    learning_rate,
+    plateau_reached,
+    saturated,
+)
 
 
 def saturating(steps, capacity=1000.0, rate=0.01):
@@ -32,6 +40,65 @@ def test_plateau_rule_stops_a_saturating_curve_where_the_window_gain_falls_below
     gain = lambda s: saturating([s])[0] - saturating([s - 50])[0]
     assert gain(t) < 0.01 * saturating([t - 50])[0]
     assert gain(t - 10) >= 0.01 * saturating([t - 60])[0]
+
+
+def power_law(steps, exponent, scale=100.0):
+    return [(t, scale * t**exponent) for t in steps]
+
+
+def test_doubling_gain_of_a_power_law_is_two_to_the_exponent_less_one():
+    # b(t) = c t^a gains exactly 2^a - 1 over any doubling: 3.5% at a = 0.05 never saturates at
+    # 2%, 1.4% at a = 0.02 is saturated, whatever the step budget
+    steps = range(0, 64_001, 100)
+    for a, expect_saturated in ((0.05, False), (0.02, True)):
+        curve = power_law(steps, a)
+        assert doubling_gain(curve) == pytest.approx(2**a - 1, rel=1e-9)
+        assert doubling_gain(curve, until=3200) == pytest.approx(2**a - 1, rel=1e-9)
+        assert saturated(doubling_gain(curve)) is expect_saturated
+
+
+def test_doubling_gain_sees_an_exponential_approach_saturate_late_and_not_early():
+    # c(t) = C(1 - e^{-rt}): over the doubling T/2 -> T it gains (e^{-rT/2} - e^{-rT}) / (1 - e^{-rT/2})
+    steps = list(range(0, 2001, 10))
+    curve = list(zip(steps, saturating(steps)))
+    for until in (100, 400, 1000, 2000):
+        exact = (math.exp(-0.01 * until / 2) - math.exp(-0.01 * until)) / (1 - math.exp(-0.01 * until / 2))
+        assert doubling_gain(curve, until=until) == pytest.approx(exact, rel=1e-9)
+    assert not saturated(doubling_gain(curve, until=400))  # +13.5%
+    assert saturated(doubling_gain(curve, until=1000))  # +0.7%
+
+
+def test_doubling_gain_takes_the_best_so_far_and_refuses_to_judge_too_early():
+    noisy = [(t, 500.0 + (7.0 if (t // 10) % 2 else -7.0)) for t in range(0, 1001, 10)]
+    assert doubling_gain(noisy) == 0.0  # noise around a level: the best so far stopped rising
+    assert doubling_gain([(0, 0.0), (10, 5.0)]) is None  # no evaluation after step 0 in the first half
+    assert doubling_gain([(0, 0.0), (10, 0.0), (20, 5.0)]) is None  # nothing memorized by the half
+    assert doubling_gain([]) is None and not saturated(None)
+
+
+def test_the_saturation_rule_starts_the_cooldown_where_a_doubling_gains_less_than_its_share():
+    cfg = TrainConfig(lr=0.1, warmup_steps=0, max_steps=100_000, cooldown_steps=10, min_steps=0, eval_every=10,
+                      saturation_gain=0.02)
+    schedule = Schedule(cfg)
+    drive(schedule, lambda step: 1000 * (1 - math.exp(-0.01 * step)))
+    c = lambda t: 1 - math.exp(-0.01 * t)  # noqa: E731
+    exact = lambda t: (c(t) - c(10 * (t // 20))) / c(10 * (t // 20))  # the half: the last evaluation at or before t/2  # noqa: E731
+    first = next(t for t in range(20, 5000, 10) if exact(t) < 0.02)  # the first evaluation below 2%
+    assert schedule.stop_reason == "saturated" and schedule.cooldown_start == first
+    assert schedule.outcome(1.0).saturation_gain == pytest.approx(exact(first), rel=1e-9)
+    # a power law gaining 3.5% a doubling runs to the step cap, whose outcome says how far it was
+    capped = Schedule(TrainConfig(lr=0.1, warmup_steps=0, max_steps=2000, cooldown_steps=10, min_steps=0,
+                                  eval_every=10, saturation_gain=0.02))
+    drive(capped, lambda step: 100.0 * max(step, 1) ** 0.05)
+    assert capped.stop_reason == "step_cap" and capped.cooldown_start == 1990
+    assert capped.outcome(1.0).saturation_gain == pytest.approx((1990 / 990) ** 0.05 - 1, rel=1e-9)  # the half: step 990
+
+
+def test_saturation_gain_is_checked_and_left_out_of_old_run_ids():
+    with pytest.raises(ValueError, match="saturation_gain"):
+        TrainConfig(saturation_gain=0.0)
+    assert "saturation_gain" not in TrainConfig().to_dict()
+    assert TrainConfig(saturation_gain=0.02).to_dict()["saturation_gain"] == 0.02
 
 
 def test_learning_rate_warms_up_holds_then_cools_down_to_zero():
