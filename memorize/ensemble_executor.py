@@ -143,11 +143,11 @@ def split_by_batch_rows(runs: list[Run]) -> list[list[Run]]:
 def plan_ensembles(runs: list[Run], max_members: int | None, memory_budget: int | None) -> list[EnsemblePlan]:
     """Group the runs by ensemble_key (groups in order of first appearance), split each group by
     batch rows, and give each part min(runs, max_members, what memory_budget holds) slots, at least one.
-    Runs with bfloat16 weights train alone (a plan of one slot each)."""
+    Runs with bfloat16 weights train alone (a plan of one slot each, before the groups)."""
     groups: dict[tuple, list[Run]] = {}
     plans = []
     for run in runs:
-        if weights_dtype(run.train.precision) != torch.float32:  # EnsembleGPT stacks float32 weights only
+        if weights_dtype(run.train.precision) is not None:  # EnsembleGPT stacks weights of torch's default dtype only
             plans.append(EnsemblePlan([run], 1))
         else:
             groups.setdefault(ensemble_key(run), []).append(run)

@@ -23,7 +23,8 @@ import torch
 
 from .constants import PRECISIONS
 
-WEIGHTS_DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bfloat16-autocast": torch.float32}
+# None: the parameters stay as built, in torch's default dtype (float32; float64 in memk's float64 tests)
+WEIGHTS_DTYPE = {"float32": None, "bfloat16": torch.bfloat16, "bfloat16-autocast": None}
 
 
 def check_precision(precision: str) -> None:
@@ -31,8 +32,8 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
-def weights_dtype(precision: str) -> torch.dtype:
-    """The dtype a run's parameters and optimizer state are stored in."""
+def weights_dtype(precision: str) -> torch.dtype | None:
+    """The dtype a run's parameters and optimizer state are cast to; None: as built (torch's default)."""
     check_precision(precision)
     return WEIGHTS_DTYPE[precision]
 
@@ -48,7 +49,7 @@ def autocast_context(device: torch.device, precision: str):
 def optimizer_for(parameters, precision: str, lr: float, betas: tuple[float, float], weight_decay: float,
                   eps: float = 1e-8) -> torch.optim.Optimizer:
     """torch.optim.AdamW for float32 weights; BFloat16AdamW for bfloat16 ones."""
-    if weights_dtype(precision) == torch.bfloat16:
+    if weights_dtype(precision) is torch.bfloat16:
         return BFloat16AdamW(parameters, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
     return torch.optim.AdamW(parameters, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
 

@@ -51,13 +51,13 @@ GLOBAL_RNG = threading.Lock()
 
 
 def seeded_gpt(config: GPTConfig, seed: int, attention_backend: str, logprob_backend: str,
-               device: torch.device, dtype: torch.dtype = torch.float32) -> GPT:
-    """The GPT a run of this seed starts from: torch.manual_seed(seed), then GPT(config) (drawn in
-    float32 and rounded to `dtype`, so a run's first weights do not depend on its precision but by rounding)."""
+               device: torch.device, dtype: torch.dtype | None = None) -> GPT:
+    """The GPT a run of this seed starts from: torch.manual_seed(seed), then GPT(config), rounded to
+    `dtype` where one is given (so a run's first weights depend on its precision by rounding alone)."""
     with GLOBAL_RNG:
         torch.manual_seed(seed)
         model = GPT(config, attention_backend=attention_backend, logprob_backend=logprob_backend)
-    return model.to(device=device, dtype=dtype)
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
 
 
 CHECKPOINT_KEYS = {"model", "optimizer", "step", "curve", "best", "loss", "cooldown_start", "stop_reason", "train_seconds"}

@@ -339,17 +339,20 @@ def test_runs_group_by_shape_precision_batch_backends_and_batch_rows_and_k_caps_
     others = [
         replace(base, name="b", n_sequences=20, train=replace(TRAIN, seed=4, lr=0.1)),  # same group: per-member things
         replace(base, name="c", model=GPTConfig(1, 8, 1, 16, 8)),
-        replace(base, name="d", train=replace(TRAIN, precision="bfloat16")),
+        replace(base, name="d", train=replace(TRAIN, precision="bfloat16-autocast")),
         replace(base, name="e", train=replace(TRAIN, batch_size=32)),
         replace(base, name="f", backends=Backends("reference", "fused")),
         replace(base, name="g", n_sequences=30),
         replace(base, name="h", n_sequences=7),  # 7 rows a batch: less than half of a's 10, b's and g's 16
         replace(base, name="i", n_sequences=4),
+        # bfloat16 weights: EnsembleGPT stacks float32 weights only, so each trains alone, planned first
+        replace(base, name="j", train=replace(TRAIN, precision="bfloat16")),
+        replace(base, name="k", n_sequences=20, train=replace(TRAIN, precision="bfloat16")),
     ]
     plans = plan_ensembles([base, *others], max_members=2, memory_budget=None)
-    assert [[r.name for r in p.runs] for p in plans] == [["a", "b", "g"], ["h", "i"], ["c"], ["d"], ["e"], ["f"]]
-    assert [p.slots for p in plans] == [2, 2, 1, 1, 1, 1]
-    assert plan_ensembles([base, *others], max_members=None, memory_budget=None)[0].slots == 3
+    assert [[r.name for r in p.runs] for p in plans] == [["j"], ["k"], ["a", "b", "g"], ["h", "i"], ["c"], ["d"], ["e"], ["f"]]
+    assert [p.slots for p in plans] == [1, 1, 2, 2, 1, 1, 1, 1]
+    assert plan_ensembles([base, *others], max_members=None, memory_budget=None)[2].slots == 3
 
 
 @pytest.mark.parametrize("text, expected", [("auto", "auto"), ("OFF", "off"), ("8", 8), (" 1 ", 1)])
