@@ -82,7 +82,11 @@ ARMS: dict[str, Arm] = {
     "recipe-n32": arm("half the data (32 sequences, about capacity)", [TINY], [32], curve_recipe(RECIPE)),
     "recipe-n128": arm("twice the data (128 sequences), full batch", [TINY], [128],
                        curve_recipe(RECIPE, batch_size=128)),
+    "recipe-lr3e-2-beta2-999": arm("learning rate 3e-2 and Adam β2 0.999", [TINY], [64],
+                                   curve_recipe(RECIPE, lr=3e-2, betas=(0.9, 0.999))),
     # The paper's 1x32 model (80,352 parameters) at V 2048, S 64: a short look at the learning rate.
+    "paper1x32-lr3e-2-probe": arm("1x32 V2048: lr 3e-2, 2,000 steps", [gpt(1, 32, 2048, 64, 1)], [490],
+                                  curve_recipe(2000, lr=3e-2, cooldown_steps=0)),
     "paper1x32-lr1e-2-probe": arm("1x32 V2048: lr 1e-2, 2,000 steps", [gpt(1, 32, 2048, 64, 1)], [490],
                                   curve_recipe(2000, cooldown_steps=0)),
     "paper1x32-lr3e-3-probe": arm("1x32 V2048: lr 3e-3, 2,000 steps", [gpt(1, 32, 2048, 64, 1)], [490],

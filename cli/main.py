@@ -12,6 +12,9 @@ from pathlib import Path
 import click
 
 from memk.memorize.constants import PAPER_ALPHA, PRECISIONS, SOURCES
+
+PRECISION_HELP = ("training precision: float32; bfloat16 (weights and Adam state in bfloat16, the paper's); "
+                  "bfloat16-autocast (float32 weights, bfloat16 arithmetic)")
 from memk.memorize.errors import ConfigError
 
 # What each preset is, for --help (tests/test_cli.py checks the names against the experiments').
@@ -118,7 +121,7 @@ def report_failures(summary: dict, out: Path) -> int:
 @click.option("--sizes", help="dataset sizes in sequences for every model, e.g. '50,100,200'")
 @click.option("--size-factors",
               help=f"dataset sizes as multiples of the capacity expected at {PAPER_ALPHA} bits/param")
-@click.option("--precision", type=click.Choice([*PRECISIONS, "both"]), help="training precision")
+@click.option("--precision", type=click.Choice([*PRECISIONS, "both"]), help=PRECISION_HELP + "; both: float32 and bfloat16")
 @click.option("--cooldown-steps", type=int, help="steps of linear learning-rate decay that end each run")
 @click.option("--seed", type=int, help="seed of the data stream and the model init")
 @click.option("--out", help="output folder [default: runs/capacity-PRESET]")
@@ -172,7 +175,7 @@ def run_capacity(preset_name, out, no_progress, ensemble, workers, dry_run, exec
 @click.option("--heldout", type=int, help="sequences held out, never trained on")
 @click.option("--alpha", type=float, help="bits per parameter for capacity = α · parameters")
 @click.option("--capacity-summary", help="take α from a run-capacity summary.json instead")
-@click.option("--precision", type=click.Choice(PRECISIONS), help="training precision")
+@click.option("--precision", type=click.Choice(PRECISIONS), help=PRECISION_HELP)
 @click.option("--seed", type=int, help="seed of the data split, the Markov chain and the model init")
 @click.option("--out", help="output folder [default: runs/generalization-PRESET]")
 @training_options

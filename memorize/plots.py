@@ -10,6 +10,8 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .schedule import saturated  # noqa: E402
+
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
@@ -19,7 +21,7 @@ def _save(fig, path: Path) -> None:
 
 def plot_capacity_curves(summary: dict, path: Path) -> None:
     """Memorized bits against dataset size (bits), one line per model, capacity marked; the runs
-    that stopped at the step cap (still gaining bits: a lower bound) drawn hollow."""
+    not trained to saturation (a doubling of their steps still gained bits: a lower bound) drawn hollow."""
     blocks = summary["precisions"]
     fig, axes = plt.subplots(1, len(blocks), figsize=(6.5 * len(blocks), 4.8), squeeze=False)
     for ax, (precision, block) in zip(axes[0], blocks.items()):
@@ -31,10 +33,10 @@ def plot_capacity_curves(summary: dict, path: Path) -> None:
             y = [p["memorized_bits"] for p in m["points"]]
             largest = max(largest, *x)
             ax.plot(x, y, "o-", color=color, label=f"{m['model_name']} ({m['parameters']:,} params)")
-            capped = [(px, py) for px, py, p in zip(x, y, m["points"]) if p.get("stop_reason") == "step_cap"]
+            capped = [(px, py) for px, py, p in zip(x, y, m["points"]) if not _saturated(p)]
             if capped:
                 ax.plot(*zip(*capped), "o", color="white", markeredgecolor=color, markersize=7, zorder=3,
-                        label=None if capped_shown else "stopped at the step cap (still gaining)")
+                        label=None if capped_shown else "not saturated (a lower bound)")
                 capped_shown = True
             ax.axhline(m["capacity_bits"], color=color, ls="--", lw=0.8)
         line = np.geomspace(min(p["dataset_bits"] for m in block["models"] for p in m["points"]), largest, 50)
@@ -58,7 +60,11 @@ def plot_capacity_vs_params(summary: dict, path: Path) -> None:
         top = max(top, p.max())
         fit = block["fit"]["through_origin"]
         alpha = fit["alpha"]
-        ax.plot(p, c, "o", color=f"C{i}", label=f"{precision} runs")
+        lower = np.array([not m.get("saturated", False) for m in block["models"]])
+        ax.plot(p[~lower], c[~lower], "o", color=f"C{i}", label=f"{precision}: saturated")
+        if lower.any():
+            ax.plot(p[lower], c[lower], "o", color="white", markeredgecolor=f"C{i}",
+                    label=f"{precision}: not saturated (a lower bound)")
         xs = np.linspace(0, p.max() * 1.05, 50)
         ax.plot(xs, alpha * xs, "-", color=f"C{i}", label=f"{precision} fit: α = {alpha:.2f} bits/param")
         if fit.get("ci"):  # the slope's interval, drawn as the band of lines it allows
@@ -73,6 +79,13 @@ def plot_capacity_vs_params(summary: dict, path: Path) -> None:
     ax.set_title("capacity against model size")
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def _saturated(point: dict) -> bool:
+    """A run trained to saturation; rows of earlier memk, without the verdict, by their stop."""
+    if point.get("saturation_gain") is not None:
+        return saturated(point["saturation_gain"])
+    return point.get("stop_reason") != "step_cap"
 
 
 def plot_generalization(summary: dict, out_dir: Path) -> list[Path]:
