@@ -15,7 +15,7 @@ The kernels are C++ (CPU: parallel over rows, vectorized) and CUDA, in csrc/; th
 registered as the torch operators memk::logprob_fwd_v2 and memk::logprob_bwd_v2 (with autograd and
 fake/meta implementations, so they work under torch.compile) and compiled with
 torch.utils.cpp_extension on first use, then cached (the CUDA part is built only where torch
-has CUDA and nvcc is found). Importing this module compiles nothing. Without a compiler the
+has CUDA, nvcc is found and a GPU is present). Importing this module compiles nothing. Without a compiler the
 ops raise BackendUnavailable, which names the pure-PyTorch `reference` backend as the way
 around it.
 
@@ -135,7 +135,9 @@ def load_extension() -> None:
         if missing is not None:
             _Extension.error = BackendUnavailable(f"the fused log-prob kernels cannot be built: {missing}; {_FIX}")
             raise _Extension.error
-        with_cuda = _cuda_toolkit_found()
+        # A CUDA build of torch on a machine without a GPU has no architecture to compile for
+        # (torch's arch list comes out empty): build the CPU kernels there.
+        with_cuda = _cuda_toolkit_found() and torch.cuda.is_available()
         try:
             _build(with_cuda)
         except BackendUnavailable as exc:  # gave up waiting for another build: says what and how around it
