@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import shutil
@@ -93,8 +94,21 @@ class _Extension:
     error: BackendUnavailable | None = None
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without the warning a CUDA build of torch logs where no
+    CUDA runtime is (a CPU machine): memk builds its CPU kernels there, and its one-line errors stay one line."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _cuda_toolkit_found() -> bool:
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
@@ -172,7 +186,7 @@ def build_directory(with_cuda: bool) -> Path:
     (CXX), the flags and the bytes of every source and header. A new version of the sources
     builds in a new folder; old ones are left in place.
     """
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     csrc = _csrc_dir()
@@ -197,7 +211,7 @@ def build_directory(with_cuda: bool) -> Path:
 
 
 def _build(with_cuda: bool) -> None:
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     csrc = _csrc_dir()
     build_dir = build_directory(with_cuda)
