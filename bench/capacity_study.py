@@ -120,6 +120,21 @@ for _d in (8, 16, 32):
         ARMS[f"precision-1x{_d}-V64-S32-{_p}"] = arm(f"1x{_d} at V 64, S 32 in {_p}", [_m], [sized(_m, 1.25)],
                                                      curve_recipe(SHAPE), precision=_p)
 
+# The optimization budget: 200,000 steps at batch 16 (ten times the recipe arms' steps at a quarter
+# of their rows), for the default's smallest model and for a model of the paper's regime (V 2048, S 64)
+# of the same width, each on 1.25x the bits it would store at 3.6 bits/param.
+BUDGET = 200_000
+for _m in (TINY, gpt(1, 8, 2048, 64, 1)):
+    ARMS[f"budget-1x8-V{_m.vocab_size}-S{_m.seq_len}-batch16"] = arm(
+        f"1x8 at V {_m.vocab_size}, S {_m.seq_len}: 200,000 steps at batch 16", [_m], [sized(_m, 1.25)],
+        replace(curve_recipe(BUDGET, batch_size=16), eval_every=250))
+# The same model with the learning rate decaying linearly to 0 over the whole run after the
+# warm-up (the schedule of Hugging Face's Trainer by default), 60,000 steps.
+_m = gpt(1, 8, 2048, 64, 1)
+ARMS["budget-1x8-V2048-S64-batch16-decay"] = arm(
+    "1x8 at V 2048, S 64: 60,000 steps at batch 16, linear decay over the run", [_m], [sized(_m, 1.25)],
+    replace(curve_recipe(60_000, batch_size=16, cooldown_steps=59_900), eval_every=250))
+
 # The paper's 1x32 model at V 2048, S 64 (paper: 4.23 bits/param in float32, 3.93 in bfloat16), on
 # about its capacity at 4.23 bits/param (490 sequences of 693 bits) and twice that, 30,000 steps.
 PAPER_1X32 = gpt(1, 32, 2048, 64, 1)
@@ -174,16 +189,40 @@ def run(arms: tuple[str, ...], out: str) -> None:
         print(f"{name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
+def unfinished_record(folder: Path) -> dict | None:
+    """An arm still training (or stopped): its runs' bits curves so far, from their checkpoints."""
+    checkpoints = sorted((folder / "checkpoints").glob("*.pt")) if (folder / "checkpoints").exists() else []
+    if folder.name not in ARMS or not checkpoints:
+        return None
+    exp = ARMS[folder.name].experiment
+    runs = []
+    for path in checkpoints:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        runs.append({"checkpoint": path.name, "step": state["step"], "train_seconds": state["train_seconds"],
+                     "bits_curve": state["curve"], "cooldown_start": state["cooldown_start"]})
+    return {"arm": folder.name, "question": ARMS[folder.name].question, "unfinished": True,
+            "collected": machine(), "experiment": exp.to_dict(), "runs_in_progress": runs,
+            "command": f"MEMK_NUM_THREADS=1 python -m memk.bench.capacity_study run {folder.name} --out DIR "
+                       "(the same command resumes it)"}
+
+
 @main.command()
 @click.option("--out", required=True, help="the folder `run` wrote")
 @click.option("--results", default="bench/results/capacity-study", show_default=True)
-def collect(out: str, results: str) -> None:
-    """Copy each finished arm's rows, summary and study record into RESULTS/ARM.json."""
+@click.option("--unfinished", is_flag=True, help="also record arms still training: their curves so far")
+def collect(out: str, results: str, unfinished: bool) -> None:
+    """Copy each finished arm's rows, summary and study record into RESULTS/ARM.json (and, with
+    --unfinished, each unfinished arm's curves so far into RESULTS/ARM.unfinished.json)."""
     dest = Path(results)
     dest.mkdir(parents=True, exist_ok=True)
     for folder in sorted(Path(out).iterdir()):
         if not (folder / "study.json").exists() or not (folder / "summary.json").exists():
+            record = unfinished_record(folder) if unfinished else None
+            if record is not None:
+                (dest / f"{folder.name}.unfinished.json").write_text(json.dumps(record, indent=1) + "\n")
+                print(f"collected {folder.name} (unfinished)")
             continue
+        (dest / f"{folder.name}.unfinished.json").unlink(missing_ok=True)
         rows = [json.loads(line) for line in (folder / "runs.jsonl").read_text().splitlines() if line.strip()]
         record = json.loads((folder / "study.json").read_text())
         record["summary"] = json.loads((folder / "summary.json").read_text())

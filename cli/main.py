@@ -21,6 +21,8 @@ from memk.memorize.errors import ConfigError
 CAPACITY_PRESETS = {
     "default": "four 1-layer models, V 64, S 32, float32: about three minutes on an idle 2-core CPU",
     "paper": "the paper's grid (1-8 layers, d 32-512, V 2048, S 64, batch 2048, bfloat16): GPU days",
+    "paper-1x32": "the paper's 1x32 model at V 2048, S 64 on 400 and 980 sequences, 30,000 steps: "
+                  "about 40 minutes on an idle 2-core CPU",
     "smoke": "two tiny models, seconds: for tests",
 }
 GENERALIZATION_PRESETS = {

@@ -10,6 +10,7 @@ from memk.memorize.bits import uniform_sequence_entropy_bits
 from memk.memorize.data import uniform_random_sequences
 from memk.memorize.errors import ConfigError
 from memk.memorize.model import count_parameters
+from memk.memorize.schedule import TrainConfig
 from memk.memorize.runtime import Backends
 
 
@@ -89,9 +90,11 @@ def test_plan_is_every_precision_model_and_size_once_with_ids_that_follow_what_s
 
 
 def test_legacy_run_ids_are_those_earlier_output_folders_hold():
-    # runs.jsonl of `memk run-capacity --preset smoke` before the backends entered run ids: the
-    # same ids, so folders written then resume where their rows record the same backends.
-    ids = [r.legacy_run_id for r in capacity.plan(capacity.preset("smoke"), BACKENDS)]
+    # runs.jsonl of `memk run-capacity --preset smoke` before the backends entered run ids (with the
+    # smoke recipe of then): the same ids, so folders written then resume where their rows record the
+    # same backends, and TrainConfig fields added since (saturation_gain) leave them unchanged.
+    then = TrainConfig(lr=1e-2, warmup_steps=5, batch_size=32, max_steps=30, cooldown_steps=6, min_steps=10, eval_every=10)
+    ids = [r.legacy_run_id for r in capacity.plan(replace(capacity.preset("smoke"), train=then), BACKENDS)]
     assert ids == [
         "L1-d8-h1-V16-S8-N69-float32-seed0-64f241e9",
         "L1-d8-h1-V16-S8-N278-float32-seed0-85b4644d",

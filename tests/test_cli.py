@@ -82,7 +82,7 @@ def _one_line_error(result, needle):
     [
         (["--models", "1x30x4"], "divisible by n_head"),
         (["--sizes", "0,3"], "dataset sizes must be >= 1"),
-        (["--preset", "gigantic"], "'gigantic' is not one of 'default', 'paper', 'smoke'"),
+        (["--preset", "gigantic"], "'gigantic' is not one of 'default', 'paper', 'paper-1x32', 'smoke'"),
         (["--max-steps", "lots"], "max-steps"),
         (["--max-steps", "-1"], "--max-steps must be >= 1"),
         (["--out", ""], "--out is empty"),
