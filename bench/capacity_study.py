@@ -141,6 +141,9 @@ PAPER_1X32 = gpt(1, 32, 2048, 64, 1)
 for _n in (490, 980):
     ARMS[f"paper1x32-float32-N{_n}"] = arm(f"the paper's 1x32 on {_n} sequences, float32", [PAPER_1X32], [_n],
                                           curve_recipe(30_000))
+ARMS["paper1x32-float32-N490-decay"] = arm(
+    "the paper's 1x32 on 490 sequences, float32, 20,000 steps, linear decay over the run", [PAPER_1X32], [490],
+    curve_recipe(20_000, cooldown_steps=19_900))
 ARMS["paper1x32-bfloat16-N490"] = arm("the paper's 1x32 on 490 sequences, bfloat16 weights", [PAPER_1X32], [490],
                                       curve_recipe(20_000), precision="bfloat16")
 
