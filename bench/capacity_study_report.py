@@ -19,7 +19,57 @@ from memk.memorize.schedule import SATURATED_BELOW, doubling_gain
 
 
 def load(results: Path) -> dict[str, dict]:
-    return {f.stem: json.loads(f.read_text()) for f in sorted(results.glob("*.json"))}
+    """The finished arms' records, by arm."""
+    return {f.stem: json.loads(f.read_text()) for f in sorted(results.glob("*.json"))
+            if not f.name.endswith(".unfinished.json")}
+
+
+def load_unfinished(results: Path) -> dict[str, dict]:
+    """The records of arms still training when collected: their curves so far."""
+    return {f.name.removesuffix(".unfinished.json"): json.loads(f.read_text())
+            for f in sorted(results.glob("*.unfinished.json"))}
+
+
+def curve_entries(records: dict[str, dict], unfinished: dict[str, dict], prefix: str) -> list[tuple[str, list, int]]:
+    """(label, curve, parameters) of every run of the arms named prefix*, finished or not."""
+    from memk.memorize.model import GPTConfig, count_parameters
+
+    out = []
+    for arm, record in records.items():
+        if arm.startswith(prefix):
+            out += [(f"{arm} (N {r['n_sequences']})", [tuple(p) for p in r["bits_curve"]], r["parameters"])
+                    for r in record["rows"]]
+    for arm, record in unfinished.items():
+        if arm.startswith(prefix):
+            parameters = count_parameters(GPTConfig(**record["experiment"]["models"][0]))
+            out += [(f"{arm} (unfinished, step {r['step']:,})", [tuple(p) for p in r["bits_curve"]], parameters)
+                    for r in record["runs_in_progress"]]
+    return out
+
+
+def plot_curves(path: Path, entries: list[tuple[str, list, int]], title: str, best_so_far: bool = True) -> None:
+    """Memorized bits per parameter against steps, on a log axis: the best so far (what a run
+    reports), or each evaluation's own (where a curve falls back)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (label, curve, parameters) in enumerate(entries):
+        steps, best, running = [], [], 0.0
+        for step, bits in curve:
+            running = max(running, bits) if best_so_far else bits
+            if step > 0:
+                steps.append(step)
+                best.append(running / parameters)
+        ax.plot(steps, best, label=label, lw=1.2, ls=("-", "--", ":")[i // 10 % 3])  # ten colours, then dashes
+    ax.set_xscale("log")
+    ax.set_xlabel("training steps (log)")
+    ax.set_ylabel("memorized bits per parameter" + (" (best so far)" if best_so_far else " (each evaluation)"))
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def row_facts(record: dict) -> list[dict]:
@@ -55,10 +105,38 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def parameter_conventions(m: dict) -> dict[str, int]:
+    """A model's parameters counted the ways a paper might: memk's (every trainable parameter, the
+    tied embedding once), without the positions, without LayerNorms and biases, with an untied
+    output head, and the matrices of the blocks alone."""
+    d, V, S, L = m["d_model"], m["vocab_size"], m["seq_len"], m["n_layer"]
+    matrices = L * 12 * d * d
+    norms_and_biases = L * (4 * d + 3 * d + d + 4 * d + d) + 2 * d
+    every = V * d + S * d + matrices + norms_and_biases
+    return {"memk (all, tied once)": every, "without positions": every - S * d,
+            "without LayerNorms and biases": every - norms_and_biases, "untied head": every + V * d,
+            "block matrices only": matrices}
+
+
+def counting_table(summary: dict) -> str:
+    """α of a run-capacity summary under each convention, against the paper's 3.6."""
+    models = summary["precisions"]["float32"]["models"]
+    names = list(parameter_conventions(models[0]["model"]))
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for m in models:
+        counts = parameter_conventions(m["model"])
+        assert counts["memk (all, tied once)"] == m["parameters"], "the convention table must count memk's way first"
+        cells = [f"{m['capacity_bits'] / counts[n]:.2f} ({counts[n]:,})" for n in names]
+        lines.append(f"| {m['model_name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 @click.command()
 @click.option("--results", default="bench/results/capacity-study", show_default=True)
 @click.option("--out", default="docs/capacity-study", show_default=True)
-def main(results: str, out: str) -> None:
+@click.option("--default-summary", default="docs/default-run/summary.json", show_default=True,
+              help="a run-capacity summary whose α the counting table recomputes")
+def main(results: str, out: str, default_summary: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,29 +155,18 @@ def main(results: str, out: str) -> None:
     for name, group in groups.items():
         if group:
             print(f"## {name}\n\n{table(group)}\n")
+    print(f"## counting ({default_summary}: bits/param (parameters))\n\n"
+          f"{counting_table(json.loads(Path(default_summary).read_text()))}\n")
 
-    for name, group, title in (("recipe", groups["recipe"], "1x8 at V 64, S 32 (1,656 parameters): recipes"),
-                               ("paper-1x32", groups["paper"] + groups["probe"], "the paper's 1x32 at V 2048, S 64")):
-        if not group:
-            continue
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for r in group:
-            steps = [s for s, _ in r["curve"] if s > 0]
-            best, running = [], 0.0
-            for s, b in r["curve"]:
-                running = max(running, b)
-                if s > 0:
-                    best.append(running / r["parameters"])
-            ax.plot(steps, best, label=f"{r['arm']} (N {r['n']})")
-        ax.set_xscale("log")
-        ax.set_xlabel("training steps (log)")
-        ax.set_ylabel("memorized bits per parameter (best so far)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(folder / f"{name}.png", dpi=110)
-        plt.close(fig)
+    unfinished = load_unfinished(Path(results))
+    for name, prefix, title in (("recipe", "recipe-", "1x8 at V 64, S 32 (1,656 parameters): recipes, 20,000 steps"),
+                                ("budget", "budget-", "1x8 at V 2048, S 64 (17,784 parameters), batch 16: constant rate "
+                                                      "against a whole-run decay"),
+                                ("paper-1x32", "paper1x32-", "the paper's 1x32 at V 2048, S 64 (80,352 parameters)"),
+                                ("precision", "precision-", "precision on the default's models (V 64, S 32)")):
+        entries = curve_entries(records, unfinished, prefix)
+        if entries:
+            plot_curves(folder / f"{name}.png", entries, title, best_so_far=name != "budget")
 
     shape = groups["shape"] + [r for r in groups["paper"] if r["precision"] == "float32"]
     if shape:
