@@ -11,14 +11,18 @@ token for random data) and generalization = total - unintended. Per attack: ROC 
 at 1% and 0.1% FPR with bootstrap intervals. The most-memorized samples, with their text.
 
 Resume: each row of samples.jsonl is written (appended whole, fsynced) as soon as its sample is
-coded, under a key over both models' identities (their spec, files, sizes and dates) and every
-setting that changes a number; a re-run with the same key keeps the rows of texts it still has
-and codes the rest. Rows under another key are never mixed in: that file is set aside.
+coded, under a key over both models' identities (their spec and the content of their files) and
+every setting that changes a number; a re-run with the same key keeps the rows of texts it still
+has and codes the rest (none: it only writes the summary again). Rows under another key are never
+mixed in: that file is set aside under a name of its own. A damaged row is set aside and its
+sample coded again. The output folder is locked while an audit writes it, as a sweep's is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -32,13 +36,20 @@ from .attacks import ATTACKS, attack_metrics, attack_scores, zlib_bits
 from .audit_models import ScoringModel, load_scoring_model, resolve_dtype
 from .audit_report import write_outputs
 from .audit_scoring import score_texts
-from .errors import ConfigError, warn
-from .outputs import atomic_write_text, content_digest, set_aside
+from .errors import ConfigError, DiskFull, warn
+from .outputs import atomic_write_text, content_digest, read_rows, set_aside
 from .runtime import cpu_threads_for_flops, progress_bar, resolve_device
+from .store import lock_folder
 
 FORMAT_VERSION = 1
 SETS = ("member", "non-member")
 SAMPLES = "samples.jsonl"
+NUMBER = (int, float)
+# The fields of a row of samples.jsonl and their JSON types: a row of this audit lacking one is damaged.
+ROW_FIELDS = {"set": str, "index": int, "sha1": str, "chars": int, "bytes": int, "zlib_bits": NUMBER,
+              "model_tokens": int, "model_bits": NUMBER, "reference_tokens": (int, type(None)),
+              "reference_bits": (*NUMBER, type(None)), "mem_u_bits": (*NUMBER, type(None)), "attacks": dict,
+              "text": str}
 CODING = ("each model codes every token of the text as its own tokenizer splits it (no special tokens "
           "added), the first given only the model's start token (BOS, else EOS) as context, which is "
           "itself not coded; texts longer than the context are coded in sliding windows, each token once")
@@ -95,7 +106,7 @@ def read_texts(source: str, column: str | None = None, split: str = "train", wha
             raise ConfigError(f"{flag} {source}: no such file; give a text or JSON-lines file, or a dataset")
         return _dataset_texts(source, split, column, flag)
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_bytes().decode("utf-8")  # no newline translation: a lone "\r" is no line break
     except UnicodeDecodeError as e:
         raise ConfigError(f"{flag} {source}: not UTF-8 ({e.reason} at byte {e.start}); re-encode it as UTF-8") from None
     except OSError as e:
@@ -105,15 +116,21 @@ def read_texts(source: str, column: str | None = None, split: str = "train", wha
     else:
         if column is not None:
             raise ConfigError(f"{flag} {source} is a text file (one sample per line); --column needs .jsonl or a dataset")
-        texts = [line for line in raw.splitlines() if line.strip()]
+        texts = [line for line in _lines(raw) if line.strip()]
     if not texts:
         raise ConfigError(f"{flag} {source} holds no texts; give a file with one sample per line (or JSON lines)")
     return texts
 
 
+def _lines(raw: str) -> list[str]:
+    """A file's lines: split at "\n" alone (a trailing "\r" dropped). str.splitlines also breaks at form
+    feeds, U+0085 and U+2028, which a sample (and a JSON string) may hold."""
+    return [line[:-1] if line.endswith("\r") else line for line in raw.split("\n")]
+
+
 def _jsonl_texts(raw: str, column: str, flag: str, source: str) -> list[str]:
     texts = []
-    for number, line in enumerate(raw.splitlines(), 1):
+    for number, line in enumerate(_lines(raw), 1):
         if not line.strip():
             continue
         try:
@@ -161,28 +178,41 @@ def _sha1(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
+def _is_row(row, key: str) -> bool:
+    """A row of samples.jsonl: of another audit (any key but ours: its file is set aside whole), or of
+    this one with every field, of its type."""
+    if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+        return False
+    if row["key"] != key:
+        return True
+    return (all(isinstance(row.get(name), kind) for name, kind in ROW_FIELDS.items()) and row["set"] in SETS
+            and all(isinstance(score, NUMBER) for score in row["attacks"].values()))
+
+
 def _load_rows(path: Path, key: str, wanted: dict[tuple[str, int], str]) -> list[dict]:
-    """The rows of an earlier run of this audit still valid; another audit's file is set aside."""
+    """The rows of an earlier run of this audit still valid. A damaged row (the cut-off last line of a
+    killed run, an edit) is set aside and its sample coded again; another audit's file is set aside."""
     if not path.exists():
         return []
-    rows, other_key = [], False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # the last line of a killed run: that sample is coded again
-            continue
-        if row.get("key") != key:
-            other_key = True
-            break
-        if wanted.get((row["set"], row["index"])) == row["sha1"]:
-            rows.append(row)
-    if other_key:
-        aside = set_aside(path, f".other-{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    rows = read_rows(path, lambda row: _is_row(row, key), "and its sample is coded again")
+    if any(row["key"] != key for row in rows):
+        aside = _set_aside_other(path)
         warn(f"{path} holds an audit of other models or settings; set aside as {aside.name}, starting over")
         return []
-    unique = {(r["set"], r["index"]): r for r in rows}
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in unique.values()))  # drop a cut-off last line
+    unique = {(r["set"], r["index"]): r for r in rows if wanted.get((r["set"], r["index"])) == r["sha1"]}
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in unique.values()))  # only the rows still wanted
     return list(unique.values())
+
+
+def _set_aside_other(path: Path) -> Path:
+    """samples.jsonl moved to samples.jsonl.other-DATE, or -DATE-2, -3, ... where audits set aside within
+    one second would take the same name: none overwrites another (no race: we hold the folder's lock)."""
+    stamp = f".other-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    suffix, n = stamp, 1
+    while path.with_name(path.name + suffix).exists():
+        n += 1
+        suffix = f"{stamp}-{n}"
+    return set_aside(path, suffix)
 
 
 def _append_rows(path: Path, rows: list[dict]) -> None:
@@ -216,17 +246,40 @@ def audit(model, members: list[str], nonmembers: list[str], reference=None, out:
     torch_dtype = resolve_dtype(dtype, dev)
     for held in (m for m in (model, reference) if isinstance(m, ScoringModel)):
         _check_held(held, device, dev, dtype, torch_dtype)
-    target = model if isinstance(model, ScoringModel) else load_scoring_model(model, dev, torch_dtype)
-    ref = reference if reference is None or isinstance(reference, ScoringModel) else load_scoring_model(
-        reference, dev, torch_dtype)
+    try:
+        # Held until the outputs are written: a second audit (or sweep) into the folder would set
+        # this one's samples.jsonl aside, or append to it, while it is being written.
+        with lock_folder(out) if out is not None else contextlib.nullcontext():
+            target = model if isinstance(model, ScoringModel) else load_scoring_model(model, dev, torch_dtype)
+            ref = reference if reference is None or isinstance(reference, ScoringModel) else load_scoring_model(
+                reference, dev, torch_dtype)
+            with _cpu_threads(target, settings):
+                return _audit(target, ref, members, nonmembers, out, settings, progress)
+    except OSError as e:  # a full disk, a file that cannot be read or written: one line, not a traceback
+        raise _file_error(e, out) from e
 
+
+@contextlib.contextmanager
+def _cpu_threads(target: ScoringModel, settings: AuditSettings):
+    """One thread for small models on the CPU (a second costs more than it gains on a busy CPU); the
+    caller's thread count back afterwards."""
     threads = torch.get_num_threads()
-    if target.device.type == "cpu":  # one thread for small models: a second costs more than it gains on a busy CPU
+    if target.device.type == "cpu":
         torch.set_num_threads(cpu_threads_for_flops(2.0 * target.parameters * settings.batch_tokens))
     try:
-        return _audit(target, ref, members, nonmembers, out, settings, progress)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _file_error(e: OSError, out: Path | None) -> ConfigError:
+    """The ConfigError (one line, exit status 2 on the command line) an OSError during the audit becomes."""
+    where = e.filename or out or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"no space left on the device writing {where}; free some space and run the same command "
+                        "again (the samples written are kept)")
+    return ConfigError(f"cannot read or write {where} ({e.strerror or e}); fix that and run the same command again "
+                       "(the samples written are kept)")
 
 
 def _audit(target: ScoringModel, ref: ScoringModel | None, members: list[str], nonmembers: list[str],

@@ -12,6 +12,7 @@ tokenizer is OUT/tokenizer.json.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -113,6 +114,7 @@ def _one_line(e: BaseException) -> str:
 
 def _load_huggingface(spec: str, source: str, device: torch.device, dtype: torch.dtype, local: bool) -> ScoringModel:
     transformers = _transformers()
+    from safetensors import SafetensorError  # what transformers raises on cut-short .safetensors (it depends on it)
     where = "folder" if local else "Hugging Face model"
     if local and not (Path(source) / "config.json").exists():
         raise ConfigError(
@@ -126,7 +128,7 @@ def _load_huggingface(spec: str, source: str, device: torch.device, dtype: torch
             f"{where} {spec} is not a causal language model transformers can load ({_one_line(e)}); "
             "give a *ForCausalLM model"
         ) from None
-    except (OSError, RuntimeError) as e:  # not found on the Hub, offline, damaged weights
+    except (OSError, RuntimeError, SafetensorError) as e:  # not found on the Hub, offline, damaged or cut-short weights
         raise ConfigError(
             f"cannot load {where} {spec} ({_one_line(e)}); check the name, or give a folder written by save_pretrained"
         ) from None
@@ -166,7 +168,8 @@ def scoring_model_from(module, tokenizer, name: str = "in-memory model", fingerp
     bias = head.bias if isinstance(head, torch.nn.Linear) else None
     model = ScoringModel(
         spec=name, kind="huggingface", module=module,
-        encode=lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"],
+        # transformers' tokenizers fail on an empty batch (IndexError); a resumed audit may have no text left.
+        encode=lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else [],
         start_id=int(start_id), start_token=str(tokenizer.convert_ids_to_tokens(int(start_id))),
         context=int(context), hidden=hidden, head_weight=weight, head_bias=bias,
         fingerprint={"spec": name, "kind": "huggingface", **(fingerprint or _weights_checksum(module))},
@@ -195,11 +198,22 @@ def _head_reproduces_logits(model: ScoringModel) -> bool:
 
 
 def _source_fingerprint(source: str, local: bool, config) -> dict:
+    """A Hub model by its commit; a folder by the content of its files (weights, config, tokenizer): names,
+    sizes and dates would let weights rewritten in place, at the same size and date, reuse old rows."""
     if not local:
         return {"commit": getattr(config, "_commit_hash", None)}
     folder = Path(source).resolve()
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    files = sorted((p.name, _file_digest(p)) for p in folder.iterdir() if p.is_file())
     return {"path": str(folder), "files": content_digest(files)}
+
+
+def _file_digest(path: Path) -> str:
+    """BLAKE2b of the file's bytes, read in 1 MiB blocks (weights can be larger than memory)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _memk_checkpoint_folder(path: Path) -> Path | None:
@@ -235,7 +249,7 @@ def _load_memk(spec: str, folder: Path, device: torch.device, dtype: torch.dtype
         hidden=lambda ids, mask: module.hidden_states(ids),  # causal: right padding never reaches a real token
         head_weight=module.wte.weight, head_bias=None,
         fingerprint={"spec": spec, "kind": "memk", **_source_fingerprint(str(folder), True, None),
-                     "tokenizer": (tokenizer_folder / "tokenizer.json").stat().st_mtime_ns},
+                     "tokenizer": _file_digest(tokenizer_folder / "tokenizer.json")},
     )
 
 

@@ -50,6 +50,23 @@ def provenance(backends: Backends, device: torch.device, trained_as: str = "alon
     }
 
 
+def lock_folder(folder: Path):
+    """Hold an output folder's lock until the returned file is closed (`with lock_folder(out):`): two memk
+    processes writing one folder would clobber or set aside each other's files. ConfigError where
+    another process holds it; the system releases it when the process ends, however it ends."""
+    import fcntl
+
+    handle = open(Path(folder) / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(
+            f"another memk run is writing to {str(folder)!r}; wait for it to finish or choose another --out"
+        )
+    return handle
+
+
 def _kind_of(experiment: dict) -> str | None:
     """The experiment an experiment.json describes; files from before the kind was written are told by their keys."""
     if "experiment" in experiment:
@@ -76,7 +93,7 @@ class RunStore:
 
     def __enter__(self) -> RunStore:
         self._prepare()
-        self._lock = self._acquire_lock()
+        self._lock = lock_folder(self.folder)
         try:
             self._check_kind()
             remove_temporaries(self.folder)  # ours alone to remove: we hold the lock
@@ -108,19 +125,6 @@ class RunStore:
                 f"cannot write to output folder {str(self.folder)!r} ({e.strerror}); choose another with --out"
             ) from e
 
-    def _acquire_lock(self):
-        import fcntl
-
-        handle = open(self.folder / ".lock", "w")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise ConfigError(
-                f"another memk run is writing to {str(self.folder)!r}; wait for it to finish or choose another --out"
-            )
-        return handle
-
     def _check_kind(self) -> None:
         found = read_state(self.folder / EXPERIMENT, lambda p: json.loads(p.read_text()), "experiment file",
                            "and it is written anew")
@@ -134,24 +138,43 @@ class RunStore:
         path = self.folder / ROWS
         if not path.exists():
             return []
-        rows, damaged = [], []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        # Bytes, not text: a line that is not UTF-8 is one damaged row, not the end of the whole file.
+        read, damaged = [], []
+        for number, line in enumerate(path.read_bytes().splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError is a ValueError
                 if not isinstance(row, dict) or not isinstance(row.get("run_id"), str):
                     raise ValueError("not a run's row")
-                rows.append(row)
-            except ValueError:
+                read.append((number, line, row))
+            except (ValueError, RecursionError):  # RecursionError: nesting too deep for the JSON decoder
                 damaged.append((number, line))
-        if damaged:  # a line cut short (a kill elsewhere, a full disk): keep it aside, redo its run
+        # A row that lacks a field every other row has (an edit, another writer) would end a summary in
+        # KeyError. The store knows no experiment's fields, so the rows tell: a field that the other
+        # rows have all but this one is missing from it. A field that several rows lack (rows of an
+        # earlier memk, from before it was added) is not; a lone such row is redone, whole since.
+        has = {}
+        for _, _, row in read:
+            for key in row:
+                has[key] = has.get(key, 0) + 1
+        rows, lacking = [], []
+        for number, line, row in read:
+            missing = [key for key, count in has.items() if count == len(read) - 1 and key not in row]
+            if missing:
+                damaged.append((number, line))
+                lacking.append(f"line {number} lacks {', '.join(map(repr, missing))}")
+            else:
+                rows.append(row)
+        if damaged:  # cut short (a kill elsewhere, a full disk), garbled or incomplete: keep it aside, redo its run
+            damaged.sort()
             aside = path.with_name(ROWS + ".damaged")
-            with open(aside, "a") as f:
-                f.writelines(line + "\n" for _, line in damaged)
+            with open(aside, "ab") as f:
+                f.writelines(line + b"\n" for _, line in damaged)
             self._write_rows(rows)
             lines = ", ".join(str(n) for n, _ in damaged)
-            warn(f"{path} line {lines} is damaged; set aside in {aside.name}, and its run is done again")
+            why = f" ({'; '.join(lacking)}, which the other rows have)" if lacking else ""
+            warn(f"{path} line {lines} is damaged{why}; set aside in {aside.name}, and its run is done again")
         return rows
 
     def _write_rows(self, rows: list[dict]) -> None:

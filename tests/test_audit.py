@@ -1,9 +1,12 @@
 """`memk audit` on Hugging Face GPT-2s built here (nothing downloaded): a base trained briefly on random
 letter strings, and a copy fine-tuned on the members until it memorized them (memk.bench.audit_demo)."""
 
+import datetime
+import errno
 import html.parser
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -16,6 +19,7 @@ import torch
 
 from memk.bench.audit_demo import build_demo, new_gpt2, random_texts
 from memk.cli.main import main as memk_main
+from memk.memorize import audit as audit_module
 from memk.memorize.audit import AuditSettings, audit, read_texts
 from memk.memorize.errors import ConfigError
 
@@ -225,6 +229,140 @@ def test_an_interrupted_audit_resumes_without_redoing_finished_samples_and_never
     assert list(tmp_path.glob("samples.jsonl.other-*"))
 
 
+def small_sets(texts):
+    return texts[0][:3], texts[1][:3]
+
+
+def no_scoring(*args, **kwargs):
+    raise AssertionError("a text was coded again")
+
+
+def sample_lines(out):
+    return (out / "samples.jsonl").read_bytes().split(b"\n")[:-1]
+
+
+def in_order(rows):
+    return sorted(rows, key=lambda r: (r["set"], r["index"]))
+
+
+def test_the_same_command_again_on_a_finished_audit_rewrites_the_summary_and_codes_nothing(demo, texts, tmp_path,
+                                                                                            capsys, monkeypatch):
+    members, nonmembers = small_sets(texts)
+    (tmp_path / "m.txt").write_text("\n".join(members) + "\n")
+    (tmp_path / "n.txt").write_text("\n".join(nonmembers) + "\n")
+    command = ["--model", str(demo["finetuned"]), "--reference", str(demo["base"]), "--members", str(tmp_path / "m.txt"),
+               "--non-members", str(tmp_path / "n.txt"), "--out", str(tmp_path / "out"), "--bootstrap", "0", "--top", "2"]
+    code, err = run_memk(capsys, *command)
+    assert code in (0, None), err
+    rows = sample_lines(tmp_path / "out")
+    monkeypatch.setattr(audit_module, "score_texts", no_scoring)  # every row is there: nothing to code
+    code, err = run_memk(capsys, *command)
+    assert code in (0, None), err
+    assert len(json.loads((tmp_path / "out" / "audit.json").read_text())["top"]) == 2
+    # As a kill after the last row and before the summary leaves it, then other summary settings.
+    for name in ("audit.json", "report.html", "roc.png"):
+        (tmp_path / "out" / name).unlink()
+    code, err = run_memk(capsys, *command[:-4], "--bootstrap", "20", "--top", "5")
+    assert code in (0, None), err
+    summary = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert len(summary["top"]) == 5 and summary["settings"]["bootstrap"] == 20
+    assert all(len(a["auc_interval"]) == 2 for a in summary["attacks"].values())
+    assert (tmp_path / "out" / "report.html").stat().st_size > 0
+    assert sample_lines(tmp_path / "out") == rows
+
+
+def test_a_second_audit_into_the_folder_an_audit_is_writing_is_refused(demo, texts, tmp_path, monkeypatch):
+    members, nonmembers = small_sets(texts)
+    score, calls, refusals = audit_module.score_texts, [], []
+
+    def score_while_another_starts(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first chunk's rows are in samples.jsonl: another audit starts into the folder
+            with pytest.raises(ConfigError, match="another memk run is writing to") as refused:
+                audit(str(demo["base"]), members, nonmembers, out=tmp_path, settings=AuditSettings(bootstrap=0),
+                      progress=False)
+            refusals.append(refused)
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(audit_module, "score_texts", score_while_another_starts)
+    result = audit(str(demo["finetuned"]), members, nonmembers, out=tmp_path,
+                   settings=AuditSettings(bootstrap=0, chunk=2), progress=False)
+    assert len(refusals) == 1
+    assert not list(tmp_path.glob("samples.jsonl.*"))  # nothing of the first audit was set aside
+    written = in_order(json.loads(line) for line in sample_lines(tmp_path))
+    assert len(written) == 6 and written == in_order(result.samples)
+
+
+def test_audits_of_other_keys_set_aside_within_one_second_are_all_kept(demo, texts, tmp_path, monkeypatch):
+    class SameSecond(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime(2026, 11, 27, 12, 0, 0, tzinfo=tz)
+
+    monkeypatch.setattr(audit_module, "datetime", type("clock", (), {"datetime": SameSecond,
+                                                                     "timezone": datetime.timezone}))
+    members, nonmembers = texts[0][:2], texts[1][:2]
+    keys = []
+    for min_k in (0.1, 0.2, 0.3, 0.4):  # four keys
+        audit(str(demo["finetuned"]), members, nonmembers, out=tmp_path, settings=AuditSettings(bootstrap=0, min_k=min_k),
+              progress=False)
+        keys.append(json.loads(sample_lines(tmp_path)[0])["key"])
+    aside = sorted(tmp_path.glob("samples.jsonl.other-*"))
+    assert len(set(keys)) == 4 and len(aside) == 3
+    assert sorted(json.loads(p.read_text().splitlines()[0])["key"] for p in aside) == sorted(keys[:3])
+
+
+def test_weights_changed_in_place_with_the_same_size_and_date_are_coded_again(demo, texts, tmp_path):
+    members, nonmembers = small_sets(texts)
+    model = tmp_path / "model"
+    shutil.copytree(demo["finetuned"], model)
+    weights, base_weights = model / "model.safetensors", (demo["base"] / "model.safetensors").read_bytes()
+    before = weights.stat()
+    assert len(base_weights) == before.st_size
+    settings = AuditSettings(bootstrap=0)
+    first = audit(str(model), members, nonmembers, out=tmp_path / "out", settings=settings, progress=False)
+    weights.write_bytes(base_weights)  # the base's weights, under the fine-tuned one's size and date
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    again = audit(str(model), members, nonmembers, out=tmp_path / "out", settings=settings, progress=False)
+    base = audit(str(demo["base"]), members, nonmembers, settings=settings, progress=False)
+    assert [r["model_bits"] for r in again.samples] == pytest.approx([r["model_bits"] for r in base.samples], rel=1e-6)
+    assert all(a["model_bits"] < b["model_bits"] - 50 for a, b in zip(first.samples[:3], again.samples[:3]))
+
+
+def _list_line(rows):
+    return rows[:1] + [b"[1, 2]"] + rows[2:], 2, b"[1, 2]"
+
+
+def _row_missing_a_field(rows):
+    row = json.loads(rows[1])
+    del row["model_bits"]
+    line = json.dumps(row).encode()
+    return rows[:1] + [line] + rows[2:], 2, line
+
+
+def _non_utf8_tail(rows):
+    return rows + [b'\xff\xfe{"key": "cut'], len(rows) + 1, b'\xff\xfe{"key": "cut'
+
+
+@pytest.mark.parametrize("damage", [_list_line, _row_missing_a_field, _non_utf8_tail])
+def test_a_damaged_sample_row_is_set_aside_with_a_warning_and_coded_again(demo, texts, tmp_path, capsys, damage):
+    members, nonmembers = small_sets(texts)
+    args = dict(reference=str(demo["base"]), out=tmp_path, settings=AuditSettings(bootstrap=0), progress=False)
+    first = audit(str(demo["finetuned"]), members, nonmembers, **args)
+    lines, number, bad = damage(sample_lines(tmp_path))
+    (tmp_path / "samples.jsonl").write_bytes(b"".join(line + b"\n" for line in lines[:-1]) + lines[-1])
+    capsys.readouterr()
+    again = audit(str(demo["finetuned"]), members, nonmembers, **args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"samples.jsonl line {number} is damaged" in err[0] and "coded again" in err[0], err
+    assert (tmp_path / "samples.jsonl.damaged").read_bytes() == bad + b"\n"
+    assert [(r["set"], r["index"], r["sha1"]) for r in again.samples] == [(r["set"], r["index"], r["sha1"])
+                                                                          for r in first.samples]
+    assert [r["model_bits"] for r in again.samples] == pytest.approx([r["model_bits"] for r in first.samples], rel=1e-6)
+    assert in_order(json.loads(line) for line in sample_lines(tmp_path)) == in_order(again.samples)
+
+
 def test_without_min_k_pp_the_other_attacks_and_bits_are_unchanged(demo, finetuned_audit, tmp_path, capsys):
     code, err = run_memk(capsys, "--model", str(demo["finetuned"]), "--reference", str(demo["base"]),
                          "--members", str(demo["members"]), "--non-members", str(demo["non_members"]),
@@ -320,6 +458,13 @@ def test_inputs_from_jsonl_and_a_saved_dataset(tmp_path):
         read_texts(str(tmp_path / "ds"), column="body")
 
 
+def test_text_files_are_split_at_newlines_only_and_json_strings_may_hold_line_separators(tmp_path):
+    (tmp_path / "a.txt").write_bytes("one\x0cpage\u2028two\x85three\r\nsecond\rline\n\n  \r\nlast".encode())
+    assert read_texts(str(tmp_path / "a.txt")) == ["one\x0cpage\u2028two\x85three", "second\rline", "last"]
+    (tmp_path / "b.jsonl").write_bytes('{"text": "a\u2028b"}\r\n{"text": "c\x85d\u2029e"}\n'.encode())  # valid JSON
+    assert read_texts(str(tmp_path / "b.jsonl")) == ["a\u2028b", "c\x85d\u2029e"]
+
+
 def test_audit_help_imports_neither_torch_nor_transformers():
     code = ("import sys\n"
             "from click.testing import CliRunner\n"
@@ -354,6 +499,9 @@ def bad_inputs(demo, tmp_path):
     (tmp_path / "no_lm").mkdir()
     (tmp_path / "a_file").write_text("")
     transformers.T5Config(d_model=16, num_layers=1, num_heads=2, d_ff=32, vocab_size=50).save_pretrained(tmp_path / "t5")
+    shutil.copytree(demo["finetuned"], tmp_path / "truncated")
+    with open(tmp_path / "truncated" / "model.safetensors", "r+b") as f:  # as a copy cut short leaves it
+        f.truncate(os.path.getsize(tmp_path / "truncated" / "model.safetensors") // 2)
     return tmp_path
 
 
@@ -361,6 +509,7 @@ def bad_inputs(demo, tmp_path):
     ("missing model folder", "does not exist"),
     ("folder without a model", "not a causal language model"),
     ("not a causal LM", "not a causal language model"),
+    ("truncated weights", "cannot load folder"),
     ("empty members", "holds no texts"),
     ("empty non-members", "holds no texts"),
     ("missing column", "no column 'text'"),
@@ -376,6 +525,7 @@ def test_bad_input_is_one_line_and_exit_status_2(capsys, demo, bad_inputs, case,
         "missing model folder": {"--model": str(bad_inputs / "nowhere")},
         "folder without a model": {"--model": str(bad_inputs / "no_lm")},
         "not a causal LM": {"--model": str(bad_inputs / "t5")},
+        "truncated weights": {"--model": str(bad_inputs / "truncated")},
         "empty members": {"--members": str(bad_inputs / "empty.txt")},
         "empty non-members": {"--non-members": str(bad_inputs / "empty.txt")},
         "missing column": {"--members": str(bad_inputs / "rows.jsonl")},
@@ -385,6 +535,17 @@ def test_bad_input_is_one_line_and_exit_status_2(capsys, demo, bad_inputs, case,
     code, err = run_memk(capsys, *[x for pair in args.items() for x in pair])
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("memk: error: ") and fault in err, err
+
+
+def test_a_full_disk_during_the_audit_is_one_line_and_exit_status_2(capsys, demo, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(audit_module, "_append_rows", full)
+    code, err = run_memk(capsys, "--model", str(demo["finetuned"]), "--members", str(demo["members"]),
+                         "--non-members", str(demo["non_members"]), "--out", str(tmp_path), "--bootstrap", "0")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("memk: error: no space left") and "run the same command" in err, err
 
 
 @pytest.mark.slow

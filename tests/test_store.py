@@ -58,6 +58,51 @@ def test_a_row_cut_mid_line_is_set_aside_and_its_run_done_again(tmp_path, capsys
     assert (tmp_path / "runs.jsonl.damaged").read_text() == '{"run_id": "b", "bi\n'
 
 
+
+BROKEN_ROWS = {  # every way a line of runs.jsonl can fail to be a run's row
+    "cut short": b'{"run_id": "b", "precision": "flo',
+    "not UTF-8": b'{"run_id": "b", "precision": "float32", "bits": 2.0, "note": "\xff\xfe"}',
+    "not JSON": b"\x00\x00\x00\x00",
+    "nested past the recursion limit": b"[" * 100_000 + b"]" * 100_000,
+    "not an object": b'["b", "float32", 2.0]',
+    "run_id not a string": b'{"run_id": 7, "precision": "float32", "bits": 2.0}',
+    "a field the other rows have missing": b'{"run_id": "b", "bits": 2.0}',
+}
+
+
+@pytest.mark.parametrize("how", list(BROKEN_ROWS))
+def test_a_broken_row_is_set_aside_and_its_run_done_again(tmp_path, capsys, how):
+    a = json.dumps({"run_id": "a", "precision": "float32", "bits": 1.0}).encode()
+    c = json.dumps({"run_id": "c", "precision": "bfloat16", "bits": 3.0}).encode()
+    (tmp_path / "runs.jsonl").write_bytes(a + b"\n" + BROKEN_ROWS[how] + b"\n" + c + b"\n")
+    with RunStore(tmp_path, "capacity") as store:
+        assert [r.run_id for r in store.todo([Planned("a"), Planned("b"), Planned("c")])] == ["b"]
+        assert [r["precision"] for r in store.rows] == ["float32", "bfloat16"]  # no KeyError for a summary
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs.jsonl line 2 is damaged" in err[0] and "done again" in err[0]
+    assert (tmp_path / "runs.jsonl").read_bytes() == a + b"\n" + c + b"\n"
+    assert (tmp_path / "runs.jsonl.damaged").read_bytes() == BROKEN_ROWS[how] + b"\n"  # byte for byte
+    with RunStore(tmp_path, "capacity") as store:  # what is left reads back whole, and nothing more is set aside
+        assert [r["run_id"] for r in store.rows] == ["a", "c"]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_missing_field_is_named_and_rows_that_all_lack_a_field_or_have_more_are_kept(tmp_path, capsys):
+    rows = [{"run_id": "a", "precision": "float32", "bits": 1.0},
+            {"run_id": "b", "bits": 2.0},  # no precision, which a, c and d have
+            {"run_id": "c", "precision": "float32", "bits": 3.0, "saturated": True},  # a field the others lack: fine
+            {"run_id": "d", "precision": "float32", "bits": 4.0}]
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with RunStore(tmp_path, "capacity") as store:
+        assert [r["run_id"] for r in store.rows] == ["a", "c", "d"]
+    err = capsys.readouterr().err
+    assert "runs.jsonl line 2 is damaged" in err and "'precision'" in err
+    # Rows that all lack a field are rows of their kind (the store knows no experiment's fields).
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps({"run_id": r, "bits": 1.0}) + "\n" for r in "xyz"))
+    with RunStore(tmp_path, "capacity") as store:
+        assert [r["run_id"] for r in store.rows] == ["x", "y", "z"]
+    assert capsys.readouterr().err == ""
+
 def test_temporaries_left_by_a_kill_mid_write_are_removed(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     left = [tmp_path / ".runs.jsonl.tmp-4242", tmp_path / "checkpoints" / ".x.pt.tmp-4243"]
