@@ -36,10 +36,16 @@ def parse_workers(value: str) -> str | int:
     text = str(value).strip().lower()
     if text == "auto":
         return text
-    if not text.isdigit() or int(text) < 1:
+    try:
+        # isdecimal, not isdigit: superscripts and circled digits ("²", "①") are digits to isdigit
+        # but no number to int(); and int() refuses more than 4,300 digits.
+        count = int(text) if text.isdecimal() else 0
+    except ValueError:
+        count = 0
+    if count < 1:
         raise ConfigError(f"--workers must be auto or a whole number >= 1, got {value!r}; e.g. --workers 2, "
                           "or --workers 1 to train one job at a time")
-    return int(text)
+    return count
 
 
 def workers_for(choice: str | int, device: torch.device, runs: list, cost: Callable[[object], float]) -> int:

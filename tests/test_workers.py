@@ -38,13 +38,16 @@ def no_pinned_threads(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.mark.parametrize("text, expected", [("auto", "auto"), ("AUTO", "auto"), ("1", 1), (" 3 ", 3)])
+@pytest.mark.parametrize("text, expected", [("auto", "auto"), ("AUTO", "auto"), ("1", 1), (" 3 ", 3),
+                                            ("\uff13", 3)])  # a full-width 3: a decimal digit, as int() reads it
 def test_the_workers_option_reads_auto_or_a_count(text, expected):
     assert parse_workers(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "two", "1.5", ""])
+@pytest.mark.parametrize("text", ["0", "-1", "two", "1.5", "", "\u00b2", "2\u00b2", "\u2460", "1" * 5000])
 def test_a_bad_workers_option_names_the_problem_and_the_fix(text):
+    # "\u00b2" (superscript two) and "\u2460" (circled one) are digits to str.isdigit but not numbers to int();
+    # 5,000 digits are more than int() converts: a ConfigError (one line from the CLI), never a ValueError.
     with pytest.raises(ConfigError, match="--workers must be auto or a whole number >= 1.*e.g. --workers 2"):
         parse_workers(text)
 
