@@ -129,3 +129,173 @@ def test_packages_import_each_other_in_one_direction_only():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# --- The repository root on sys.path -------------------------------------------------------------
+# `python -c`, `python -m`, `python -` and an interactive `python` started in the repository root put
+# the root on sys.path, where the folder kernels/ answers `import kernels`: the name of Hugging Face's
+# package, which transformers imports at load. memk's kernels/__init__.py, imported under that bare
+# name, hands over to Hugging Face's package (or says it is not installed).
+
+import importlib.metadata
+import importlib.util
+import os
+import subprocess
+import sysconfig
+
+import pytest
+
+
+def _hub_kernels_init() -> Path | None:
+    """The __init__.py of Hugging Face's installed `kernels` package; None where it is not installed."""
+    try:
+        dist = importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return Path(dist.locate_file("kernels/__init__.py")).resolve()
+
+
+def _in_root(args: list[str], cwd: Path = REPO, stdin: str | None = None, timeout: float = 300):
+    """`python ARGS` as a user would run it in the repository root (the root first on sys.path)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    env.setdefault("MEMK_NUM_THREADS", "1")
+    return subprocess.run([sys.executable, *args], cwd=cwd, input=stdin, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="transformers is not installed")
+needs_hub_kernels = pytest.mark.skipif(_hub_kernels_init() is None,
+                                       reason="Hugging Face's kernels package is not installed")
+
+TRANSFORMERS_AT_LOAD = "import transformers\nfrom transformers import GPT2LMHeadModel\nprint('loaded', GPT2LMHeadModel.__name__)\n"
+
+
+@needs_transformers
+@pytest.mark.parametrize("how", ["-c", "stdin"])
+def test_transformers_loads_in_the_repository_root(how):
+    # GPT2LMHeadModel imports transformers.integrations.hub_kernels, which does `from kernels import ...`.
+    args, stdin = (["-c", TRANSFORMERS_AT_LOAD], None) if how == "-c" else (["-"], TRANSFORMERS_AT_LOAD)
+    done = _in_root(args, stdin=stdin)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "loaded GPT2LMHeadModel"
+
+
+@needs_hub_kernels
+def test_import_kernels_in_the_repository_root_is_hugging_faces():
+    code = (
+        "import importlib.util, sys\n"
+        "import kernels\n"
+        "from kernels import get_kernel\n"
+        "import memk.kernels\n"
+        "print(kernels.__file__)\n"
+        "print(importlib.util.find_spec('kernels').origin)\n"
+        "print(sys.modules['kernels'] is kernels, memk.kernels.__name__, memk.kernels.__file__)\n"
+        "print(hasattr(kernels, 'logprob_ops'), callable(memk.kernels.logprob_ops), callable(get_kernel))\n"
+        "print(sorted({m.split('.')[0] for m, v in sys.modules.items() if getattr(v, '__file__', None)\n"
+        "              and m.split('.')[0] in ('kernels', 'memorize', 'bench', 'cli')\n"
+        "              and __import__('pathlib').Path(v.__file__).resolve().is_relative_to(sys.argv[1])}))\n"
+    )
+    done = _in_root(["-c", code, str(REPO)])
+    assert done.returncode == 0, done.stderr
+    hub, spec_origin, same_memk, attrs, bare_ours = done.stdout.splitlines()
+    assert Path(hub).resolve() == _hub_kernels_init()
+    assert Path(spec_origin).resolve() == _hub_kernels_init()
+    assert same_memk == f"True memk.kernels {REPO / 'kernels' / '__init__.py'}"
+    assert attrs == "False True True"
+    assert bare_ours == "[]"  # nothing of memk's loaded under a bare top-level name
+
+
+@needs_transformers
+@needs_hub_kernels
+def test_transformers_finds_and_uses_hugging_faces_kernels_in_the_repository_root(tmp_path):
+    code = (
+        "import kernels\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "from transformers.integrations import hub_kernels\n"
+        "print(is_kernels_available(), hub_kernels.CUDAProperties is kernels.CUDAProperties)\n"
+    )
+    outside = _in_root(["-c", code], cwd=tmp_path)
+    inside = _in_root(["-c", code])
+    assert outside.returncode == 0, outside.stderr
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout == outside.stdout == "True True\n"
+
+
+def _site_packages_without_hub_kernels(folder: Path) -> Path:
+    """A copy of the site-packages that holds Hugging Face's kernels (links), without it: as if it were
+    not installed: `python -S` (no site-packages) with `site.addsitedir(<this folder>)` before anything else."""
+    hub = _hub_kernels_init()
+    site = hub.parent.parent if hub is not None else Path(sysconfig.get_paths()["purelib"])
+    folder.mkdir()
+    for entry in site.iterdir():
+        if entry.name == "kernels" or (entry.name.startswith("kernels-") and entry.name.endswith(".dist-info")):
+            continue
+        (folder / entry.name).symlink_to(entry)
+    return folder
+
+
+def test_without_hugging_faces_kernels_import_kernels_in_the_root_is_a_module_not_found(tmp_path):
+    site = _site_packages_without_hub_kernels(tmp_path / "site")
+    code = (
+        f"import site, sys; site.addsitedir({str(site)!r})\n"
+        "import importlib.metadata\n"
+        "try:\n"
+        "    importlib.metadata.version('kernels')\n"
+        "except importlib.metadata.PackageNotFoundError:\n"
+        "    print('no kernels distribution')\n"
+        "for attempt in range(2):\n"
+        "    try:\n"
+        "        import kernels\n"
+        "    except ModuleNotFoundError as e:\n"
+        "        print(type(e).__name__, e.name, 'memk.kernels' in str(e))\n"
+        "    else:\n"
+        "        print('imported', kernels.__file__)\n"
+        "import memk.kernels\n"
+        "print(memk.kernels.__name__, callable(memk.kernels.logprob_ops))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'kernels'))\n"
+    )
+    done = _in_root(["-S", "-c", code])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "no kernels distribution",
+        "ModuleNotFoundError kernels True",
+        "ModuleNotFoundError kernels True",
+        "memk.kernels True",
+        "[]",
+    ]
+
+
+@needs_transformers
+def test_without_hugging_faces_kernels_transformers_loads_in_the_root_and_finds_no_kernels(tmp_path):
+    site = _site_packages_without_hub_kernels(tmp_path / "site")
+    code = (
+        f"import site, sys; site.addsitedir({str(site)!r})\n"
+        + TRANSFORMERS_AT_LOAD +
+        "import importlib.util\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "print(is_kernels_available(), importlib.util.find_spec('kernels'))\n"
+        "try:\n"
+        "    import kernels\n"
+        "except ModuleNotFoundError as e:\n"
+        "    print(type(e).__name__, e.name)\n"
+    )
+    outside = _in_root(["-S", "-c", code], cwd=tmp_path)
+    inside = _in_root(["-S", "-c", code])
+    assert outside.returncode == 0, outside.stderr
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout == outside.stdout == "loaded GPT2LMHeadModel\nFalse None\nModuleNotFoundError kernels\n"
+
+
+@needs_transformers
+@pytest.mark.slow
+def test_readmes_audit_example_runs_in_the_repository_root(tmp_path):
+    # README: `python -m memk.bench.audit_demo --out audit-demo`, from the root (about 20 s on one CPU core).
+    out = tmp_path / "audit-demo"
+    done = _in_root(["-m", "memk.bench.audit_demo", "--out", str(out)], timeout=900)
+    assert done.returncode == 0, done.stderr
+    for name in ("base", "finetuned"):
+        assert (out / name / "config.json").is_file() and (out / name / "tokenizer.json").is_file()
+    assert len((out / "members.txt").read_text().splitlines()) == 32
+    assert len((out / "non_members.txt").read_text().splitlines()) == 32
+    assert f"memk audit --model {out / 'finetuned'} --reference {out / 'base'}" in done.stdout
