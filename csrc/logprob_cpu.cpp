@@ -78,12 +78,18 @@ struct Lanes<f16_t> {  // through the scalar conversions (float16 on the CPU is 
   }
 };
 
-// One chunk of 4 vectors into the per-lane online state (m, s): one rescale, then one exp
-// per element.
-MEMK_HD void add_chunk(f32x8& m, f32x8& s, f32x8 v0, f32x8 v1, f32x8 v2, f32x8 v3) {
+// One chunk of 4 vectors into the per-lane online state (m, s, c): one rescale, then one exp
+// per element. The chunk's sum is added to s with Kahan compensation (c, see LseState): a lane
+// sums V / 8 terms, and plain float adds lose the small ones against a large s (at V = 2^28,
+// log p was off by 0.1 and more).
+MEMK_HD void add_chunk(f32x8& m, f32x8& s, f32x8& c, f32x8 v0, f32x8 v1, f32x8 v2, f32x8 v3) {
   const f32x8 m_new = vmax(m, vmax(vmax(v0, v1), vmax(v2, v3)));
-  s = s * exp_poly(m - m_new) + exp_poly(v0 - m_new) + exp_poly(v1 - m_new) + exp_poly(v2 - m_new) +
-      exp_poly(v3 - m_new);
+  const f32x8 scale = exp_poly(m - m_new);  // exactly 1 while the max stays
+  const f32x8 chunk = (exp_poly(v0 - m_new) + exp_poly(v1 - m_new)) + (exp_poly(v2 - m_new) + exp_poly(v3 - m_new));
+  const f32x8 scaled = s * scale;
+  const f32x8 y = chunk - c * scale;
+  s = scaled + y;
+  c = (s - scaled) - y;
   m = m_new;
 }
 
@@ -92,16 +98,18 @@ MEMK_HD void add_chunk(f32x8& m, f32x8& s, f32x8 v0, f32x8 v1, f32x8 v2, f32x8 v
 template <typename T>
 MEMK_HD LseState<float> row_state_float(const T* __restrict__ x, int64_t vocab) {
   using L = Lanes<T>;
-  f32x8 m = splat<f32x8>(-FLT_MAX), s = splat<f32x8>(0.0f);
+  f32x8 m = splat<f32x8>(-FLT_MAX), s = splat<f32x8>(0.0f), c = splat<f32x8>(0.0f);
   int64_t j = 0;
   for (; j + kChunk <= vocab; j += kChunk)
-    add_chunk(m, s, L::load(x + j), L::load(x + j + kLanes), L::load(x + j + 2 * kLanes), L::load(x + j + 3 * kLanes));
+    add_chunk(m, s, c, L::load(x + j), L::load(x + j + kLanes), L::load(x + j + 2 * kLanes),
+              L::load(x + j + 3 * kLanes));
   if (j < vocab) {
     float tail[kChunk];
     for (int k = 0; k < kChunk; ++k) tail[k] = j + k < vocab ? Elem<T>::load(x[j + k]) : -HUGE_VALF;
     using F = Lanes<float>;
-    add_chunk(m, s, F::load(tail), F::load(tail + kLanes), F::load(tail + 2 * kLanes), F::load(tail + 3 * kLanes));
+    add_chunk(m, s, c, F::load(tail), F::load(tail + kLanes), F::load(tail + 2 * kLanes), F::load(tail + 3 * kLanes));
   }
+  s = s - c;  // the compensation folded in (c is the negated low part lost so far)
   LseState<float> st{m[0], s[0]};
   for (int l = 1; l < kLanes; ++l) st.merge(LseState<float>{m[l], s[l]});
   return st;

@@ -74,6 +74,7 @@ __device__ __forceinline__ void accumulate_row(const T* __restrict__ x, int64_t 
 // Merge the states of the TPR threads of each row; the result is valid in the row's lane 0.
 template <typename A, int TPR>
 __device__ __forceinline__ LseState<A> reduce_row(LseState<A> st) {
+  st = LseState<A>{st.m, st.sum()};  // the Kahan compensation folded in: states travel as (m, s)
   MEMK_UNROLL
   for (int offset = 16; offset > 0; offset >>= 1) {
     LseState<A> other{__shfl_xor_sync(0xffffffffu, st.m, offset), __shfl_xor_sync(0xffffffffu, st.s, offset)};

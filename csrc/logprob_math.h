@@ -247,17 +247,32 @@ MEMK_HD double lowest<double>() {
 // lowest finite value, not -inf, so that exp(m_old - m_new) is never exp(-inf - -inf) = NaN
 // for rows or lanes that have seen only -inf. NaN and +inf propagate: a NaN x makes
 // exp(x - m) NaN; +inf makes m = inf and exp(inf - inf) NaN.
+// s is a sum of up to V terms (V / threads per row on the GPU): added one by one in float,
+// terms far smaller than s are lost (an error growing with V: 0.1 in log p at V = 2^28). So
+// the adds are Kahan-compensated: c holds the negated low part lost so far, and the sum is
+// s - c (sum()), to a few float roundings whatever V.
 template <typename A>
 struct LseState {
   A m;
   A s;
+  A c = A(0);
 
   MEMK_HD static LseState empty() { return LseState{lowest<A>(), A(0)}; }
+
+  MEMK_HD A sum() const { return s - c; }
+
+  // s <- s * scale + term, compensated (scale is exactly 1 while the max stays).
+  MEMK_HD void rescale_add(A scale, A term) {
+    const A scaled = s * scale;
+    const A y = term - c * scale;
+    s = scaled + y;
+    c = (s - scaled) - y;
+  }
 
   // Add one element (two exps; the vector paths use add_block).
   MEMK_HD void add(A x) {
     const A m_new = max_of(m, x);
-    s = s * fast_exp(m - m_new) + fast_exp(x - m_new);
+    rescale_add(fast_exp(m - m_new), fast_exp(x - m_new));
     m = m_new;
   }
 
@@ -268,22 +283,23 @@ struct LseState {
 MEMK_UNROLL
     for (int k = 1; k < N; ++k) bm = max_of(bm, x[k]);
     const A m_new = max_of(m, bm);
-    A sum = s * fast_exp(m - m_new);
+    A block = A(0);
 MEMK_UNROLL
-    for (int k = 0; k < N; ++k) sum += fast_exp(x[k] - m_new);
-    s = sum;
+    for (int k = 0; k < N; ++k) block += fast_exp(x[k] - m_new);
+    rescale_add(fast_exp(m - m_new), block);
     m = m_new;
   }
 
   MEMK_HD void merge(const LseState& o) {
     const A m_new = max_of(m, o.m);
-    s = s * fast_exp(m - m_new) + o.s * fast_exp(o.m - m_new);
+    s = sum() * fast_exp(m - m_new) + o.sum() * fast_exp(o.m - m_new);
+    c = A(0);
     m = m_new;
   }
 
   // log s: the log-sum-exp less m. s >= 1 once a finite logit is seen (the max adds exp(0)),
   // so log_sum >= 0; -inf for a row of all -inf (then logp = (-inf - m) - -inf = NaN, as torch).
-  MEMK_HD A log_sum() const { return acc_log(s); }
+  MEMK_HD A log_sum() const { return acc_log(sum()); }
 };
 
 // ---------------------------------------------------------------------------------------

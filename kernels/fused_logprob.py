@@ -12,8 +12,8 @@ hold (csrc/logprob_math.h says why). A row with a NaN or +inf logit gives NaN; a
 is an ordinary logit of probability 0.
 
 The kernels are C++ (CPU: parallel over rows, vectorized) and CUDA, in csrc/; they are
-registered as the torch operators memk::logprob_fwd_v2 and memk::logprob_bwd_v2 (with autograd and
-fake/meta implementations, so they work under torch.compile) and compiled with
+registered as the torch operators memk::logprob_fwd_v2 and memk::logprob_bwd_v2 (with autograd, for
+the backward too, so second derivatives are right, and fake/meta implementations, so they work under torch.compile) and compiled with
 torch.utils.cpp_extension on first use, then cached (the CUDA part is built only where torch
 has CUDA, nvcc is found and a GPU is present). Importing this module compiles nothing. Without a compiler the
 ops raise BackendUnavailable, which names the pure-PyTorch `reference` backend as the way
@@ -369,6 +369,48 @@ def _register_python_parts() -> None:
         return grad, None, None, None
 
     torch.library.register_autograd("memk::logprob_fwd_v2", backward, setup_context=setup_context)
+
+    # The backward is differentiable too (gradient penalties: autograd.grad(..., create_graph=True),
+    # then backward through that gradient). Without this, torch would run logprob_bwd_v2 as a constant
+    # of its inputs, with only a warning, and the second derivative would be silently wrong.
+    def bwd_setup_context(ctx, inputs, output):
+        grad_logp, logits, targets, _row_max, _log_sum, ignore_index = inputs
+        ctx.save_for_backward(grad_logp, logits, targets)
+        ctx.ignore_index = ignore_index
+
+    def bwd_backward(ctx, grad_grad):
+        grad_logp, logits, targets = ctx.saved_tensors
+        return (*_logprob_bwd_backward(grad_grad, grad_logp, logits, targets, ctx.ignore_index), None, None, None, None)
+
+    torch.library.register_autograd("memk::logprob_bwd_v2", bwd_backward, setup_context=bwd_setup_context)
+
+
+def _logprob_bwd_backward(
+    v: torch.Tensor, g: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of sum(v * logprob_bwd(g, logits)) in g and in logits, with plain torch ops.
+
+    logprob_bwd is G_ij = g_i ([j == t_i] - p_ij), p = softmax(x_i); so with <v, p>_i = sum_j v_ij p_ij:
+      d/dg_i  = v_{i,t_i} - <v, p>_i
+      d/dx_ij = -g_i p_ij (v_ij - <v, p>_i)
+    Rows whose target is ignored get 0 (their G is 0); rows whose target is outside [0, V) get NaN, as in
+    the kernels. p is recomputed from the logits by torch.softmax (rows x V floats, for second derivatives
+    only), so the graph of this result is exact too and higher derivatives are right.
+    """
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    vocab = logits.shape[-1]
+    p = torch.softmax(logits.to(acc), dim=-1)
+    v = v.to(acc)
+    vp = (v * p).sum(-1, keepdim=True)
+    used = targets != ignore_index if ignore_index is not None else torch.ones_like(targets, dtype=torch.bool)
+    in_range = (targets >= 0) & (targets < vocab)
+    v_t = v.gather(-1, torch.where(in_range, targets, 0).unsqueeze(-1))
+    grad_g = (v_t - vp).squeeze(-1)
+    grad_x = -(g.to(acc).unsqueeze(-1) * p * (v - vp))
+    nan = torch.full((), float("nan"), dtype=acc, device=logits.device)
+    grad_g = torch.where(used, torch.where(in_range, grad_g, nan), 0.0)
+    grad_x = torch.where(used.unsqueeze(-1), torch.where(in_range.unsqueeze(-1), grad_x, nan), 0.0)
+    return grad_g.to(g.dtype), grad_x.to(logits.dtype)
 
 
 def _logprobs(

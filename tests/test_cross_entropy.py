@@ -130,6 +130,43 @@ def test_large_offset_logits_are_stable():
     torch.testing.assert_close(kernels.token_logprobs(x, t).double(), _ref_logprobs(x, t), **_fwd_tol(x))
 
 
+# Long rows: each CPU lane (each GPU thread) sums V / 8 (V / 256) terms exp(x - m); summed in plain
+# float the small ones are lost against the large running sum, an error that grows with V.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_long_rows_match_float64(dtype):
+    vocab = 2**22
+    x = _logits((2, vocab), dtype, 7).requires_grad_(True)
+    t = torch.tensor([0, vocab - 1])
+    got = kernels.token_logprobs(x, t)
+    x64 = x.detach().double().requires_grad_(True)
+    want = _ref_logprobs(x64, t)
+    torch.testing.assert_close(got.double(), want.detach(), **_fwd_tol(x))
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, **_grad_tol(x, x64.grad))
+
+
+@pytest.mark.slow
+def test_vocabulary_of_two_to_the_28():
+    # 1 GiB of float32 logits (and 1 GiB of gradient): one row, freed before the test ends.
+    vocab = 2**28
+    x = torch.randn((1, vocab), generator=torch.Generator().manual_seed(28)).requires_grad_(True)
+    t = torch.tensor([vocab - 1])
+    got = kernels.token_logprobs(x, t)
+    row = x.detach()[0]
+    m = float(row.max())
+    sum_exp = sum(float(torch.exp(part.double() - m).sum()) for part in row.split(2**24))
+    lse = m + math.log(sum_exp)
+    want = float(row[-1]) - lse
+    assert abs(float(got) - want) <= 1e-5 * abs(want) + 2e-5, (float(got), want)
+    got.sum().backward()
+    tail = row[-2**20:].double()
+    want_grad = -torch.exp(tail - lse)
+    want_grad[-1] += 1.0
+    torch.testing.assert_close(x.grad[0, -2**20:].double(), want_grad, rtol=2e-5, atol=2e-5 * float(want_grad.abs().max()))
+    del x, row, got, tail
+
+
 # log_softmax(x + c) = log_softmax(x): the error may not grow with the logits' offset (the
 # tolerance, _fwd_tol, has no term in the logits' size).
 OFFSETS = [0.0, 1e4, 1e6, 1e8]
@@ -333,6 +370,67 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda z: kernels.token_logprobs(z, t.clamp(min=0)), (x,))
     for reduction in ("mean", "sum", "none"):
         assert torch.autograd.gradcheck(lambda z: kernels.cross_entropy(z, t, reduction=reduction), (x,))
+
+
+# Double backward (a gradient penalty): d/dx of a function of d loss/dx, against the same
+# computed by torch's own ops on the logits in float64.
+def _penalty_grad(fn, x, weights):
+    """d/dx of sum(weights * (d fn(x) / dx)^2), with create_graph=True through the first gradient."""
+    x = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(fn(x), x, create_graph=True)
+    (g.double().square() * weights).sum().backward()
+    return x.grad
+
+
+def _reference_loss(name, ignore_index=-100, reduction="mean"):
+    from memk.kernels import reference
+
+    if name == "cross_entropy":
+        return lambda x, t: reference.cross_entropy(x.double(), t, ignore_index=ignore_index, reduction=reduction)
+    return lambda x, t: getattr(reference, name)(x.double(), t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [("token_logprobs", {}), ("sequence_bits", {}),
+     ("cross_entropy", {"reduction": "mean"}), ("cross_entropy", {"reduction": "sum", "ignore_index": 2}),
+     ("cross_entropy", {"reduction": "none"})],
+    ids=lambda v: v if isinstance(v, str) else "-".join(map(str, v.values())),
+)
+def test_double_backward_matches_float64(dtype, name, kwargs):
+    seed = _seed(dtype, name, kwargs)
+    x = _logits((3, 4, 37), dtype, seed, scale=2.0)
+    t = _targets((3, 4), 37, seed)
+    if "ignore_index" in kwargs:
+        t[0, :2] = kwargs["ignore_index"]
+    g = torch.Generator().manual_seed(seed + 5)
+    weights = torch.rand(x.shape, generator=g, dtype=torch.float64) + 0.5
+    upstream = torch.rand(t.shape[:1] if name == "sequence_bits" else t.shape, generator=g, dtype=torch.float64) + 0.5
+    reduced = name == "cross_entropy" and kwargs["reduction"] != "none"
+
+    def through(op):
+        return lambda z: op(z, t).double().sum() if reduced else (op(z, t).double() * upstream).sum()
+
+    ours = getattr(kernels, name)
+    got = _penalty_grad(through(lambda z, tt: ours(z, tt, **kwargs)), x, weights)
+    want = _penalty_grad(through(_reference_loss(name, **kwargs)), x.double(), weights)
+    assert got.dtype == dtype and got.shape == x.shape
+    torch.testing.assert_close(got.double(), want, **_grad_tol(x, want))
+
+
+def test_double_and_triple_backward_gradcheck_float64():
+    x = _logits((3, 2, 5), torch.float64, 93).requires_grad_(True)
+    t = _targets((3, 2), 5, 93)
+    t[1, 0] = -100
+    assert torch.autograd.gradgradcheck(lambda z: kernels.token_logprobs(z, t.clamp(min=0)), (x,))
+    assert torch.autograd.gradgradcheck(lambda z: kernels.cross_entropy(z, t, reduction="none"), (x,))
+
+    def grad_of_grad(z):  # a third derivative: the double backward's own graph is right too
+        (g,) = torch.autograd.grad(kernels.cross_entropy(z, t), z, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), z, create_graph=True)[0]
+
+    assert torch.autograd.gradcheck(grad_of_grad, (x,))
 
 
 def test_opcheck():

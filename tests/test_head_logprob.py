@@ -63,6 +63,27 @@ def test_a_masked_vocabulary_entry_has_probability_zero_not_nan():
     assert torch.isfinite(mean).all() and torch.isfinite(std).all()
 
 
+@pytest.mark.parametrize("backend", logprob_backends())
+def test_double_backward_through_the_head_matches_float64(backend):
+    # A gradient penalty on the hidden states: d/dh of |d sum(logp) / dh|^2, through the log-prob op's backward.
+    g = torch.Generator().manual_seed(4)
+    n, d, vocab = 11, 6, 29
+    hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, d, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+
+    def penalty_grad(logprobs, h):
+        h = h.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(logprobs(h).sum(), h, create_graph=True)
+        grad.double().square().sum().backward()
+        return h.grad
+
+    got = penalty_grad(lambda h: head_token_logprobs(h, weight.float(), targets, block_bytes=4 * vocab * 4,
+                                                     backend=backend), hidden.float())
+    want = penalty_grad(lambda h: float64_truth(h, weight, targets)[0], hidden)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 def test_bad_shapes_are_named():
     with pytest.raises(ValueError, match="same d"):
         head_token_logprobs(torch.zeros(3, 4), torch.zeros(5, 3), torch.zeros(3, dtype=torch.long))
