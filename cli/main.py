@@ -144,10 +144,10 @@ def run_capacity(preset_name, out, no_progress, ensemble, workers, dry_run, exec
 
     choice, workers = parse_ensemble(ensemble), parse_workers(workers)
     exp = capacity.experiment_from_options(preset_name, **options)
-    if dry_run:
-        click.echo(dry_run_plan.capacity_plan(exp, choice, workers))
-        return
     out = output_folder(out, Path("runs") / f"capacity-{preset_name}")
+    if dry_run:  # what remains to train into --out, read without locking or creating it
+        click.echo(dry_run_plan.capacity_plan(exp, choice, workers, out))
+        return
     executor = executor_from_options(executor_name, capacity.validate(exp), choice, ray_address, gpus_per_task,
                                      cpus_per_task, workers)
     summary = capacity.run_capacity(exp, out, progress=not no_progress, executor=executor)

@@ -26,6 +26,7 @@ from .reference import FOLDER as REFERENCE_FOLDER
 from .reference import reference_id
 from .runtime import cpu_threads_pinned, resolve_backends
 from .sources import load_source
+from .store import ROWS, RunStore
 from .sweep import Run, batch_rows, training_flops
 from .workers import workers_for
 
@@ -164,14 +165,54 @@ def _possible_slots(plan: EnsemblePlan, device: torch.device) -> int:
     return EnsembleExecutor(device, try_compile=False).plans(plan.runs)[0].slots
 
 
-def capacity_plan(exp: capacity.CapacityExperiment, choice: str | int, workers: str | int = 1) -> str:
-    return capacity_estimate(exp, choice, workers).text
+def finished_rows(folder: Path) -> list[dict]:
+    """The rows of runs.jsonl in an output folder, read without touching it.
+
+    The run store (store.RunStore) takes the folder's lock, creates it and its checkpoints/ and sets
+    damaged rows aside: not what a dry run may do to a folder another run may be writing. A line
+    that does not parse is skipped here: its run is to do, as the real command would redo it.
+    """
+    try:
+        data = (Path(folder) / ROWS).read_bytes()
+    except OSError:  # no folder, no rows yet, unreadable: nothing finished that we can see
+        return []
+    found = []
+    for line in data.splitlines():
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(row, dict) and isinstance(row.get("run_id"), str):
+            found.append(row)
+    return found
 
 
-def capacity_estimate(exp: capacity.CapacityExperiment, choice: str | int, workers: str | int = 1) -> Estimate:
+def remaining_runs(runs: list[Run], folder: Path | None, experiment: str) -> list[Run]:
+    """The runs the real command would still train into `folder` (RunStore.todo over its finished rows)."""
+    if folder is None:
+        return runs
+    view = RunStore(folder, experiment)  # never entered: no lock taken, nothing created or written
+    view.rows = finished_rows(folder)
+    return view.todo(runs)
+
+
+def capacity_plan(exp: capacity.CapacityExperiment, choice: str | int, workers: str | int = 1,
+                  out_dir: Path | None = None) -> str:
+    return capacity_estimate(exp, choice, workers, out_dir).text
+
+
+def capacity_estimate(exp: capacity.CapacityExperiment, choice: str | int, workers: str | int = 1,
+                      out_dir: Path | None = None) -> Estimate:
+    """The plan of the runs still to train into out_dir (None: all of them, as into an empty folder)."""
     device = capacity.validate(exp)
     runs = capacity.plan(exp, resolve_backends(device, exp.attention_backend, exp.logprob_backend))
-    return estimate(runs, choice, device, "run-capacity plan", workers_choice=workers)
+    todo = remaining_runs(runs, out_dir, "capacity")
+    title = "run-capacity plan"
+    if len(todo) < len(runs):  # a resume: say what is done already, as the real command's progress bar would
+        title += f" ({len(runs) - len(todo)} of {_runs(len(runs))} finished in {out_dir})"
+    if not todo:
+        return Estimate(f"{title}: 0 runs to train; running it would only write the summary and plots", 0.0, 0.0)
+    return estimate(todo, choice, device, title, workers_choice=workers)
 
 
 def generalization_plan(exp: generalization.GeneralizationExperiment, choice: str | int, out_dir: Path,
