@@ -152,11 +152,21 @@ def main(results: str, out: str, default_summary: str) -> None:
               "precision": [r for r in rows if r["arm"].startswith("precision-")],
               "paper": [r for r in rows if r["arm"].startswith("paper1x32-") and "probe" not in r["arm"]],
               "probe": [r for r in rows if "probe" in r["arm"]]}
+    text = ["# The capacity study's tables", "",
+            f"Written by `python -m memk.bench.capacity_study_report` from {results}/ (one file per arm).", ""]
     for name, group in groups.items():
         if group:
-            print(f"## {name}\n\n{table(group)}\n")
-    print(f"## counting ({default_summary}: bits/param (parameters))\n\n"
-          f"{counting_table(json.loads(Path(default_summary).read_text()))}\n")
+            text += [f"## {name}", "", table(group), ""]
+    text += [f"## counting ({default_summary}: bits/param (parameters))", "",
+             counting_table(json.loads(Path(default_summary).read_text())), ""]
+    unfinished_arms = load_unfinished(Path(results))
+    if unfinished_arms:
+        text += ["## unfinished when collected", "", "| arm | step reached | best bits/param so far |", "|---|---|---|"]
+        for label, curve, parameters in curve_entries({}, unfinished_arms, ""):
+            text.append(f"| {label} | {curve[-1][0]:,} | {max(b for _, b in curve) / parameters:.2f} |")
+        text.append("")
+    (folder / "tables.md").write_text("\n".join(text))
+    print("\n".join(text))
 
     unfinished = load_unfinished(Path(results))
     for name, prefix, title in (("recipe", "recipe-", "1x8 at V 64, S 32 (1,656 parameters): recipes, 20,000 steps"),
