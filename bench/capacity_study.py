@@ -188,7 +188,8 @@ def run(arms: tuple[str, ...], out: str) -> None:
         (folder / "study.json").write_text(json.dumps(
             {"arm": name, "question": ARMS[name].question, "started": started, "finished": machine(),
              "wall_seconds_this_invocation": time.perf_counter() - t0,
-             "command": f"MEMK_NUM_THREADS=1 python -m memk.bench.capacity_study run {name} --out {out}"}, indent=1))
+             # DIR, not this machine's folder: the record is committed
+             "command": f"MEMK_NUM_THREADS=1 python -m memk.bench.capacity_study run {name} --out DIR"}, indent=1))
         print(f"{name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
@@ -228,6 +229,7 @@ def collect(out: str, results: str, unfinished: bool) -> None:
         (dest / f"{folder.name}.unfinished.json").unlink(missing_ok=True)
         rows = [json.loads(line) for line in (folder / "runs.jsonl").read_text().splitlines() if line.strip()]
         record = json.loads((folder / "study.json").read_text())
+        record["command"] = record["command"].replace(f"--out {out}", "--out DIR")  # records written before that
         record["summary"] = json.loads((folder / "summary.json").read_text())
         record["rows"] = rows
         (dest / f"{folder.name}.json").write_text(json.dumps(record, indent=1) + "\n")
