@@ -80,15 +80,17 @@ def read_state(path: Path, load: Callable[[Path], T], what: str, then: str) -> T
         return None
 
 
-def read_rows(path: Path, is_row: Callable[[object], bool], then: str) -> list[dict]:
+def read_rows(path: Path, is_row: Callable[[object], bool], then: str,
+              incomplete: Callable[[list[dict]], dict[int, str]] | None = None) -> list[dict]:
     """The rows of a JSON-lines file (one object a line, blank lines skipped), [] where there is none.
-    A damaged line - cut short by a kill or a full disk, not UTF-8, not JSON, or not a row (is_row
-    false) - is appended to PATH.damaged (so nothing set aside earlier is lost), the file is rewritten
-    without it, and one warning names the lines and says `then` (what happens instead)."""
+    A damaged line - cut short by a kill or a full disk, not UTF-8, not JSON, not a row (is_row
+    false), or a row `incomplete` names (index among the rows read -> why) - is appended to
+    PATH.damaged (so nothing set aside earlier is lost), the file is rewritten without it, and one
+    warning names the lines and says `then` (what happens instead)."""
     path = Path(path)
     if not path.exists():
         return []
-    rows, damaged = [], []
+    read, damaged = [], []
     for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -96,16 +98,21 @@ def read_rows(path: Path, is_row: Callable[[object], bool], then: str) -> list[d
             row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             if not is_row(row):
                 raise ValueError("not a row")
-            rows.append(row)
+            read.append((number, line, row))
         except (ValueError, RecursionError):  # RecursionError: nesting too deep for the JSON decoder
             damaged.append((number, line))
+    reasons = incomplete([row for _, _, row in read]) if incomplete is not None else {}
+    damaged += [(number, line) for i, (number, line, _) in enumerate(read) if i in reasons]
+    rows = [row for i, (_, _, row) in enumerate(read) if i not in reasons]
     if damaged:
+        damaged.sort()
         aside = path.with_name(path.name + DAMAGED)
         with open(aside, "ab") as f:  # bytes as they were: a line that is not UTF-8 is kept too
             f.writelines(line + b"\n" for _, line in damaged)
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         lines = ", ".join(str(n) for n, _ in damaged)
-        warn(f"{path} line {lines} is damaged; set aside in {aside.name}, {then}")
+        why = f" ({'; '.join(reasons[i] for i in sorted(reasons))})" if reasons else ""
+        warn(f"{path} line {lines} is damaged{why}; set aside in {aside.name}, {then}")
     return rows
 
 

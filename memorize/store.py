@@ -20,8 +20,8 @@ from typing import Iterable, Protocol
 
 import torch
 
-from .errors import ConfigError, warn
-from .outputs import atomic_write_json, atomic_write_text, read_state, remove_temporaries
+from .errors import ConfigError
+from .outputs import atomic_write_json, atomic_write_text, read_rows, read_state, remove_temporaries
 from .runtime import Backends
 
 ROWS = "runs.jsonl"
@@ -65,6 +65,22 @@ def lock_folder(folder: Path):
             f"another memk run is writing to {str(folder)!r}; wait for it to finish or choose another --out"
         )
     return handle
+
+
+def _lacking_fields(rows: list[dict]) -> dict[int, str]:
+    """Rows that lack a field every other row has (an edit, another writer), by index: they would end
+    a summary in KeyError. The store knows no experiment's fields, so the rows tell; a field several
+    rows lack (rows of an earlier memk, from before it was added) is not missing, a lone such row is."""
+    has: dict[str, int] = {}
+    for row in rows:
+        for key in row:
+            has[key] = has.get(key, 0) + 1
+    out = {}
+    for i, row in enumerate(rows):
+        missing = [key for key, count in has.items() if count == len(rows) - 1 and key not in row]
+        if missing:
+            out[i] = f"it lacks {', '.join(map(repr, missing))}, which the other rows have"
+    return out
 
 
 def _kind_of(experiment: dict) -> str | None:
@@ -135,47 +151,8 @@ class RunStore:
             )
 
     def _load_rows(self) -> list[dict]:
-        path = self.folder / ROWS
-        if not path.exists():
-            return []
-        # Bytes, not text: a line that is not UTF-8 is one damaged row, not the end of the whole file.
-        read, damaged = [], []
-        for number, line in enumerate(path.read_bytes().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError is a ValueError
-                if not isinstance(row, dict) or not isinstance(row.get("run_id"), str):
-                    raise ValueError("not a run's row")
-                read.append((number, line, row))
-            except (ValueError, RecursionError):  # RecursionError: nesting too deep for the JSON decoder
-                damaged.append((number, line))
-        # A row that lacks a field every other row has (an edit, another writer) would end a summary in
-        # KeyError. The store knows no experiment's fields, so the rows tell: a field that the other
-        # rows have all but this one is missing from it. A field that several rows lack (rows of an
-        # earlier memk, from before it was added) is not; a lone such row is redone, whole since.
-        has = {}
-        for _, _, row in read:
-            for key in row:
-                has[key] = has.get(key, 0) + 1
-        rows, lacking = [], []
-        for number, line, row in read:
-            missing = [key for key, count in has.items() if count == len(read) - 1 and key not in row]
-            if missing:
-                damaged.append((number, line))
-                lacking.append(f"line {number} lacks {', '.join(map(repr, missing))}")
-            else:
-                rows.append(row)
-        if damaged:  # cut short (a kill elsewhere, a full disk), garbled or incomplete: keep it aside, redo its run
-            damaged.sort()
-            aside = path.with_name(ROWS + ".damaged")
-            with open(aside, "ab") as f:
-                f.writelines(line + b"\n" for _, line in damaged)
-            self._write_rows(rows)
-            lines = ", ".join(str(n) for n, _ in damaged)
-            why = f" ({'; '.join(lacking)}, which the other rows have)" if lacking else ""
-            warn(f"{path} line {lines} is damaged{why}; set aside in {aside.name}, and its run is done again")
-        return rows
+        return read_rows(self.folder / ROWS, lambda row: isinstance(row, dict) and isinstance(row.get("run_id"), str),
+                         "and its run is done again", incomplete=_lacking_fields)
 
     def _write_rows(self, rows: list[dict]) -> None:
         atomic_write_text(self.folder / ROWS, "".join(json.dumps(r) + "\n" for r in rows))
