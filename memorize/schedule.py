@@ -225,16 +225,19 @@ class Schedule:
             return False
         cfg = self.cfg
         evaluated_now = bool(self.curve) and self.curve[-1][0] == self.step
-        if evaluated_now and self.step >= cfg.min_steps and cfg.saturation_gain is not None:
-            if saturated(doubling_gain(self.curve), cfg.saturation_gain):
-                self.stop_reason, self.cooldown_start = "saturated", self.step
-        elif evaluated_now and self.step >= cfg.min_steps and plateau_reached(
-            [bits for _, bits in self.curve], cfg.plateau_window, cfg.plateau_rel_tol
-        ):
-            self.stop_reason, self.cooldown_start = "plateau", self.step
-        if self.cooldown_start is None and self.step >= cfg.max_steps - cfg.cooldown_steps:
+        if evaluated_now and self.step >= cfg.min_steps and self._flattened():
+            self.stop_reason = "saturated" if cfg.saturation_gain is not None else "plateau"
+            self.cooldown_start = self.step
+        elif self.step >= cfg.max_steps - cfg.cooldown_steps:
             self.stop_reason, self.cooldown_start = "step_cap", self.step
         return self.cooldown_start is not None
+
+    def _flattened(self) -> bool:
+        """The config's rule on the curve so far: saturation where it sets one, else the plateau rule."""
+        cfg = self.cfg
+        if cfg.saturation_gain is not None:
+            return saturated(doubling_gain(self.curve), cfg.saturation_gain)
+        return plateau_reached([bits for _, bits in self.curve], cfg.plateau_window, cfg.plateau_rel_tol)
 
     def learning_rate(self) -> float:
         return learning_rate(self.step, self.cfg, self.cooldown_start)
