@@ -26,7 +26,8 @@ from .reference import FOLDER as REFERENCE_FOLDER
 from .reference import reference_id
 from .runtime import cpu_threads_pinned, resolve_backends
 from .sources import load_source
-from .store import ROWS, RunStore
+from .outputs import split_rows
+from .store import ROWS, RunStore, is_run_row
 from .sweep import Run, batch_rows, training_flops
 from .workers import workers_for
 
@@ -176,15 +177,8 @@ def finished_rows(folder: Path) -> list[dict]:
         data = (Path(folder) / ROWS).read_bytes()
     except OSError:  # no folder, no rows yet, unreadable: nothing finished that we can see
         return []
-    found = []
-    for line in data.splitlines():
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(row, dict) and isinstance(row.get("run_id"), str):
-            found.append(row)
-    return found
+    read, _ = split_rows(data, is_run_row)
+    return [row for _, _, row in read]
 
 
 def remaining_runs(runs: list[Run], folder: Path | None, experiment: str) -> list[Run]:

@@ -80,6 +80,23 @@ def read_state(path: Path, load: Callable[[Path], T], what: str, then: str) -> T
         return None
 
 
+def split_rows(data: bytes, is_row: Callable[[object], bool]) -> tuple[list[tuple[int, bytes, dict]], list[tuple[int, bytes]]]:
+    """A JSON-lines file's bytes as (line number, line, row) for each row and (line number, line) for
+    each damaged line: cut short, not UTF-8, not JSON, nested too deep, or not a row (is_row false)."""
+    read, damaged = [], []
+    for number, line in enumerate(data.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            if not is_row(row):
+                raise ValueError("not a row")
+            read.append((number, line, row))
+        except (ValueError, RecursionError):  # RecursionError: nesting too deep for the JSON decoder
+            damaged.append((number, line))
+    return read, damaged
+
+
 def read_rows(path: Path, is_row: Callable[[object], bool], then: str,
               incomplete: Callable[[list[dict]], dict[int, str]] | None = None) -> list[dict]:
     """The rows of a JSON-lines file (one object a line, blank lines skipped), [] where there is none.
@@ -90,17 +107,7 @@ def read_rows(path: Path, is_row: Callable[[object], bool], then: str,
     path = Path(path)
     if not path.exists():
         return []
-    read, damaged = [], []
-    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            if not is_row(row):
-                raise ValueError("not a row")
-            read.append((number, line, row))
-        except (ValueError, RecursionError):  # RecursionError: nesting too deep for the JSON decoder
-            damaged.append((number, line))
+    read, damaged = split_rows(path.read_bytes(), is_row)
     reasons = incomplete([row for _, _, row in read]) if incomplete is not None else {}
     damaged += [(number, line) for i, (number, line, _) in enumerate(read) if i in reasons]
     rows = [row for i, (_, _, row) in enumerate(read) if i not in reasons]

@@ -67,6 +67,11 @@ def lock_folder(folder: Path):
     return handle
 
 
+def is_run_row(row) -> bool:
+    """A line of runs.jsonl that can be a run's row: an object with a string run_id."""
+    return isinstance(row, dict) and isinstance(row.get("run_id"), str)
+
+
 def _lacking_fields(rows: list[dict]) -> dict[int, str]:
     """Rows that lack a field every other row has (an edit, another writer), by index: they would end
     a summary in KeyError. The store knows no experiment's fields, so the rows tell; a field several
@@ -151,8 +156,7 @@ class RunStore:
             )
 
     def _load_rows(self) -> list[dict]:
-        return read_rows(self.folder / ROWS, lambda row: isinstance(row, dict) and isinstance(row.get("run_id"), str),
-                         "and its run is done again", incomplete=_lacking_fields)
+        return read_rows(self.folder / ROWS, is_run_row, "and its run is done again", incomplete=_lacking_fields)
 
     def _write_rows(self, rows: list[dict]) -> None:
         atomic_write_text(self.folder / ROWS, "".join(json.dumps(r) + "\n" for r in rows))
