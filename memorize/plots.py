@@ -33,7 +33,7 @@ def plot_capacity_curves(summary: dict, path: Path) -> None:
             y = [p["memorized_bits"] for p in m["points"]]
             largest = max(largest, *x)
             ax.plot(x, y, "o-", color=color, label=f"{m['model_name']} ({m['parameters']:,} params)")
-            capped = [(px, py) for px, py, p in zip(x, y, m["points"]) if not _saturated(p)]
+            capped = [(px, py) for px, py, p in zip(x, y, m["points"]) if not saturated(p.get("saturation_gain"))]  # as the table judges
             if capped:
                 ax.plot(*zip(*capped), "o", color="white", markeredgecolor=color, markersize=7, zorder=3,
                         label=None if capped_shown else "not saturated (a lower bound)")
@@ -79,13 +79,6 @@ def plot_capacity_vs_params(summary: dict, path: Path) -> None:
     ax.set_title("capacity against model size")
     ax.legend(fontsize=8)
     _save(fig, path)
-
-
-def _saturated(point: dict) -> bool:
-    """A run trained to saturation; rows of earlier memk, without the verdict, by their stop."""
-    if point.get("saturation_gain") is not None:
-        return saturated(point["saturation_gain"])
-    return point.get("stop_reason") != "step_cap"
 
 
 def plot_generalization(summary: dict, out_dir: Path) -> list[Path]:
