@@ -27,7 +27,7 @@ from .reference import reference_id
 from .runtime import cpu_threads_pinned, resolve_backends
 from .sources import load_source
 from .outputs import split_rows
-from .store import ROWS, RunStore, is_run_row
+from .store import PACKING, ROWS, RunStore, is_run_row
 from .sweep import Run, batch_rows, training_flops
 from .workers import workers_for
 
@@ -89,8 +89,9 @@ def describe(runs: list[Run], choice: str | int, device: torch.device, title: st
 
 
 def estimate(runs: list[Run], choice: str | int, device: torch.device, title: str,
-             first: Run | None = None, workers_choice: str | int = 1) -> Estimate:
-    """describe's plan, with its two estimates in seconds."""
+             first: Run | None = None, workers_choice: str | int = 1, recorded: dict | None = None) -> Estimate:
+    """describe's plan, with its two estimates in seconds; runs the `recorded` packing (recorded_packing)
+    holds are planned as the rerun would resume them."""
     workers = workers_for(workers_choice, device, runs, training_flops)
     lines = [f"{title}: {_runs(len(runs))} to train on {device}, --ensemble {choice}, {workers} "
              f"{'worker' if workers == 1 else 'workers, one thread each'}"]
@@ -101,19 +102,19 @@ def estimate(runs: list[Run], choice: str | int, device: torch.device, title: st
                      f"at most {first.train.max_steps} steps; estimate {_minutes(before)}"
                      f"{_extrapolated(first, 1, limits)}")
     with cpu_threads_pinned(1) if workers > 1 else contextlib.nullcontext():  # as the workers would train
-        groups, planned, alone = _describe_groups(runs, choice, device, workers, before, limits)
+        groups, planned, alone = _describe_groups(runs, choice, device, workers, before, limits, recorded)
     return Estimate("\n".join(lines + groups), planned, alone)
 
 
 def _describe_groups(runs: list[Run], choice: str | int, device: torch.device, workers: int,
-                     before: float, limits: ProbeLimits) -> tuple[list[str], float, float]:
+                     before: float, limits: ProbeLimits, recorded: dict | None) -> tuple[list[str], float, float]:
     if choice == "off":
         plans = plan_ensembles(runs, 1, None)
     else:  # eager probes only: compiling each group costs tens of seconds (a run tries it, per group)
         executor = EnsembleExecutor(device, max_members=None if choice == "auto" else int(choice),
                                     choose_faster=choice == "auto", try_compile=False,
                                     probe_limits=limits)
-        plans = executor.plans(runs, workers)
+        plans = executor.plans(runs, workers, recorded)
     lines, jobs, total_alone = [], [], 0.0
     for i, plan in enumerate(plans, 1):
         first = plan.runs[0]
@@ -133,6 +134,7 @@ def _describe_groups(runs: list[Run], choice: str | int, device: torch.device, w
         total_alone += seconds_alone
         how = "one at a time" if plan.slots == 1 else f"an ensemble of {plan.slots} slots"
         capped = " (capped by the memory free)" if plan.memory_capped else ""
+        capped += ", resumed as the first run packed it" if plan.job is not None else ""
         rows = batch_rows(plan.widest)
         smaller = f" (at most {rows} rows: datasets smaller than a batch)" if rows < first.train.batch_size else ""
         batch = f"batch {first.train.batch_size}{smaller}"
@@ -181,6 +183,15 @@ def finished_rows(folder: Path) -> list[dict]:
     return [row for _, _, row in read]
 
 
+def recorded_packing(folder: Path | None) -> dict:
+    """The packing a rerun into `folder` resumes (store.RunStore.packing), read without touching it; {} where none."""
+    try:
+        found = json.loads((Path(folder) / PACKING).read_text())
+    except (OSError, ValueError, TypeError):  # no folder or file, damaged: the rerun plans anew
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def remaining_runs(runs: list[Run], folder: Path | None, experiment: str) -> list[Run]:
     """The runs the real command would still train into `folder` (RunStore.todo over its finished rows)."""
     if folder is None:
@@ -206,7 +217,7 @@ def capacity_estimate(exp: capacity.CapacityExperiment, choice: str | int, worke
         title += f" ({len(runs) - len(todo)} of {_runs(len(runs))} finished in {out_dir})"
     if not todo:
         return Estimate(f"{title}: 0 runs to train; running it would only write the summary and plots", 0.0, 0.0)
-    return estimate(todo, choice, device, title, workers_choice=workers)
+    return estimate(todo, choice, device, title, workers_choice=workers, recorded=recorded_packing(out_dir))
 
 
 def generalization_plan(exp: generalization.GeneralizationExperiment, choice: str | int, out_dir: Path,

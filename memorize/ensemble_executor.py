@@ -28,8 +28,13 @@ each (memorize/workers.py): on the CPU that, not stacking, is what gains the mos
 Checkpoints: at each evaluation a member writes its own checkpoint, in exactly the format
 train_to_saturation writes (model and torch AdamW state dicts, schedule, seconds), to the
 store's checkpoint path of its run. The ensemble's checkpoint is the set of its members'
-files: a killed ensemble resumes member by member, whatever grouping the rerun makes, and
-a run checkpointed by either executor resumes under the other.
+files, and a run checkpointed by either executor resumes under the other. Before training,
+the executor records in the store how each run trains (RunStore.packing: its ensemble, slots,
+compile mode and CPU threads); a rerun trains each unfinished run as recorded, probing no
+more, so a killed sweep resumes in the same arithmetic: float32 rounds differently alone and
+in an ensemble and on another thread count, though alike in any slot of any K (tested), and
+a resumed run then ends where the uninterrupted one does, to the last digit, as far as its
+checkpoint holds everything (tests/test_ensemble.py).
 """
 
 from __future__ import annotations
@@ -49,10 +54,10 @@ from .ensemble import COMPILE_MODES, EnsembleAdamW, EnsembleGPT, compiled_losses
 from .ensemble_probe import ProbeLimits, probe_modes, probe_step_seconds
 from .errors import ConfigError
 from .model import GPT, count_parameters
-from .runtime import cpu_threads_pinned, free_memory_bytes, use_cpu_threads
+from .runtime import cpu_threads_for, cpu_threads_pinned, free_memory_bytes, use_cpu_threads
 from .schedule import Schedule, batch_indices
 from .store import RunStore, provenance
-from .sweep import LocalExecutor, Run, SweepProgress, Workload, batch_rows, run_job, training_flops
+from .sweep import LocalExecutor, Run, SweepProgress, Workload, alone_threads, batch_rows, run_job, training_flops
 from .train import GLOBAL_RNG, StopSignal, save_checkpoint, seeded_gpt
 from .workers import Job, run_jobs, workers_for
 
@@ -115,6 +120,8 @@ class EnsemblePlan:
     memory_capped: bool = False  # fewer slots than asked, because of the memory free
     probe: tuple[int, float, float] | None = None  # (members, s/step alone, s/step together) where measured
     compile_mode: str | None = None  # one of COMPILE_MODES, chosen on CUDA where it measures faster; None: eager
+    threads: int | None = None  # CPU threads its jobs train with; None: the thread policy's (runtime.cpu_threads_for)
+    job: str | None = None  # the packing's name for it (its first run's id) where it resumes a recorded plan
 
     @property
     def key(self) -> tuple:
@@ -157,6 +164,56 @@ def plan_ensembles(runs: list[Run], max_members: int | None, memory_budget: int 
             fits = wanted if memory_budget is None else max(1, memory_budget // member_bytes(members[0]))
             plans.append(EnsemblePlan(members, min(wanted, fits), memory_capped=fits < wanted))
     return plans
+
+
+# ---------------------------------------------------------------------------------------
+# Resuming in the same packing: float32 rounding differs between a run trained alone and in an
+# ensemble, and between thread counts (the same member in any slot of any K rounds alike), so
+# a rerun trains each unfinished run of a recorded plan as that plan did (RunStore.packing).
+
+
+def packing_entries(plan: EnsemblePlan, threads: dict[str, int | None]) -> dict[str, dict]:
+    """How the plan's runs train, by run id, as RunStore.record_packing keeps it: an ensemble's runs
+    under one job (its slots, compile mode and threads); runs alone each a job of their own."""
+    if plan.slots == 1:
+        return {run.run_id: {"job": run.run_id, "slots": 1, "threads": threads[run.run_id]} for run in plan.runs}
+    job = plan.job or plan.runs[0].run_id
+    entry = {"job": job, "slots": plan.slots, "compile_mode": plan.compile_mode, "threads": threads.get(job)}
+    return {run.run_id: entry for run in plan.runs}
+
+
+def recorded_plans(runs: list[Run], recorded: dict[str, dict]) -> tuple[list[EnsemblePlan], list[Run]]:
+    """The plans a rerun resumes (the recorded job, slots, compile mode and threads of each of `runs`
+    the packing holds, in plan order) and the runs it holds nothing of."""
+    jobs: dict[str, EnsemblePlan] = {}
+    fresh = []
+    for run in runs:
+        entry = recorded.get(run.run_id)
+        try:
+            job, slots, threads = str(entry["job"]), int(entry["slots"]), entry.get("threads")
+            threads = None if threads is None else int(threads)
+        except (TypeError, KeyError, ValueError):  # nothing recorded, or an entry no memk wrote
+            fresh.append(run)
+            continue
+        if slots > 1 and job in jobs:
+            jobs[job].runs.append(run)
+        else:
+            key = job if slots > 1 else run.run_id
+            jobs[key] = EnsemblePlan([run], max(1, slots), compile_mode=entry.get("compile_mode") if slots > 1 else None,
+                                     threads=threads, job=job)
+    return list(jobs.values()), fresh
+
+
+def plan_threads(plan: EnsemblePlan, device: torch.device, workers: int) -> dict[str, int | None]:
+    """The CPU threads each job of the plan trains with (by the job's name: the ensemble's first run,
+    or each run alone): the recorded count of a resumed plan; one side by side; else the policy's."""
+    if plan.slots == 1:
+        return {run.run_id: plan.threads if plan.threads is not None else alone_threads(run, device, workers)
+                for run in plan.runs}
+    job = plan.job or plan.runs[0].run_id
+    if plan.threads is not None or device.type != "cpu":
+        return {job: plan.threads}
+    return {job: 1 if workers > 1 else cpu_threads_for(plan.widest.model, plan.slots * batch_rows(plan.widest))}
 
 
 # ---------------------------------------------------------------------------------------
@@ -233,8 +290,12 @@ class EnsembleTrainer:
         self.most_members = 0  # the most members ever trained at once (tests check the memory cap with it)
 
     def train(self) -> None:
-        # One ensemble step does the work of its members' steps: it takes the threads such a step needs.
-        use_cpu_threads(self.device, self.plan.widest.model, self.plan.slots * batch_rows(self.plan.widest))
+        # One ensemble step does the work of its members' steps: it takes the threads such a step needs
+        # (or, resumed, the threads it started with).
+        if self.plan.threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(self.plan.threads)
+        else:
+            use_cpu_threads(self.device, self.plan.widest.model, self.plan.slots * batch_rows(self.plan.widest))
         try:
             for k in range(len(self.members)):
                 self.members[k] = self._join(k) if self.queue else None
@@ -376,8 +437,10 @@ class EnsembleExecutor:
     probe_limits: ProbeLimits = ProbeLimits()  # how long a probe may take (the dry run's are shorter)
     trained: list[dict] = field(default_factory=list, repr=False)  # per ensemble: runs, slots, most members at once
 
-    def plans(self, runs: list[Run], workers: int = 1) -> list[EnsemblePlan]:
-        """The groups and their slots; `workers` jobs training at once share the memory budget."""
+    def plans(self, runs: list[Run], workers: int = 1, recorded: dict[str, dict] | None = None) -> list[EnsemblePlan]:
+        """The groups and their slots; `workers` jobs training at once share the memory budget. Runs
+        the `recorded` packing (RunStore.packing) holds resume as it planned them, probed no more."""
+        resumed, runs = recorded_plans(runs, recorded or {})
         budget = self.memory_budget
         if budget is None:
             free = free_memory_bytes(self.device)
@@ -398,19 +461,23 @@ class EnsembleExecutor:
                 members, alone, together = plan.probe
                 if together / members >= ENSEMBLE_STEP_AT_MOST * alone:
                     plan.slots = 1
-        return plans
+        return resumed + plans
 
     def execute(self, runs: list[Run], workload: Workload, store: RunStore, progress: SweepProgress) -> None:
         workers = workers_for(self.workers, self.device, runs, training_flops)
         # Side by side, every job trains on one thread: the probes measure them so.
         with cpu_threads_pinned(1) if workers > 1 else contextlib.nullcontext():
-            plans = self.plans(runs, workers)
-        jobs = []
+            plans = self.plans(runs, workers, store.packing())
+        jobs, packing = [], {}
         for plan in plans:
+            threads = plan_threads(plan, self.device, workers)
+            packing.update(packing_entries(plan, threads))
             if plan.slots == 1:
-                jobs += [run_job(run, workload, store, self.device) for run in plan.runs]
+                jobs += [run_job(run, workload, store, self.device, threads[run.run_id]) for run in plan.runs]
             else:
+                plan.threads = threads[plan.job or plan.runs[0].run_id]
                 jobs.append(self.ensemble_job(plan, workload, store))
+        store.record_packing(packing)
         run_jobs(jobs, workers, progress)
 
     def ensemble_job(self, plan: EnsemblePlan, workload: Workload, store: RunStore) -> Job:
@@ -421,7 +488,8 @@ class EnsembleExecutor:
             trainer.train()
             self.trained.append({"runs": len(plan.runs), "slots": plan.slots, "most_members": trainer.most_members})
 
-        return Job(f"{plan.runs[0].model.name}: an ensemble of {plan.slots}", sum(map(training_flops, plan.runs)), train)
+        return Job(f"{plan.runs[0].model.name}: an ensemble of {plan.slots}", sum(map(training_flops, plan.runs)), train,
+                   plan.threads)
 
 
 def repack_fraction_for(device: torch.device) -> float:

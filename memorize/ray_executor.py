@@ -15,22 +15,30 @@ tasks side by side do not oversubscribe the cores).
   its runs are recorded as failed with the error (RunStore.record_failure) and the sweep goes
   on. Errors a retry would only repeat (NOT_RETRIED: diverged training, a ConfigError) fail
   the run at once. Failed runs have no row, so running the same command again retries them.
+- Where memk starts the Ray instance itself (no --ray-address), it does not outlive memk: a
+  watchdog (memorize/ray_watchdog.py) ends every process of it when memk ends, kill -9 included.
 
 Ray is imported only when the executor is built: memk works without the `memk[ray]` extra.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .ensemble_executor import EnsemblePlan, EnsembleTrainer, MEMORY_FRACTION, executor_for, repack_fraction_for
+from .ensemble_executor import (EnsemblePlan, EnsembleTrainer, MEMORY_FRACTION, executor_for, packing_entries,
+                                repack_fraction_for)
 from .errors import ConfigError
+from .ray_watchdog import MARKER
 from .runtime import THREADS_ENV, free_memory_bytes
 from .store import RunStore
 from .sweep import Run, SweepProgress, Workload, train_run
@@ -78,11 +86,37 @@ def connect(ray, address: str) -> None:
     if ray.is_initialized():
         return
     try:
-        ray.init(address=address, logging_level=logging.ERROR)  # its notices would break one-line errors
+        with ray_watchdog() if address == LOCAL else contextlib.nullcontext():
+            ray.init(address=address, logging_level=logging.ERROR)  # its notices would break one-line errors
     except ConnectionError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"cannot join a Ray cluster at --ray-address {address!r}: {first} Start one with "
                           "`ray start --head`, or leave --ray-address out to start a local instance") from e
+
+
+@contextlib.contextmanager
+def ray_watchdog():
+    """Around starting a local Ray instance: mark the processes it starts (ray_watchdog.MARKER in their
+    environment) and start memorize/ray_watchdog.py, which ends them when this process ends, however it
+    ends: Ray's agents outlive a driver killed with kill -9. Linux only (elsewhere nothing is done)."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    mark = f"{os.getpid()}-{secrets.token_hex(4)}"
+    read_end, write_end = os.pipe()  # not inherited by what this process starts: only it holds write_end
+    subprocess.Popen([sys.executable, str(Path(__file__).with_name("ray_watchdog.py")), mark], stdin=read_end,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                     env={k: v for k, v in os.environ.items() if k != MARKER})
+    os.close(read_end)
+    _WATCHDOG_PIPES.append(write_end)  # open until this process ends
+    os.environ[MARKER] = mark
+    try:
+        yield
+    finally:
+        del os.environ[MARKER]  # what this process starts later is not Ray's
+
+
+_WATCHDOG_PIPES: list[int] = []
 
 
 def task_slots(ray, device: torch.device, gpus_per_task: float, cpus_per_task: int) -> int:
@@ -171,8 +205,9 @@ class RayExecutor:
     max_retries: int = DEFAULT_RETRIES
     slots: int = 1  # tasks the cluster runs at once, when it was connected
 
-    def plans(self, runs: list[Run]) -> list[EnsemblePlan]:
-        """One plan a task: a run alone, or an ensemble of runs where --ensemble groups them."""
+    def plans(self, runs: list[Run], recorded: dict[str, dict] | None = None) -> list[EnsemblePlan]:
+        """One plan a task: a run alone, or an ensemble of runs where --ensemble groups them (runs
+        the `recorded` packing holds as it planned them)."""
         if self.ensemble == "off":
             return [EnsemblePlan([run], 1) for run in runs]
         grouping = executor_for(self.ensemble, self.device)
@@ -181,7 +216,7 @@ class RayExecutor:
             share = self.gpus_per_task if self.device.type == "cuda" else self.cpus_per_task / os.cpu_count()
             grouping.memory_budget = int(MEMORY_FRACTION * free * min(1.0, share))
         plans = []
-        for plan in grouping.plans(runs):
+        for plan in grouping.plans(runs, recorded=recorded):
             plans.extend([plan] if plan.slots > 1 else [EnsemblePlan([run], 1) for run in plan.runs])
         return plans
 
@@ -195,7 +230,11 @@ class RayExecutor:
         )
         shared = ray.put(workload)  # once into the object store, not once per task
         pending = {}
-        for plan in self.plans(runs):
+        plans = self.plans(runs, store.packing())
+        # Threads are the task's CPUs (train_task): only which runs share an ensemble is recorded.
+        store.record_packing({k: v for plan in plans
+                              for k, v in packing_entries(plan, {r.run_id: None for r in plan.runs}).items()})
+        for plan in plans:
             checkpoints = {r.run_id: str(store.checkpoint_path(r.run_id).absolute()) for r in plan.runs}
             pending[task.remote(plan, shared, self.device.type, checkpoints, self.cpus_per_task)] = plan
         failed = 0

@@ -4,10 +4,11 @@ It holds the lock (two runs writing one folder would clobber it), the experiment
 (a run-generalization never writes into a run-capacity folder), runs.jsonl (one row per
 finished run, rewritten atomically as each finishes, so a kill loses no finished run),
 the checkpoints of runs in progress (removed as each run finishes), failures.json (runs an
-executor gave up on, with their errors, until they succeed), and the provenance every row
-carries. Resuming is asking it which runs are still to do: failed runs are among them, so
+executor gave up on, with their errors, until they succeed), packing.json (how executors
+planned each run to train, which a rerun keeps), and the provenance every row carries. Resuming is asking it which runs are still to do: failed runs are among them, so
 a rerun retries them. A damaged row is set aside with a warning and its run redone;
-temporaries a kill left are removed.
+temporaries a kill left are removed. A start refused before any work was saved leaves
+no folder behind.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ ROWS = "runs.jsonl"
 CHECKPOINTS = "checkpoints"
 EXPERIMENT = "experiment.json"
 FAILURES = "failures.json"
+# How each planned run trains (which job, how many slots, threads): executors record it before training,
+# so a rerun resumes a run in the same packing and arithmetic (memorize/ensemble_executor.py).
+PACKING = "packing.json"
 
 
 class PlannedRun(Protocol):
@@ -173,6 +177,17 @@ class RunStore:
     def read_json(self, name: str, then: str = "and it is made again"):
         """The JSON file `name` of the folder; None where there is none or it is damaged (set aside)."""
         return read_state(self.folder / name, lambda p: json.loads(p.read_text()), "state file", then)
+
+    def packing(self) -> dict[str, dict]:
+        """What executors recorded of how each run trains, by run id (record_packing); {} where nothing is."""
+        found = self.read_json(PACKING, then="and its runs are packed anew")
+        return {k: v for k, v in found.items() if isinstance(v, dict)} if isinstance(found, dict) else {}
+
+    def record_packing(self, entries: dict[str, dict]) -> None:
+        """Add (or replace) how these runs train, by run id, before they train."""
+        if entries:
+            with self._writing:
+                self.write_json(PACKING, {**self.packing(), **entries})
 
     def checkpoint_path(self, name: str) -> Path:
         return self.folder / CHECKPOINTS / f"{name}.pt"

@@ -23,7 +23,7 @@ import torch
 from .errors import ConfigError
 from .model import GPT, GPTConfig, training_flops_per_sequence
 from .outputs import content_digest
-from .runtime import Backends, progress_bar, step_progress, use_cpu_threads
+from .runtime import Backends, cpu_threads_for, progress_bar, step_progress, use_cpu_threads
 from .schedule import RunOutcome, TrainConfig
 from .store import RunStore, provenance
 from .train import StopSignal, train_to_saturation
@@ -137,8 +137,8 @@ def training_flops(run: Run) -> float:
     return training_flops_per_sequence(run.model) * batch_rows(run) * run.train.max_steps
 
 
-def run_job(run: Run, workload: Workload, store: RunStore, device: torch.device) -> Job:
-    """One run, trained alone, as a job: its row recorded as it finishes."""
+def run_job(run: Run, workload: Workload, store: RunStore, device: torch.device, threads: int | None = None) -> Job:
+    """One run, trained alone, as a job (on `threads` CPU threads where given): its row recorded as it finishes."""
     def train(progress: SweepProgress) -> None:
         on_step, close_bar = progress.run_started(run)
         try:
@@ -148,7 +148,7 @@ def run_job(run: Run, workload: Workload, store: RunStore, device: torch.device)
         store.record(row)
         progress.run_finished()
 
-    return Job(run.label, training_flops(run), train)
+    return Job(run.label, training_flops(run), train, threads)
 
 
 @dataclass
@@ -159,8 +159,27 @@ class LocalExecutor:
     workers: str | int = 1  # auto or a number (memorize/workers.py)
 
     def execute(self, runs: list[Run], workload: Workload, store: RunStore, progress: SweepProgress) -> None:
-        jobs = [run_job(run, workload, store, self.device) for run in runs]
-        run_jobs(jobs, workers_for(self.workers, self.device, runs, training_flops), progress)
+        workers = workers_for(self.workers, self.device, runs, training_flops)
+        recorded = store.packing()
+        threads = {run.run_id: resumed_threads(recorded.get(run.run_id)) or alone_threads(run, self.device, workers)
+                   for run in runs}
+        store.record_packing({r.run_id: {"job": r.run_id, "slots": 1, "threads": threads[r.run_id]} for r in runs})
+        run_jobs([run_job(run, workload, store, self.device, threads[run.run_id]) for run in runs], workers, progress)
+
+
+def alone_threads(run: Run, device: torch.device, workers: int) -> int | None:
+    """The CPU threads a run trained alone takes: one side by side, else the policy's for its size (None off the CPU)."""
+    if device.type != "cpu":
+        return None
+    return 1 if workers > 1 else cpu_threads_for(run.model, run.train.batch_size)
+
+
+def resumed_threads(entry: dict | None) -> int | None:
+    """The threads a run recorded alone in the packing (RunStore.packing) started with: float32 rounding
+    depends on them, so it resumes on as many; None where it trained in an ensemble or nothing is recorded."""
+    if isinstance(entry, dict) and entry.get("slots") == 1 and isinstance(entry.get("threads"), int):
+        return entry["threads"]
+    return None
 
 
 def require_rows(rows: list[dict], failures: list[dict]) -> None:

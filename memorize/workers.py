@@ -20,6 +20,7 @@ checkpoints keep what they did up to their last evaluation) and the error is rai
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -86,6 +87,9 @@ class Job:
     label: str
     cost: float  # an estimate of its work (training FLOPs at the step caps): the costliest start first
     train: Callable[[object], None]
+    # The torch threads it trains with on the CPU (None: the thread policy's count for its size, or one
+    # side by side). A resumed job keeps the count it started with: threads change float32 rounding.
+    threads: int | None = None
 
 
 class Stopped(Exception):
@@ -126,11 +130,20 @@ class StoppableProgress:
 
 def run_jobs(jobs: list[Job], workers: int, progress) -> None:
     """Train every job: in order where workers is 1; else the costliest first, `workers` at once, each
-    on one torch thread. The first error of a job (or Ctrl-C) stops the others and is raised."""
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
+    on one torch thread (jobs that must take more train first, one at a time). A job's `threads`, where
+    set, pins its count. The first error of a job (or Ctrl-C) stops the others and is raised."""
+    alone, side_by_side = list(jobs), []
+    if workers > 1:  # torch's thread count is the process's: a job that must take more than one trains alone
+        side_by_side = [job for job in jobs if (job.threads or 1) == 1]
+        alone = [job for job in jobs if (job.threads or 1) > 1]
+        if len(side_by_side) == 1:
+            alone, side_by_side = alone + side_by_side, []
+    for job in alone:
+        with cpu_threads_pinned(job.threads) if job.threads else contextlib.nullcontext():
             job.train(progress)
+    if not side_by_side:
         return
+    jobs = side_by_side
     queue = deque(sorted(jobs, key=lambda job: -job.cost))
     stop, taking, errors = threading.Event(), threading.Lock(), []
     shared = StoppableProgress(progress, stop)

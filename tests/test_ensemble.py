@@ -300,6 +300,83 @@ def test_an_ensemble_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path
     assert_same_as_alone(workload, RUNS)
 
 
+def test_a_killed_ensemble_resumes_in_its_packing_to_the_last_digit_in_float32(tmp_path, monkeypatch):
+    # Float32 rounds differently alone and in an ensemble; --ensemble auto's probe, taken again by the
+    # rerun, can decide the other way (a group at 0.9x is on the edge). The rerun must train each
+    # unfinished run as the first run packed it: then it ends where the uninterrupted sweep ends, bit for bit.
+    import memk.memorize.ensemble_executor as ee
+
+    def probe_says(stack):
+        monkeypatch.setattr(ee, "probe_step_seconds",
+                            lambda run, k, device, limits: (1.0, k * (0.5 if stack else 1.5)))
+
+    probe_says(stack=True)
+    uninterrupted = KeepingWorkload()
+    with RunStore(tmp_path / "whole", "capacity") as store:
+        EnsembleExecutor(CPU, choose_faster=True).execute(RUNS, uninterrupted, store, quiet(len(RUNS)))
+        whole = {r["run_id"]: r for r in store.rows}
+    assert {r["trained_as"] for r in whole.values()} == {"ensemble of 3", "alone"}  # tiny trains apart (3 rows)
+
+    resumed = KeepingWorkload()
+    with RunStore(tmp_path / "killed", "capacity") as store:
+        with pytest.raises(Killed):
+            EnsembleExecutor(CPU, choose_faster=True).execute(RUNS, resumed, store, KillingProgress("big", 55))
+    probe_says(stack=False)  # the rerun's probe would now train the group one run at a time
+    with RunStore(tmp_path / "killed", "capacity") as store:
+        todo = store.todo(RUNS)
+        assert sorted(r.name for r in todo) == ["big", "decayed", "tiny"]
+        EnsembleExecutor(CPU, choose_faster=True).execute(todo, resumed, store, quiet(len(RUNS)))
+        rows = {r["run_id"]: r for r in store.rows}
+    assert rows.keys() == whole.keys()
+    for run_id, row in rows.items():
+        assert row["memorized_bits"] == whole[run_id]["memorized_bits"], row["name"]
+        assert row["trained_as"] == whole[run_id]["trained_as"], row["name"]
+    for name, weights in uninterrupted.models.items():
+        assert all(torch.equal(resumed.models[name][k], w) for k, w in weights.items()), name
+
+
+def test_a_run_resumes_on_the_threads_it_started_with(tmp_path, monkeypatch):
+    # Side by side, runs train on one thread each; a rerun with one run left would give it every core
+    # (here: the policy made to say 2). Float32 rounding depends on the thread count: it keeps 1.
+    import memk.memorize.runtime as runtime
+
+    runs = RUNS[:2]
+    killed = KeepingWorkload()
+    with RunStore(tmp_path, "capacity") as store:
+        with pytest.raises(Killed):
+            LocalExecutor(CPU, workers=2).execute(runs, killed, store, KillingProgress("big", 55))
+    monkeypatch.setattr(runtime, "ONE_THREAD_BELOW_FLOPS", 0.0)
+    monkeypatch.setattr(runtime, "cpu_cores", lambda: 2)
+    monkeypatch.delenv("MEMK_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with RunStore(tmp_path, "capacity") as store:
+        todo = store.todo(runs)  # "big", and "small" where the kill stopped it first
+        assert "big" in [r.name for r in todo]
+        LocalExecutor(CPU, workers="auto").execute(todo, killed, store, quiet(len(runs)))
+        row = store.row_of(runs[0])
+    assert row["torch_threads"] == 1
+    whole = KeepingWorkload()
+    with RunStore(tmp_path / "whole", "capacity") as store:
+        with runtime.cpu_threads_pinned(1):
+            LocalExecutor(CPU).execute(runs[:1], whole, store, quiet(1))
+    assert all(torch.equal(killed.models["big"][k], w) for k, w in whole.models["big"].items())
+
+
+def test_the_packing_a_rerun_resumes_is_what_the_first_run_planned():
+    from memk.memorize.ensemble_executor import packing_entries, recorded_plans
+
+    plan = EnsemblePlan(RUNS[:3], slots=3)
+    recorded = packing_entries(plan, {RUNS[0].run_id: 2})
+    recorded.update(packing_entries(EnsemblePlan(RUNS[3:], 1), {RUNS[3].run_id: 1}))
+    recorded["junk"] = {"slots": "many"}
+    fresh = Run("fresh", MODEL, 12, replace(TRAIN, seed=7), BACKENDS)
+    # "big" finished: the rest of its ensemble resumes in the same slots, job and threads.
+    plans, rest = recorded_plans([RUNS[1], fresh, RUNS[2], RUNS[3]], recorded)
+    assert rest == [fresh]
+    assert [([r.name for r in p.runs], p.slots, p.threads, p.job) for p in plans] == [
+        (["small", "decayed"], 3, 2, RUNS[0].run_id), (["tiny"], 1, 1, RUNS[3].run_id)]
+
+
 @pytest.mark.slow
 def test_ensembles_side_by_side_end_as_the_runs_trained_alone(tmp_path, float64):
     # Two workers: the ensemble of big, small and decayed on one thread, tiny (apart: 3 rows
