@@ -240,47 +240,123 @@ def write_json(report: dict, path: str) -> None:
 
 
 # ---- the table ----------------------------------------------------------------------------
+#
+# Fitted to the terminal's width: a heading line per group, its variants below it, the speed-up
+# column wrapped at word boundaries (or on lines of its own where the terminal is narrow), and why a
+# case was not timed as a numbered note under the table (one note per distinct reason).
+
+MIN_WRAPPED_COLUMN = 24  # the narrowest the speed-up column wraps into before it takes lines of its own
+INDENT = "  "  # variants under their group's heading
+GAP = "  "  # between columns
 
 
 class TableRow(NamedTuple):
-    """One line of the terminal table, every cell text."""
+    """One case's line of the terminal table, every cell text."""
 
     group: str
     variant: str
     median: str  # the status instead, for a case that was not timed
     throughput: str
     peak_memory: str
-    speed_up: str
-    note: str  # why it was not timed; on CUDA, TFLOP/s and MFU
+    speed_up: str  # the ratios; on CUDA, TFLOP/s and MFU after them
+    reason: str  # why it was not timed: a note under the table
 
 
-TABLE_HEADER = TableRow("group", "variant", "median", "throughput", "peak mem", "speed-up", "")
+TABLE_HEADER = TableRow("", "variant", "median", "throughput", "peak mem", "speed-up", "")
 
 
 def format_record(r: dict) -> TableRow:
     if r["status"] != "ok":
         return TableRow(r["group"], r["variant"], r["status"], "", "", "", r["reason"] or "")
     ratios = ", ".join(f"x{x:.2f} vs {name}" for name, x in r["ratios"].items())
-    note = ""
+    speed_up = ratios or ("(baseline)" if r["role"] == "baseline" else "")
     if r["tflops"] is not None and r["device"] == "cuda":
         note = f"{r['tflops']:.1f} TFLOP/s" + (f", MFU {100 * r['mfu']['value']:.1f}%" if r["mfu"] else "")
+        speed_up = f"{speed_up}; {note}" if speed_up else note
     return TableRow(r["group"], r["variant"], format_time(r["time"]["median_s"]),
                     format_rate(r["throughput"]["value"], r["throughput"]["unit"]), format_bytes(r["memory"]["peak_bytes"]),
-                    ratios or ("(baseline)" if r["role"] == "baseline" else ""), note)
+                    speed_up, "")
 
 
-def format_table(report: dict) -> str:
-    rows = [TABLE_HEADER] + [format_record(r) for r in report["results"]]
-    widths = [max(len(cell) for cell in column) for column in list(zip(*rows))[:-1]]  # the note is not padded
-    lines = []
+def _wrap(text: str, width: int, indent: str = "", subsequent: str | None = None) -> list[str]:
+    """text's lines at most `width` wide, broken between words only (a word wider than that stays whole)."""
+    import textwrap
+
+    return textwrap.wrap(text, max(1, width), initial_indent=indent,
+                         subsequent_indent=indent if subsequent is None else subsequent,
+                         break_long_words=False, break_on_hyphens=False) or [indent.rstrip()]
+
+
+def _longest_word(cells) -> int:
+    return max((len(word) for cell in cells for word in cell.split()), default=0)
+
+
+def _table_lines(rows: list[TableRow], width: int) -> list[str]:
+    """The table: the header, then each group's heading and its variants' rows."""
+    timed = [TABLE_HEADER, *(row for row in rows if not row.reason)]  # a status (skipped [1]) spans the columns
+    widths = [max(len(row[i]) for row in (timed if i > 1 else [TABLE_HEADER, *rows])) for i in range(1, 5)]
+    last = [row.speed_up for row in [TABLE_HEADER, *rows]]
+    used = len(INDENT) + sum(widths) + len(GAP) * len(widths)
+    room = width - used
+    if used > width:  # narrower than the fixed columns: each case's cells run on as wrapped text
+        def render(row):
+            return _wrap(GAP.join(c for c in row[1:6] if c), width, INDENT, INDENT * 3)
+    elif room >= max(map(len, last)) or room >= max(MIN_WRAPPED_COLUMN, _longest_word(last)):
+        def render(row):  # the speed-up in its column, wrapped there where it must be
+            head = INDENT + GAP.join(c.ljust(w) for c, w in zip(row[1:5], widths)) + GAP
+            wrapped = _wrap(row.speed_up, room) if row.speed_up else [""]
+            return [(head if i == 0 else " " * len(head)) + part for i, part in enumerate(wrapped)]
+    else:
+        def render(row):  # the speed-up on lines of its own below the row
+            head = INDENT + GAP.join(c.ljust(w) for c, w in zip(row[1:5], widths))
+            return [head, *(_wrap(row.speed_up, width, INDENT * 3) if row.speed_up else [])]
+    if used <= width:
+        timed_render = render
+
+        def render(row):
+            if not row.reason:
+                return timed_render(row)
+            return [INDENT + row.variant.ljust(widths[0]) + GAP + row.median]
+
+    lines = [line.rstrip() for line in render(TABLE_HEADER)]
+    group = None
     for row in rows:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row.note)
+        if row.group != group:
+            group = row.group
+            lines.extend(_wrap(group, width))
+        lines.extend(line.rstrip() for line in render(row))
+    return lines
+
+
+def format_table(report: dict, width: int | None = None) -> str:
+    """The terminal table of a report, no line wider than `width` (default: the terminal's) unless a
+    single word is; long cells are wrapped between words, never cut."""
+    if width is None:
+        import shutil
+
+        width = shutil.get_terminal_size().columns
+    notes: dict[str, int] = {}  # reason -> its number under the table
+    rows = []
+    for r in report["results"]:
+        row = format_record(r)
+        if row.reason:
+            mark = notes.setdefault(row.reason, len(notes) + 1)
+            row = row._replace(median=f"{row.median} [{mark}]")
+        rows.append(row)
+    lines = _table_lines(rows, width)
+    if notes:
+        lines.append("")
+        for reason, mark in notes.items():
+            label = f"[{mark}] "
+            lines.extend(_wrap(reason, width, label, " " * len(label)))
     env = report["env"]
     lines.append("")
-    lines.append(f"{env['device_name']} ({env['device_type']}, {env['torch_threads']} threads), torch {env['torch']}, "
-                 f"triton {env['triton']}, CUDA {env['cuda']}, {env['date']}. speed-up = baseline median / this median.")
+    lines.extend(_wrap(f"{env['device_name']} ({env['device_type']}, {env['torch_threads']} threads), "
+                       f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}. "
+                       "speed-up = baseline median / this median.", width))
     if report["scaling"]:
         lines.append("time ~ size^k over the swept size:")
         for s in report["scaling"]:
-            lines.append(f"  {s['suite']}/{s['family']} {s['variant']}: k = {s['exponent']:.2f} over {s['axis']}")
+            lines.extend(_wrap(f"{s['suite']}/{s['family']} {s['variant']}: k = {s['exponent']:.2f} over {s['axis']}",
+                               width, INDENT, INDENT * 2))
     return "\n".join(lines)

@@ -18,8 +18,11 @@ PRECISION_HELP = ("training precision: float32; bfloat16 (weights and Adam state
 from memk.memorize.errors import ConfigError
 
 # What each preset is, for --help (tests/test_cli.py checks the names against the experiments').
+# The run times here are the one source of those that README and docs/ quote (tests/test_docs.py
+# checks them): the default's from bench/results/default-preset-wall-2core.json (127-135 s, idle
+# 2-core EPYC), run-generalization's default from generalization-default-wall-2core.json (407 s).
 CAPACITY_PRESETS = {
-    "default": "four 1-layer models, V 64, S 32, float32: about three minutes on an idle 2-core CPU",
+    "default": "four 1-layer models, V 64, S 32, float32: a little over two minutes on an idle 2-core CPU",
     "paper": "the paper's grid (1-8 layers, d 32-512, V 2048, S 64, batch 2048, bfloat16): GPU days",
     "paper-1x32": "the paper's 1x32 model at V 2048, S 64 on 400 and 980 sequences, 30,000 steps: "
                   "about 40 minutes on an idle 2-core CPU",
@@ -34,6 +37,9 @@ GENERALIZATION_PRESETS = {
 # The subcommands that live in other packages, imported only when asked for.
 LAZY_COMMANDS = {"bench": ("memk.bench.cli", "bench", "Benchmark memk's kernels and GPT-2 training against the baselines."),
                  "audit": ("memk.cli.audit", "audit", "How much a causal LM memorized of your data, per sample, in bits.")}
+
+
+SHORT_HELP_LIMIT = 10_000  # characters of a command's first sentence shown in `memk --help`: all of it
 
 
 def preset_help(presets: dict[str, str]) -> str:
@@ -57,13 +63,33 @@ class MemkGroup(click.Group):
     def format_commands(self, ctx, formatter):
         rows = []
         for name in self.list_commands(ctx):
-            short = LAZY_COMMANDS[name][2] if name in LAZY_COMMANDS else super().get_command(ctx, name).get_short_help_str()
+            # The whole first sentence (click's default cuts it at 45 characters with "..."); write_dl wraps it.
+            short = (LAZY_COMMANDS[name][2] if name in LAZY_COMMANDS
+                     else super().get_command(ctx, name).get_short_help_str(limit=SHORT_HELP_LIMIT))
             rows.append((name, short))
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
 
+def memk_version() -> str:
+    """memk's version as installed (package metadata), or a line saying it cannot be told."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("memk")
+    except PackageNotFoundError:
+        return "unknown (memk is not installed as a package: pip install -e . in its repository)"
+
+
+def _print_version(ctx, param, value):
+    if value and not ctx.resilient_parsing:
+        click.echo(f"memk {memk_version()}")
+        ctx.exit()
+
+
 @click.group(cls=MemkGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print memk's version and exit.")
 def cli():
     """memk: how much do language models memorize, in bits."""
 

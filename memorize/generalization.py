@@ -55,7 +55,7 @@ from .outputs import content_digest
 from .reference import Reference, reference_id, train_reference
 from .runtime import Backends, check_fits, resolve_backends, training_memory_bytes, use_cpu_threads
 from .schedule import RunOutcome, TrainConfig
-from .sources import SourceData, SourceSpec, check_source, load_source
+from .sources import SourceData, SourceSpec, check_source, load_source, read_documents
 from .store import RunStore
 from .sweep import Executor, LocalExecutor, Run, SweepProgress, require_rows
 from .train import StopSignal, uniform_code_signal
@@ -391,9 +391,11 @@ def run_generalization(
     if exp.source.kind == "markov":  # the chain is sampled, deduplicated and split on the CPU: ~4 copies at once
         check_fits(4 * exp.source.markov_sequences * exp.source.seq_len * 8, torch.device("cpu"),
                    f"drawing {exp.source.markov_sequences:,} Markov sequences", "lower --markov-sequences")
+    documents = read_documents(exp.source)  # a missing --text or an unloadable dataset: refused before --out is made
     with RunStore(out_dir, "generalization") as store:
         store.write_experiment(exp.to_dict())
-        data = load_source(exp.source, exp.n_heldout, exp.seed, store.folder)
+        data = load_source(exp.source, exp.n_heldout, exp.seed, store.folder, documents)
+        del documents  # the corpus is tokenized: the text itself is not needed again
         # Fail before training the reference where the pool cannot hold the sizes even at the
         # most bits a sequence can carry.
         plan(exp, data.most_bits_per_sequence(), len(data.train_pool), ref_id="")
@@ -401,6 +403,7 @@ def run_generalization(
         ref_checkpoint = store.checkpoint_path(f"reference-{reference_id(ref_config, ref_train, data)}")
         use_cpu_threads(device, ref_config, ref_train.batch_size)
         reference = train_reference(ref_config, ref_train, data, store.folder, ref_checkpoint, device, backends, progress)
+        store.keep()  # the trained reference is work a rerun reuses, whatever fails next
         bits_per_sequence = source_bits_per_sequence(data, reference)
         runs = plan(exp, bits_per_sequence, len(data.train_pool), reference.reference_id, backends)
         for run in runs:  # datasets are views of the pool, already in memory

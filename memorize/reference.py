@@ -61,7 +61,8 @@ def train_reference(
         if bits is not None:
             return Reference(config, bits["pool"], bits["heldout"], meta)
 
-    bar = progress_bar(total=train.max_steps, desc=f"reference {config.name}", leave=False, disable=not progress)
+    bar = progress_bar(total=train.max_steps, desc=f"reference {config.name}", unit="step", leave=False,
+                       disable=not progress)
     model, outcome = train_to_saturation(
         config, data.train_pool, train, device,
         checkpoint_path=checkpoint,

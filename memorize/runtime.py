@@ -1,4 +1,4 @@
-"""Where runs execute: the device, the kernel backends for it, and progress bars.
+"""Where runs execute: the device, the kernel backends for it, and progress (bars on a terminal, lines in a log).
 
 Shared by every experiment and executor; the backends come from memk.kernels' registry
 through its public functions only.
@@ -7,6 +7,8 @@ through its public functions only.
 from __future__ import annotations
 
 import os
+import sys
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, NamedTuple
 
@@ -121,10 +123,80 @@ def resolve_backends(device: torch.device, attention_backend: str, logprob_backe
     )
 
 
-def progress_bar(**kwargs):
-    from tqdm.auto import tqdm
+LOG_INTERVAL_S = 30.0  # where stderr is no terminal, a bar's state is written at most this often (and as it ends)
 
-    return tqdm(dynamic_ncols=True, leave=kwargs.pop("leave", True), **kwargs)
+
+def draws_bars(stream) -> bool:
+    """Whether progress is drawn as bars redrawn in place: on a terminal only. A log or a pipe gets
+    a plain line now and then instead (LogProgress), never a stream of carriage-return redraws."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def progress_bar(*, total=None, initial=0, desc="", unit="it", leave=True, disable=False, each_update=False, file=None):
+    """A progress bar on stderr: tqdm's on a terminal (draws_bars), else a LogProgress with the same
+    methods. each_update: in a log, a line at every update (e.g. a finished run) and not only every
+    LOG_INTERVAL_S; leave=False bars (one run's steps) write no closing line there."""
+    stream = sys.stderr if file is None else file
+    if draws_bars(stream):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, disable=disable, file=stream,
+                    dynamic_ncols=True)
+    return LogProgress(total=total, initial=initial, desc=desc, unit=unit, leave=leave, disable=disable,
+                       each_update=each_update, stream=stream)
+
+
+class LogProgress:
+    """Progress for a log: a plain line (desc, count, postfix, time elapsed) at most every
+    `interval` seconds, at each update where each_update, and when a leave=True bar closes.
+    The methods tqdm's bars are used with here: update, set_postfix, set_postfix_str, close."""
+
+    def __init__(self, total=None, initial=0, desc="", unit="it", leave=True, disable=False, each_update=False,
+                 stream=None, interval: float = LOG_INTERVAL_S, clock: Callable[[], float] = time.monotonic):
+        self.total, self.n, self.desc, self.unit = total, initial, desc, unit
+        self.leave, self.disable, self.each_update = leave, disable, each_update
+        self.stream = sys.stderr if stream is None else stream
+        self.interval, self.clock = interval, clock
+        self.postfix = ""
+        self.started = self.last_line = clock()
+        self.written = None  # (count, postfix) of the last line written
+        self.closed = False
+
+    def update(self, n: int = 1) -> None:
+        if self.disable or self.closed:
+            return
+        self.n += n
+        if self.each_update or self.clock() - self.last_line >= self.interval:
+            self._write()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def set_postfix_str(self, s: str = "") -> None:
+        self.postfix = s
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.leave and not self.disable and self.written != (self.n, self.postfix):
+            self._write()
+
+    def line(self) -> str:
+        """The line this bar writes now."""
+        count = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
+        elapsed = int(self.clock() - self.started)
+        clock = f"{elapsed // 3600}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d}"
+        units = self.unit if self.unit == "it" else f"{self.unit}s"
+        return f"{self.desc + ': ' if self.desc else ''}{count} {units}" + (
+            f" ({self.postfix})" if self.postfix else "") + f" [{clock} elapsed]"
+
+    def _write(self) -> None:
+        self.last_line, self.written = self.clock(), (self.n, self.postfix)
+        print(self.line(), file=self.stream, flush=True)
 
 
 def step_progress(bar, max_steps: int) -> Callable[[dict], None]:

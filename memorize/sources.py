@@ -89,8 +89,23 @@ def check_source(src: SourceSpec, n_heldout: int) -> None:
             )
 
 
-def load_source(src: SourceSpec, n_heldout: int, seed: int, out_dir: Path) -> SourceData:
-    """The training pool and the held-out split; a text corpus is prepared once in out_dir and reused."""
+def read_documents(src: SourceSpec) -> list[str] | None:
+    """A text source's documents, read and checked (ConfigError for a missing or empty file, a dataset
+    that cannot be loaded); None for the Markov chain. Read before an output folder is made, a bad
+    source is refused without leaving one."""
+    if src.kind == "markov":
+        return None
+    if src.hf_dataset is not None:
+        return corpus_lib.hf_dataset_documents(src.hf_dataset, split=src.hf_split, column=src.hf_column)
+    if src.text_path is not None:
+        return corpus_lib.text_file_documents(src.text_path)
+    return corpus_lib.builtin_documents()
+
+
+def load_source(src: SourceSpec, n_heldout: int, seed: int, out_dir: Path,
+                documents: list[str] | None = None) -> SourceData:
+    """The training pool and the held-out split; a text corpus is prepared once in out_dir and reused.
+    documents: the text source's, where read_documents has read them already."""
     if src.kind == "markov":
         chain = MarkovSource(src.vocab_size, branching=src.markov_branching, seed=seed)
         drawn = chain.sample(src.markov_sequences, src.seq_len, seed=seed + 1).numpy()
@@ -103,12 +118,8 @@ def load_source(src: SourceSpec, n_heldout: int, seed: int, out_dir: Path) -> So
         }
         fingerprint = content_digest([description, seed])
         return SourceData(torch.from_numpy(train_pool).long(), torch.from_numpy(heldout).long(), chain, description, fingerprint)
-    if src.hf_dataset is not None:
-        documents = corpus_lib.hf_dataset_documents(src.hf_dataset, split=src.hf_split, column=src.hf_column)
-    elif src.text_path is not None:
-        documents = corpus_lib.text_file_documents(src.text_path)
-    else:
-        documents = corpus_lib.builtin_documents()
+    if documents is None:
+        documents = read_documents(src)
     corpus = corpus_lib.prepare_corpus(
         documents, src.name, src.vocab_size, src.seq_len, n_heldout, seed, out_dir
     )

@@ -1,6 +1,7 @@
 """The run store: an experiment's output folder, owned by one process at a time.
 
-It holds the lock (two runs writing one folder would clobber it), the experiment's kind
+It holds the lock while a command writes it (two runs writing one folder would clobber it;
+the lock's file is removed as the command ends), the experiment's kind
 (a run-generalization never writes into a run-capacity folder), runs.jsonl (one row per
 finished run, rewritten atomically as each finishes, so a kill loses no finished run),
 the checkpoints of runs in progress (removed as each run finishes), failures.json (runs an
@@ -14,6 +15,8 @@ no folder behind.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -54,21 +57,78 @@ def provenance(backends: Backends, device: torch.device, trained_as: str = "alon
     }
 
 
-def lock_folder(folder: Path):
-    """Hold an output folder's lock until the returned file is closed (`with lock_folder(out):`): two memk
-    processes writing one folder would clobber or set aside each other's files. ConfigError where
-    another process holds it; the system releases it when the process ends, however it ends."""
-    import fcntl
+LOCK = ".lock"
+LOCK_TRIES = 100  # times lock_folder takes a lock file its holder removed at once, before giving up
 
-    handle = open(Path(folder) / ".lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise ConfigError(
-            f"another memk run is writing to {str(folder)!r}; wait for it to finish or choose another --out"
+
+class FolderLock:
+    """An output folder's lock (lock_folder): the file .lock, flocked, held until close() or the end of
+    `with`. Released, the file is removed (no run leaves it behind): unlinked while still locked, so a
+    process that opened the old file meanwhile finds it gone once it gets the lock, and takes the new one."""
+
+    def __init__(self, folder: Path):
+        import fcntl
+
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self._fd: int | None = None
+        for _ in range(LOCK_TRIES):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot lock output folder {str(self.folder)!r} ({e.strerror}); choose another with --out"
+                ) from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._held_elsewhere() from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if self._still_at_path(fd):
+                self._fd = fd
+                return
+            os.close(fd)  # its holder removed it as it let go: that lock guards nothing; take the new file's
+        raise self._held_elsewhere()
+
+    def _still_at_path(self, fd: int) -> bool:
+        try:
+            return os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except FileNotFoundError:
+            return False
+
+    def _held_elsewhere(self) -> ConfigError:
+        return ConfigError(
+            f"another memk run is writing to {str(self.folder)!r}; wait for it to finish or choose another --out"
         )
-    return handle
+
+    def close(self) -> None:
+        """Release the lock and remove its file (a no-op once released)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # still locked: see the class's docstring
+        except OSError:
+            pass  # a read-only folder keeps its lock file; the lock is released all the same
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def lock_folder(folder: Path) -> FolderLock:
+    """Hold an output folder's lock until the returned lock is closed (`with lock_folder(out):`): two memk
+    processes writing one folder would clobber or set aside each other's files. ConfigError where
+    another process holds it; the system releases it when the process ends, however it ends, and the
+    next process takes it. Released by close(), the lock's file is removed."""
+    return FolderLock(folder)
 
 
 def is_run_row(row) -> bool:
@@ -104,7 +164,13 @@ def _kind_of(experiment: dict) -> str | None:
 
 
 class RunStore:
-    """Use as `with RunStore(folder, "capacity") as store:`; the folder is created, checked and locked."""
+    """Use as `with RunStore(folder, "capacity") as store:`; the folder is created, checked and locked,
+    and unlocked (its lock file removed) at the end, however it ends.
+
+    A start that fails before the folder holds any work (a refused start: a corpus too small, a
+    backend that cannot run here) leaves nothing behind: a folder this store created is removed with
+    the parent folders it created. Work is a recorded row or failure, a checkpoint, or whatever the
+    experiment says is worth keeping by calling keep() (e.g. a trained reference model)."""
 
     def __init__(self, folder: Path, experiment: str):
         self.folder = Path(folder)
@@ -113,39 +179,97 @@ class RunStore:
         self._index: dict[str, dict] = {}
         self._index_size = -1  # len(self.rows) when _index was built
         self.failures: dict[str, dict] = {}  # run_id -> what record_failure was told
-        self._lock = None
+        self._lock: FolderLock | None = None
         self._writing = threading.Lock()  # jobs training side by side (memorize/workers.py) record rows
+        self._created: Path | None = None  # the topmost folder _prepare created, where it created the folder
+        self._kept = False
 
     def __enter__(self) -> RunStore:
         self._prepare()
-        self._lock = lock_folder(self.folder)
+        try:
+            self._lock = lock_folder(self.folder)
+        except BaseException:
+            self._remove_created()
+            raise
         try:
             self._check_kind()
             remove_temporaries(self.folder)  # ours alone to remove: we hold the lock
             self.rows = self._load_rows()
             failures = self.read_json(FAILURES, then="and the failures it listed are forgotten")
             self.failures = failures if isinstance(failures, dict) else {}
-        except BaseException:
-            self.__exit__()
+        except BaseException as e:
+            self.__exit__(type(e), e, e.__traceback__)
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._lock is not None:
-            try:
-                (self.folder / CHECKPOINTS).rmdir()  # only when empty: no run left in progress
-            except OSError:
-                pass
+    def __exit__(self, exc_type=None, exc=None, tb=None) -> None:
+        if self._lock is None:
+            return
+        discard = exc_type is not None and self._created is not None and not self._holds_work()
+        try:
+            if discard:  # our own files (not .lock, released below): the folder is removed once unlocked
+                for entry in self.folder.iterdir():
+                    if entry.name == LOCK:
+                        continue
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+            else:
+                try:
+                    (self.folder / CHECKPOINTS).rmdir()  # only when empty: no run left in progress
+                except OSError:
+                    pass
+        except OSError:
+            discard = False  # what could not be removed stays, and so does the folder
+        finally:
             self._lock.close()
             self._lock = None
+        if discard:
+            self._remove_created()
+
+    def keep(self) -> None:
+        """The folder holds work from here on (e.g. a trained reference): a failure no longer removes it."""
+        self._kept = True
+
+    def _holds_work(self) -> bool:
+        if self._kept or self.rows or self.failures:
+            return True
+        checkpoints = self.folder / CHECKPOINTS
+        return checkpoints.is_dir() and any(checkpoints.iterdir())
+
+    def _remove_created(self) -> None:
+        """Remove the folders _prepare created, where they are empty (nothing of another process's)."""
+        if self._created is None:
+            return
+        folder = self.folder
+        for candidate in (folder / CHECKPOINTS, folder, *folder.parents):
+            try:
+                candidate.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                break
+            if candidate == self._created:
+                break
+        self._created = None
 
     def _prepare(self) -> None:
+        top = next((p for p in (self.folder, *self.folder.parents) if p.exists()), None)
         try:
-            (self.folder / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir(parents=True)
+                # The topmost folder made: the one below the nearest that existed.
+                self._created = next(p for p in (self.folder, *self.folder.parents) if p.parent == top)
+            except FileExistsError:
+                if not self.folder.is_dir():
+                    raise
+            (self.folder / CHECKPOINTS).mkdir(exist_ok=True)
             probe = self.folder / ".write-test"
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
+            self._remove_created()
             raise ConfigError(
                 f"cannot write to output folder {str(self.folder)!r} ({e.strerror}); choose another with --out"
             ) from e

@@ -103,12 +103,14 @@ class SweepProgress:
 
     def __init__(self, total: int, done: int, desc: str, enabled: bool):
         self.enabled = enabled
-        self.bar = progress_bar(total=total, initial=done, desc=desc, disable=not enabled)
+        # In a log (stderr no terminal) the sweep writes a line as each run finishes, a run's steps every half minute.
+        self.bar = progress_bar(total=total, initial=done, desc=desc, unit="run", each_update=True, disable=not enabled)
 
     def run_started(self, run: Run) -> tuple[Callable[[dict], None], Callable[[], None]]:
         """The run's step callback for the training loop, and what closes its bar."""
         self.bar.set_postfix_str(f"{run.role} {run.label}")
-        steps = progress_bar(total=run.train.max_steps, desc=f"  {run.label}", leave=False, disable=not self.enabled)
+        steps = progress_bar(total=run.train.max_steps, desc=f"  {run.label}", unit="step", leave=False,
+                             disable=not self.enabled)
         return step_progress(steps, run.train.max_steps), steps.close
 
     def run_finished(self) -> None:

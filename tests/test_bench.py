@@ -263,17 +263,21 @@ def test_report_rewrites_only_the_marked_section(quick_report, tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     (results / "cpu.json").write_text(json.dumps(report))
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# memk\n\nintro\n\n{R.START}\nold table\n{R.END}\n\nafter\n")
-    result = CliRunner().invoke(R.main, ["--results", str(results), "--readme", str(readme)])
+    page = tmp_path / "docs" / "benchmarks.md"
+    page.parent.mkdir()
+    page.write_text(f"# memk\n\nintro\n\n{R.START}\nold table\n{R.END}\n\nafter\n")
+    result = CliRunner().invoke(R.main, ["--results", str(results), "--doc", str(page)])
     assert result.exit_code == 0, result.output
-    text = readme.read_text()
+    text = page.read_text()
     assert text.startswith("# memk\n\nintro\n\n" + R.START) and text.endswith(R.END + "\n\nafter\n")
     assert "old table" not in text
     section = text.split(R.START)[1].split(R.END)[0]
     assert report["env"]["device_name"] in section and "torch " + torch.__version__ in section
     assert "GPU rows are owed" in section
-    assert (results / "SUMMARY.md").exists()
+    # Links are relative to the file they are written into: the page's to ../results/, SUMMARY.md's to itself.
+    assert "[json](../results/cpu.json)" in section and "[bench/results/](../results/)" in section
+    summary = (results / "SUMMARY.md").read_text()
+    assert "[json](cpu.json)" in summary and "[bench/results/](./)" in summary
     with pytest.raises(ValueError, match="markers"):
         R.replace_section("no markers", "x")
 
@@ -314,11 +318,11 @@ def test_the_torch_free_names_match_the_suites():
         assert C.groups_for(["logprob"], CPU, quick=True, preset=preset)
 
 
-def test_quick_duration_in_help_is_the_readme_figure():
+def test_quick_duration_in_help_is_the_benchmarks_pages_figure():
     from memk.bench.cli import QUICK_DURATION, QUICK_HELP
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()  # the checkout's, not the installed package's
-    bench_section = readme.split("## `memk bench`", 1)[1]
+    page = (Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md").read_text()  # the checkout's
+    bench_section = page.split("## `memk bench`", 1)[1]
     assert QUICK_DURATION in QUICK_HELP and f"`--quick` takes {QUICK_DURATION}" in " ".join(bench_section.split())
 
 
@@ -345,17 +349,24 @@ def test_json_path_that_cannot_be_written_fails_before_anything_runs(tmp_path, m
 def test_each_result_is_printed_once(quick_report):
     report, output = quick_report
     lines = output.splitlines()
+    # A table row's cells are two or more spaces apart: group, variant, median, ... on a wide terminal;
+    # on a narrow one each group is a heading line and its rows (variant, median, ...) are indented below it.
+    rows, heading = [], None
+    for line in lines:
+        cells = re.split(r"\s{2,}", line.strip())
+        if line and not line[0].isspace() and len(cells) == 1:
+            heading = cells[0]
+        rows.append((cells if not line[:1].isspace() else [heading, *cells]))
     checked = 0
     for r in report["results"]:
         if r["status"] == "ok":
             median = format_time(r["time"]["median_s"])
-            # a table row's cells are two or more spaces apart: group, variant, median, ...
-            showing = [line for line in lines if re.split(r"\s{2,}", line.strip())[:3] == [r["group"], r["variant"], median]]
+            showing = [cells for cells in rows if cells[:3] == [r["group"], r["variant"], median]]
             assert len(showing) == 1, (r["id"], showing)
             checked += 1
     assert checked
     # progress names each case once, before it runs
-    assert sum(1 for line in lines if line.startswith("[")) == len(report["results"])
+    assert sum(1 for line in lines if re.match(r"\[\d+/\d+\] ", line)) == len(report["results"])
 
 
 def test_sdpa_backends_without_a_cpu_kernel_say_cuda_only(quick_report):
@@ -404,7 +415,7 @@ def test_sigterm_becomes_an_interruption():
 
 
 def test_report_of_a_cuda_run_names_the_device_in_every_row(quick_report, tmp_path):
-    """A made-up CUDA-shaped report (never committed): the README rows are GPU rows."""
+    """A made-up CUDA-shaped report (never committed): the page's rows are GPU rows."""
     report, _ = quick_report
     fake = json.loads(json.dumps(report))
     gpu = "NVIDIA H100 80GB HBM3"
@@ -417,11 +428,11 @@ def test_report_of_a_cuda_run_names_the_device_in_every_row(quick_report, tmp_pa
     results = tmp_path / "results"
     results.mkdir()
     (results / "h100.json").write_text(json.dumps(fake))
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{R.START}\n{R.END}\n")
-    result = CliRunner().invoke(R.main, ["--results", str(results), "--readme", str(readme)])
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"{R.START}\n{R.END}\n")
+    result = CliRunner().invoke(R.main, ["--results", str(results), "--doc", str(page)])
     assert result.exit_code == 0, result.output
-    section = readme.read_text()
+    section = page.read_text()
     rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| suite")]
     assert rows and all(f"| {gpu} |" in row for row in rows)
     assert "GPU rows are owed" not in section
@@ -445,3 +456,70 @@ def test_cpu_timing_stops_when_calls_turn_slower_than_planned():
     assert t.iterations_per_round == 1
     # planned from the 1 ms first call: 100 rounds of 20 ms (2 s); stopped after about 0.2 s
     assert 3 <= t.rounds <= 20
+
+
+# ---- the terminal table fits the terminal -------------------------------------------------------
+
+
+def _table_record(group, variant, status="ok", reason=None, ratios=None, role="candidate", device="cpu", tflops=None):
+    timed = status == "ok"
+    return {"group": group, "variant": variant, "status": status, "reason": reason, "role": role, "device": device,
+            "ratios": ratios or {}, "tflops": tflops, "mfu": {"value": 0.123} if tflops else None,
+            "time": {"median_s": 0.0256} if timed else None,
+            "throughput": {"value": 160e3, "unit": "tokens/s"} if timed else None,
+            "memory": {"peak_bytes": 32 * 2**20} if timed else None}
+
+
+SKIP_REASON = ("No viable backend for scaled_dot_product_attention was found. This is likely due to turning off "
+               "both the math kernel and the fused kernels.")
+ERROR_REASON = ("the triton attention backend runs on CUDA; on CPU only the test interpreter runs it, and interpreter "
+                "timings mean nothing")
+
+
+def _wide_report():
+    group = "logprob/token_logprobs fwd+bwd V50257 float32/tokens=4096"
+    results = [
+        _table_record(group, "log_softmax+gather+sum (compile)", role="baseline"),
+        _table_record(group, "memk:fused", ratios={"log_softmax+gather+sum": 3.07,
+                                                   "log_softmax+gather+sum (compile)": 0.73, "liger:cross_entropy": 1.25}),
+        _table_record("attention/packed causal fwd+bwd D128 H4 float32/seq=1024", "sdpa:efficient_attention",
+                      "skipped", SKIP_REASON),
+        _table_record("attention/packed causal fwd+bwd D128 H4 float32/seq=1024", "sdpa:cudnn_attention",
+                      "skipped", SKIP_REASON),
+        _table_record("attention/packed causal fwd+bwd D128 H4 float32/seq=1024", "memk:triton", "error", ERROR_REASON),
+        _table_record("train/train step B32 bfloat16/params=1e6", "sdpa+fused bfloat16", device="cuda", tflops=12.34,
+                      ratios={"sdpa+reference float32": 1.5}),
+    ]
+    env = {"device_name": "AMD EPYC 7B13 64-Core Processor", "device_type": "cpu", "torch_threads": 2,
+           "torch": "2.13.0+cpu", "triton": "3.9.0", "cuda": None, "date": "2026-11-25T19:33:01Z"}
+    scaling = [{"suite": "attention", "family": "packed causal fwd+bwd D128 H4 float32",
+                "variant": "sdpa:flash_attention", "exponent": 0.53, "axis": "seq"}]
+    return {"results": results, "env": env, "scaling": scaling}
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_table_fits_the_width_and_cuts_no_word(width):
+    report = _wide_report()
+    table = run.format_table(report, width=width)
+    lines = table.splitlines()
+    assert max(map(len, lines)) <= width, "\n".join(line for line in lines if len(line) > width)
+    words = set(table.split())
+    for r in report["results"]:  # every word of every cell is there whole
+        for text in (r["group"], r["variant"], r["reason"] or "", *r["ratios"]):
+            assert set(text.split()) <= words, text
+    flat = " ".join(table.split())
+    for reason in (SKIP_REASON, ERROR_REASON):  # each reason once, as a note under the table, read back whole
+        assert flat.count(reason) == 1
+    assert flat.count("skipped [1]") == 2 and flat.count("error [2]") == 1
+    assert "[1] " + SKIP_REASON in flat and "[2] " + ERROR_REASON in flat
+    assert ("x3.07 vs log_softmax+gather+sum, x0.73 vs log_softmax+gather+sum (compile), "
+            "x1.25 vs liger:cross_entropy") in flat
+    assert "12.3 TFLOP/s, MFU 12.3%" in flat
+    (fused,) = [line for line in lines if line.strip().startswith("memk:fused")]
+    assert "25.6 ms" in fused and "160 ktokens/s" in fused and "32 MiB" in fused
+
+
+def test_a_wide_terminal_keeps_each_case_on_one_line():
+    table = run.format_table(_wide_report(), width=250)
+    (fused,) = [line for line in table.splitlines() if "memk:fused" in line]
+    assert "25.6 ms" in fused and fused.rstrip().endswith("x1.25 vs liger:cross_entropy")

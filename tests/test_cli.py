@@ -131,6 +131,8 @@ def test_dry_run_into_a_finished_folder_plans_only_what_remains(tmp_path):
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
     _one_line_error(memk("run-capacity", "--preset", "smoke", "--out", str(tmp_path / "out"), *args), needle)
+    if needle != "training diverged":  # that one trains (and checkpoints) first; the others are refused starts
+        assert not (tmp_path / "out").exists()  # a refused start leaves no folder behind
 
 
 def test_help_imports_no_torch_and_names_every_preset():
@@ -168,3 +170,50 @@ def test_a_folder_another_run_is_writing_is_one_line_and_exit_2(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path):
     _one_line_error(memk("run-capacity", "--preset", "smoke", "--device", "cuda", "--out", str(tmp_path)), "no CUDA device")
+
+
+def test_version_is_the_installed_package_s():
+    from importlib.metadata import version
+
+    result = memk("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"memk {version('memk')}\n"
+
+
+def test_help_lists_each_command_s_whole_first_sentence():
+    result = subprocess.run([*MEMK, "--help"], capture_output=True, text=True, timeout=120, cwd=OUTSIDE,
+                            env={**os.environ, "COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    commands = result.stdout.split("Commands:")[1]
+    assert "..." not in commands and "…" not in commands
+    assert max(map(len, result.stdout.splitlines())) <= 80
+    listing = " ".join(commands.split())  # the wrapped descriptions, joined again
+    for command, sentence in [
+        ("run-capacity", "Train GPT-2 models on random data and measure capacity in bits per parameter."),
+        ("run-generalization", "Train GPT-2 models on real text (or a Markov chain): unintended memorization, double "
+                               "descent and membership inference against dataset size / capacity."),
+        ("audit", "How much a causal LM memorized of your data, per sample, in bits."),
+    ]:
+        assert f"{command} {sentence}" in listing, listing
+    assert "--version" in result.stdout
+
+
+@pytest.mark.slow
+def test_progress_into_a_log_is_lines_not_redraws_and_a_finished_run_leaves_no_lock(tmp_path):
+    out = tmp_path / "runs"
+    result = memk("run-capacity", "--preset", "smoke", "--out", str(out))  # stderr is a pipe here, as `2> log` is
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "\x1b[" not in result.stderr
+    assert "sweep: 4/4 runs" in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) <= 4 + 4  # a line per finished run, a few more at most
+    assert len(rows(out)) == 4 and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--text", "no-such-corpus.txt"], "no such file; give --text an existing UTF-8 text file"),
+    (["--vocab-size", "60000"], "the corpus is too small for a 60000-token vocabulary"),  # found once it is tokenized
+])
+def test_a_refused_start_leaves_no_output_folder(tmp_path, args, needle):
+    out = tmp_path / "made" / "gen-missing"
+    _one_line_error(memk("run-generalization", "--preset", "smoke", "--out", str(out), *args), needle)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor the one made above it

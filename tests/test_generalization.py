@@ -245,3 +245,4 @@ def test_bad_input_is_a_one_line_error(tmp_path, make, args, needle):
     args = [a.replace("{file}", str(file)) for a in args]
     result = memk("run-generalization", "--preset", "smoke", "--out", str(tmp_path / "out"), "--no-progress", *args)
     _one_line_error(result, needle)
+    assert not (tmp_path / "out").exists()  # a refused start leaves no folder behind

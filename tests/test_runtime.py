@@ -67,3 +67,74 @@ def test_a_run_too_large_for_memory_is_refused_with_what_it_needs():
     assert need >= 2 * 10**11 * 32 * 8  # the dataset alone, drawn as int64 blocks and joined
     with pytest.raises(ConfigError, match=r"needs about .* GiB, but cpu has .* GiB free; fewer"):
         runtime.check_fits(need, torch.device("cpu"), "this run", "fewer")
+
+
+# ---- progress: bars on a terminal, plain lines in a log -------------------------------------
+
+
+def test_a_terminal_gets_a_bar_and_a_pipe_file_or_buffer_gets_lines(tmp_path):
+    import io
+
+    from tqdm import tqdm
+
+    controller, terminal = os.openpty()
+    try:
+        with os.fdopen(terminal, "w") as tty:
+            assert runtime.draws_bars(tty)
+            bar = runtime.progress_bar(total=3, desc="sweep", file=tty)
+            assert isinstance(bar, tqdm)
+            bar.close()
+        read_end, write_end = os.pipe()
+        with os.fdopen(read_end) as r, os.fdopen(write_end, "w") as pipe, open(tmp_path / "log", "w") as log:
+            for stream in (pipe, log, io.StringIO()):
+                assert not runtime.draws_bars(stream)
+                assert isinstance(runtime.progress_bar(total=3, file=stream), runtime.LogProgress)
+    finally:
+        os.close(controller)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_log_gets_a_line_at_most_every_interval_and_at_the_end_never_a_redraw():
+    import io
+
+    out, clock = io.StringIO(), Clock()
+    bar = runtime.LogProgress(total=100, desc="  run-a", unit="step", leave=True, stream=out, interval=30, clock=clock)
+    for _ in range(10):  # ten updates within 30 s: no line yet
+        clock.now += 2
+        bar.update(5)
+        bar.set_postfix(loss="1.234", bits="56")
+    assert out.getvalue() == ""
+    clock.now += 15  # 35 s since the start
+    bar.update(5)
+    assert out.getvalue() == "  run-a: 55/100 steps (loss=1.234, bits=56) [0:00:35 elapsed]\n"
+    clock.now += 1
+    bar.update(45)
+    bar.close()  # the end is written once, however soon after the last line
+    bar.close()
+    assert out.getvalue().splitlines()[1:] == ["  run-a: 100/100 steps (loss=1.234, bits=56) [0:00:36 elapsed]"]
+    assert "\r" not in out.getvalue()
+
+
+def test_a_sweep_in_a_log_writes_each_finished_run_and_a_run_s_steps_no_closing_line():
+    import io
+
+    out, clock = io.StringIO(), Clock()
+    sweep = runtime.LogProgress(total=3, initial=1, desc="sweep", unit="run", each_update=True, stream=out, clock=clock)
+    steps = runtime.LogProgress(total=50, desc="  run-b", unit="step", leave=False, stream=out, clock=clock)
+    sweep.set_postfix_str("sweep run-b")
+    steps.update(50)
+    steps.close()  # a run's step bar (leave=False) writes no closing line
+    sweep.update(1)
+    sweep.close()  # nothing new since the last line: no second copy
+    assert out.getvalue() == "sweep: 2/3 runs (sweep run-b) [0:00:00 elapsed]\n"
+    disabled = runtime.LogProgress(total=3, each_update=True, disable=True, stream=out, clock=clock)
+    disabled.update(3)
+    disabled.close()
+    assert out.getvalue().count("\n") == 1

@@ -168,3 +168,98 @@ def test_a_failed_run_is_listed_until_it_finishes_and_is_still_to_do(tmp_path):
         store.record({"run_id": "a", "bits": 1.0})
         assert store.failures_of([a, b]) == []
     assert json.loads((tmp_path / "failures.json").read_text()) == {}
+
+
+# ---- the lock's file and what a failed start leaves -------------------------------------------
+
+
+def test_the_lock_file_is_removed_as_a_store_closes_however_it_ends(tmp_path):
+    with RunStore(tmp_path, "capacity"):
+        assert (tmp_path / ".lock").exists()
+    assert not (tmp_path / ".lock").exists()
+    with pytest.raises(RuntimeError):
+        with RunStore(tmp_path, "capacity"):
+            raise RuntimeError("a run failed")
+    assert not (tmp_path / ".lock").exists() and tmp_path.exists()
+
+
+def test_a_lock_file_left_by_a_killed_process_is_taken_and_then_removed(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from memk.memorize.store import lock_folder; "
+            "lock_folder(sys.argv[1]); os._exit(0)")  # dies holding it: the file stays, the lock goes
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
+    assert (tmp_path / ".lock").exists()
+    with RunStore(tmp_path, "capacity") as store:
+        store.record({"run_id": "a", "bits": 1.0})
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_lock_won_on_a_file_its_holder_removed_is_retaken_on_the_new_file(tmp_path, monkeypatch):
+    # The race of removing a lock file: B opens .lock while A holds it; A removes it and lets go; B's
+    # flock then succeeds on a file no longer in the folder, while C could lock a new .lock. B must
+    # notice and take the file that is there, so that C is refused.
+    import os
+
+    from memk.memorize import store as store_module
+
+    a = store_module.lock_folder(tmp_path)
+    real_open, opened = os.open, []
+
+    def open_then_a_lets_go(path, *args, **kwargs):
+        fd = real_open(path, *args, **kwargs)
+        if str(path).endswith(".lock"):
+            opened.append(path)
+            if len(opened) == 1:
+                a.close()
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_a_lets_go)
+    b = store_module.lock_folder(tmp_path)
+    monkeypatch.setattr(os, "open", real_open)
+    assert len(opened) == 2  # B won the removed file's lock first, then took the new file's
+    with pytest.raises(ConfigError, match="another memk run is writing to"):
+        store_module.lock_folder(tmp_path)  # C
+    b.close()
+    with store_module.lock_folder(tmp_path):  # free again once B lets go
+        pass
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_start_that_fails_before_any_work_leaves_no_folder_it_made(tmp_path):
+    out = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(ConfigError, match="refused"):
+        with RunStore(out, "generalization") as store:
+            store.write_experiment({"source": "text"})
+            (out / "tokenizer.json").write_text("{}")  # prepared on the way, remade by a rerun
+            raise ConfigError("refused")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("work", ["row", "failure", "checkpoint", "kept"])
+def test_a_failure_after_work_was_saved_keeps_the_folder_without_its_lock(tmp_path, work):
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with RunStore(out, "capacity") as store:
+            store.write_experiment({"precisions": ["float32"]})
+            if work == "row":
+                store.record({"run_id": "a", "bits": 1.0})
+            elif work == "failure":
+                store.record_failure(Planned("a"), "RuntimeError: boom", attempts=3)
+            elif work == "checkpoint":
+                store.checkpoint_path("a").write_bytes(b"a run in progress")
+            else:
+                store.keep()
+            raise KeyboardInterrupt
+    assert (out / "experiment.json").exists() and not (out / ".lock").exists()
+    with RunStore(out, "capacity") as store:  # and the next command resumes there
+        assert len(store.rows) == (work == "row") and len(store.failures) == (work == "failure")
+
+
+def test_a_failed_start_in_a_folder_that_was_there_removes_only_its_lock(tmp_path):
+    (tmp_path / "notes.txt").write_text("the user's")
+    with pytest.raises(ConfigError):
+        with RunStore(tmp_path, "capacity"):
+            raise ConfigError("refused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
