@@ -12,7 +12,7 @@
     common.py           device choice and synchronisation, formatting of times, rates and sizes
     cli.py              `memk bench`
     conftest.py, test_bench_cases.py    `pytest bench/`
-    report.py           the README section and plots from bench/results/*.json
+    report.py           the benchmarks page's results (docs/benchmarks.md) and plots from bench/results/*.json
     gpu_acceptance.sh   the GPU acceptance run (and its CPU mode, in CI)
     acceptance.py       its Python pieces: environment, build, test counts, α, the verdict on the targets
     busy_cpu.py         threads on a busy CPU: the thread policy's calibration and the contention target

@@ -38,7 +38,7 @@ ENV_JSON = "env.json"
 DEVICE_SLUG = "device-slug.txt"
 VERDICT_MD = "verdict.md"
 
-# The targets (README: GPU).
+# The targets (docs/gpu.md).
 BANDWIDTH_FACTOR = 1.3  # fused CE fwd+bwd within 1.3x of reading the logits twice and writing the gradient once
 CE_VS_EAGER = 2.0
 ATTENTION_SEQ64_VS_BEST_SDPA = 1.3

@@ -11,7 +11,7 @@ DTYPE_NAMES = ("float32", "tf32", "bfloat16", "float16")  # tf32: float32 tensor
 # What each preset selects, for --help.
 PRESETS = {
     "default": "every suite's sweep of sizes for the device",
-    "acceptance": "the cases of the GPU acceptance run (bench/gpu_acceptance.sh; README, GPU): cross-entropy at "
+    "acceptance": "the cases of the GPU acceptance run (bench/gpu_acceptance.sh; docs/gpu.md): cross-entropy at "
                   "N 131,072, V 2048, attention at seq 64 and 1024, training steps of the paper's 1x64 and 2x128 "
                   "models, 1-32 runs of the 1x64 model as one ensemble; with --quick, the same cases at CPU sizes",
 }

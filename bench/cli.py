@@ -18,7 +18,7 @@ import click
 from .choices import DTYPE_NAMES, PRESETS, SUITES
 
 # Measured on the 2-core CI machine (AMD EPYC, torch 2.13 CPU): 28 s with memk's fused kernels
-# already compiled; their first compile adds 20-40 s. README's `memk bench` section gives the
+# already compiled; their first compile adds 20-40 s. docs/benchmarks.md gives the
 # same figure (tests/test_bench.py checks that they agree).
 QUICK_DURATION = "about half a minute"
 QUICK_HELP = (f"Small sizes, short timing, no torch.compile: {QUICK_DURATION} on 2 CPU cores once memk's "

@@ -2,8 +2,8 @@
 rates and sizes are written.
 
 `memk bench` (cli.py, run.py), the pytest-benchmark front end (conftest.py,
-test_bench_cases.py) and the README report (report.py) all use these, so a number reads the
-same in the terminal table and in the README.
+test_bench_cases.py) and the benchmarks page's report (report.py) all use these, so a number reads the
+same in the terminal table and on the page.
 """
 
 from __future__ import annotations

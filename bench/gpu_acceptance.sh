@@ -68,7 +68,7 @@ stage_body() {
         else
             echo "pytest-timeout is not installed: no per-test limit (the stage's limit still holds)"
         fi
-        # PYTHONSAFEPATH: the repository root must not be on sys.path (README: run pytest, not python -m pytest)
+        # PYTHONSAFEPATH: the repository root must not be on sys.path (docs/architecture.md: the repository root on sys.path)
         (cd "$REPO" && PYTHONSAFEPATH=1 with_site "$py" -m pytest "${args[@]}" tests)
         local rc=$?
         with_site "$py" -m memk.bench.acceptance junit-summary "$OUT/tests/junit.xml" | tee "$OUT/tests/counts.txt"
@@ -100,10 +100,10 @@ stage_body() {
         return $rc
         ;;
     report)
-        # The README's tables from this run's JSON (bench/SUMMARY.md; copy the JSON into
-        # bench/results/ and run the report there to update README), then the verdict.
+        # The benchmarks page's tables from this run's JSON (bench/SUMMARY.md; copy the JSON into
+        # bench/results/ and run the report there to update docs/benchmarks.md), then the verdict.
         local rc=0
-        with_site "$py" -m memk.bench.report --results "$OUT/bench" --readme "$OUT/bench/no-readme.md" || rc=1
+        with_site "$py" -m memk.bench.report --results "$OUT/bench" --doc "$OUT/bench/no-page.md" || rc=1
         with_site "$py" -m memk.bench.acceptance verdict "$OUT" || rc=1
         return $rc
         ;;
@@ -157,7 +157,7 @@ OUT="$(cd "$OUT" && pwd)"
 [ -n "$WHEELS" ] && WHEELS="$(cd "$WHEELS" && pwd)"
 if [ -n "$COPY_TO" ]; then mkdir -p "$COPY_TO" && COPY_TO="$(cd "$COPY_TO" && pwd)" || exit 2; fi
 
-# Time limits in seconds. GPU: ten minutes on an H100 in all (README, GPU, says what is measured and
+# Time limits in seconds. GPU: ten minutes on an H100 in all (docs/gpu.md says what is measured and
 # what is estimated); plan comes last, so a 600-second call that cuts it has every other stage's
 # results copied out already. CPU: limits for a 2-core CI machine; the stages take far less.
 declare -A BUDGET

@@ -296,7 +296,8 @@ def test_without_hugging_faces_kernels_transformers_loads_in_the_root_and_finds_
 @needs_transformers
 @pytest.mark.slow
 def test_readmes_audit_example_runs_in_the_repository_root(tmp_path):
-    # README: `python -m memk.bench.audit_demo --out audit-demo`, from the root (about 20 s on one CPU core).
+    # The audit's worked example (README links it: docs/audit.md), from the root (about 20 s on one CPU core).
+    assert "python -m memk.bench.audit_demo --out audit-demo" in (REPO / "docs" / "audit.md").read_text()
     out = tmp_path / "audit-demo"
     done = _in_root(["-m", "memk.bench.audit_demo", "--out", str(out)], timeout=900)
     assert done.returncode == 0, done.stderr
