@@ -3,8 +3,8 @@ with transformers, on the same GPT-2-shaped model (V 50257, small layers, random
 config) and the same texts:
 
 - memk_bits: memorize.audit_scoring.score_texts, what the audit runs per model (bits only);
-- memk_audit: memorize.audit.audit with no reference and no bootstrap: the bits plus Min-K%++'s
-  per-token moments, the attacks and the summary;
+- memk_audit: memorize.audit.audit with no reference, no bootstrap and no extraction: the bits plus
+  Min-K%++'s per-token moments, the attacks and the summary;
 - hf_loss_loop: model(ids, labels=ids).loss per sample, times its tokens;
 - hf_padded_batch: batches of 16 texts in input order (every text fits the context), right-padded, log_softmax over the whole
   logits + gather, masked sum.
@@ -124,8 +124,8 @@ def run_method(method: str, folder: Path, device_name: str, dtype_name: str) -> 
         return [s.bits for s in score_texts(scoring, scoring.encode(batch), width, width // 2, 8192, moments=False)]
 
     def memk_audit(batch):
-        result = audit(scoring, batch[: len(batch) // 2], batch[len(batch) // 2:], settings=AuditSettings(bootstrap=0),
-                       progress=False)
+        result = audit(scoring, batch[: len(batch) // 2], batch[len(batch) // 2:],
+                       settings=AuditSettings(bootstrap=0, extract_prefixes=()), progress=False)
         return [r["model_bits"] for r in result.samples]
 
     @torch.no_grad()

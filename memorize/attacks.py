@@ -14,7 +14,28 @@ Every score here is "higher = more likely a member". The attacks, as published:
 - min_k_pp: the mean, over the k% lowest, of (log p(x_t) - μ_t) / σ_t, μ_t and σ_t the mean and
   standard deviation of log p(v) under the model's next-token distribution (Zhang et al.,
   "Min-K%++: Improved Baseline for Pre-Training Data Detection from Large Language Models",
-  ICLR 2025).
+  ICLR 2025);
+- recall: ReCaLL, the relative conditional log-likelihood LL(x | P) / LL(x), LL the mean log p
+  of x's tokens, P a prefix of non-member texts put before x (Xie et al., "ReCaLL: Membership
+  Inference via Relative Conditional Log-Likelihoods", EMNLP 2024). A member's likelihood falls
+  more under a non-member context, so a higher ratio = more likely a member (the paper's
+  direction: its code scores ROC with the ratio itself). memk puts the model's start token
+  between the prefix texts and before x, so x is coded after the start token as everywhere else
+  here; the ratio is taken in bits, H(x | P, M) / H(x | M), the same number (the token counts
+  cancel). Its cost is one more pass of the model over every text with P in front
+  (memorize/audit_attacks.py), so it runs only when asked for (--recall-shots);
+- dc_pdd: DC-PDD, the mean over the first occurrence of each distinct token x_i of x of
+  min(p(x_i | x_<i) · ln(1 / f(x_i)), a), f the token's frequency in a reference corpus with
+  add-one smoothing, f(t) = (count(t) + 1) / (total + V), and a = 0.01 (Zhang et al.,
+  "Pretraining Data Detection for Large Language Models: A Divergence-based Calibration
+  Method", EMNLP 2024; their code's score is minus this mean, thresholded the other way). It
+  needs only the probabilities the model pass already gives.
+
+Left out: the neighbourhood attack (Mattern et al. 2023) needs a second large model (a masked
+LM writing each text's neighbours) and dozens of passes per text; the lowercase comparison
+(Carlini et al. 2021) a pass over a lowercased copy, and says nothing on text without case;
+sampling attacks (SaMIA) generation; Con-ReCaLL member prefixes, which put members into what
+is measured.
 
 How well an attack separates members from non-members: ROC AUC (memorize.membership.roc_auc),
 the TPR at a fixed FPR, and percentile bootstrap intervals of both (members and non-members
@@ -36,6 +57,8 @@ ATTACKS = {
     "zlib": "zlib ratio (Carlini et al. 2021)",
     "min_k": "Min-K% (Shi et al. 2024)",
     "min_k_pp": "Min-K%++ (Zhang et al. 2025)",
+    "recall": "ReCaLL (Xie et al. 2024)",
+    "dc_pdd": "DC-PDD (Zhang et al. 2024)",
 }
 REFERENCE_ATTACKS = ("reference",)  # need a reference model
 FPRS = (0.01, 0.001)
@@ -63,6 +86,43 @@ def attack_scores(bits: float, logp: np.ndarray, z: np.ndarray | None, zlib: int
     if reference_bits is not None:
         scores["reference"] = reference_bits - bits
     return scores
+
+
+def recall_ratio(bits: float, prefixed_bits: float) -> float:
+    """ReCaLL's LL(x | P) / LL(x) (module docstring) from the code lengths of x alone and after the prefix,
+    in bits. A text the model is certain of (0 bits alone) is divided by 1e-9 bits instead of 0."""
+    return float(prefixed_bits) / max(float(bits), 1e-9)
+
+
+def token_counts(token_ids, size: int) -> np.ndarray:
+    """How often each token id appears over all the texts' ids (int64, at least `size` entries)."""
+    flat = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in token_ids]) if len(token_ids) else np.zeros(0, np.int64)
+    return np.bincount(flat, minlength=size).astype(np.int64)
+
+
+def dc_pdd_score(logp: np.ndarray, ids, counts: np.ndarray, cap: float = 0.01, leave_out_self: bool = False) -> float:
+    """DC-PDD's score of one text (module docstring): logp[i] = ln p(x_i | x_<i), ids[i] = x_i, counts the
+    reference corpus's token counts over the whole vocabulary (V = len(counts)).
+
+    f(t) = (counts[t] + 1) / (counts.sum() + V); with leave_out_self, the text's own tokens are taken out of
+    the counts first (the corpus is the set the text belongs to, which must not calibrate the text by itself)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) == 0 or len(ids) != len(logp):
+        raise ValueError(f"DC-PDD needs one log-prob per token, got {len(logp)} for {len(ids)} tokens")
+    if ids.max() >= len(counts):
+        raise ValueError(f"token id {int(ids.max())} is outside the counts' vocabulary of {len(counts)}")
+    distinct, first, own = np.unique(ids, return_index=True, return_counts=True)
+    order = np.argsort(first)  # first occurrences in text order (the mean does not care; kept for clarity)
+    distinct, first, own = distinct[order], first[order], own[order]
+    seen, total = counts[distinct].astype(np.float64), float(counts.sum())
+    if leave_out_self:
+        seen, total = seen - own, total - len(ids)
+    frequency = (seen + 1.0) / (total + len(counts))
+    calibrated = np.exp(np.asarray(logp, dtype=np.float64)[first]) * -np.log(frequency)
+    # mean(min(term, a)) as a - mean(shortfall below a): texts whose terms are all capped score exactly a
+    # whatever their token count (a mean of n copies of 0.01 rounds differently for different n, and such
+    # rounding alone would separate texts).
+    return float(cap - np.maximum(cap - calibrated, 0.0).mean())
 
 
 def tpr_at_fpr(member_scores, nonmember_scores, fpr: float) -> float:

@@ -11,11 +11,27 @@ token for random data) and generalization = total - unintended. Per attack: ROC 
 at 1% and 0.1% FPR with bootstrap intervals. The most-memorized samples, with their text.
 
 Resume: each row of samples.jsonl is written (appended whole, fsynced) as soon as its sample is
-coded, under a key over both models' identities (their spec and the content of their files) and
+coded, under a key over the models' identities (their spec and the content of their files; an
+adapter's and its base's) and
 every setting that changes a number; a re-run with the same key keeps the rows of texts it still
 has and codes the rest (none: it only writes the summary again). Rows under another key are never
 mixed in: that file is set aside under a name of its own. A damaged row is set aside and its
 sample coded again. The output folder is locked while an audit writes it, as a sweep's is.
+
+Several references (--reference A --reference B, memorize/audit_references.py): a sample's
+reference code length is the shortest of theirs, H(x | R_best) = -log2 max_R p_R(x), as the paper
+codes x with whichever model compresses it better; mem_U and the reference attack are given against
+that best and against each reference alone. A PEFT adapter as the model (memorize/audit_models.py)
+is merged into its base, and the base is the reference when none is given (audit.json's reference
+says so in "default_reference").
+
+Extraction (memorize/audit_extraction.py; on unless settings.extract_prefixes is empty): for k in
+8, 16, 32, the model given a text's first k tokens decodes greedily up to 32 more; per text the
+longest run of the true continuation it reproduces and whether it reproduced all of it; per set the
+exact-extraction rate (members against non-members).
+
+A refused start (a model that does not load, an interrupt before any row) removes the output
+folders it created while they are still empty.
 """
 
 from __future__ import annotations
@@ -26,6 +42,7 @@ import errno
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,15 +50,24 @@ import numpy as np
 import torch
 
 from .attacks import ATTACKS, attack_metrics, attack_scores, zlib_bits
+from .audit_attacks import check_recall_shots
+from .audit_attacks import prepare as prepare_extra_attacks
+from .audit_extraction import DEFAULT_LENGTH, DEFAULT_PREFIXES, check_settings as check_extraction
+from .audit_extraction import extract, format_extraction, summarize_extraction
 from .audit_models import ScoringModel, load_scoring_model, resolve_dtype
+from .audit_references import describe as describe_references
+from .audit_references import each_reference_attack, format_references, per_reference_sets, reference_attacks
+from .audit_references import reference_fields, role_names
+from .audit_records import SAMPLES_CSV, data_record, provenance, write_samples_csv
 from .audit_report import write_outputs
+from .audit_risk import capacity_risk, format_risk, load_alpha, load_law
 from .audit_scoring import score_texts
 from .errors import ConfigError, DiskFull, warn
 from .outputs import atomic_write_text, content_digest, read_rows, set_aside
 from .runtime import cpu_threads_for_flops, progress_bar, resolve_device
 from .store import lock_folder
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rows carry "extraction" (and, with several references, "references")
 SETS = ("member", "non-member")
 SAMPLES = "samples.jsonl"
 NUMBER = (int, float)
@@ -49,7 +75,7 @@ NUMBER = (int, float)
 ROW_FIELDS = {"set": str, "index": int, "sha1": str, "chars": int, "bytes": int, "zlib_bits": NUMBER,
               "model_tokens": int, "model_bits": NUMBER, "reference_tokens": (int, type(None)),
               "reference_bits": (*NUMBER, type(None)), "mem_u_bits": (*NUMBER, type(None)), "attacks": dict,
-              "text": str}
+              "extraction": (dict, type(None)), "text": str}
 CODING = ("each model codes every token of the text as its own tokenizer splits it (no special tokens "
           "added), the first given only the model's start token (BOS, else EOS) as context, which is "
           "itself not coded; texts longer than the context are coded in sliding windows, each token once")
@@ -68,6 +94,14 @@ class AuditSettings:
     seed: int = 0
     top: int = 20  # most-memorized samples kept in the summary
     chunk: int = 64  # texts coded between two writes of samples.jsonl
+    extract_prefixes: tuple[int, ...] = DEFAULT_PREFIXES  # extraction's prefix lengths k in tokens (): none
+    extract_length: int = DEFAULT_LENGTH  # tokens decoded after the prefix, at most
+    # ReCaLL's prefix: this many non-members (0: no ReCaLL). Each text is coded again with the prefix in
+    # front: about (shots + 1) times the model's pass where texts are of like length (audit_attacks.py).
+    recall_shots: int = 0
+    dc_pdd_cap: float = 0.01  # DC-PDD's a: each first-occurrence token's term is capped at it
+    capacity_summary: str | None = None  # a run-capacity summary.json for α (None: memk's measured default)
+    f1_law: str | None = None  # a run-generalization summary.json whose F1 law to use (None: memk's committed fit)
 
     def check(self) -> None:
         if self.window is not None and self.window < 2:
@@ -82,6 +116,11 @@ class AuditSettings:
             raise ConfigError(f"--bootstrap ({self.bootstrap}) and --top ({self.top}) must be >= 0")
         if self.chunk < 1:
             raise ConfigError(f"chunk ({self.chunk}) must be at least 1 text")
+        check_extraction(tuple(self.extract_prefixes), self.extract_length)
+        if self.recall_shots < 0:
+            raise ConfigError(f"--recall-shots {self.recall_shots} must be >= 0 (0: no ReCaLL)")
+        if not self.dc_pdd_cap > 0:
+            raise ConfigError(f"--dc-pdd-cap {self.dc_pdd_cap} must be positive (the paper's a is 0.01)")
 
 
 @dataclass
@@ -169,9 +208,10 @@ def prepare_output(out: Path) -> Path:
     return out
 
 
-def audit_key(model: ScoringModel, reference: ScoringModel | None, settings: dict) -> str:
-    """What every number of a row depends on: both models' identities and the settings."""
-    return content_digest([FORMAT_VERSION, model.fingerprint, reference and reference.fingerprint, settings])
+def audit_key(model: ScoringModel, references: list[ScoringModel], settings: dict) -> str:
+    """What every number of a row depends on: the models' identities and the settings."""
+    refs = [r.fingerprint for r in references]
+    return content_digest([FORMAT_VERSION, model.fingerprint, refs[0] if len(refs) == 1 else refs or None, settings])
 
 
 def _sha1(text: str) -> str:
@@ -227,36 +267,78 @@ def _append_rows(path: Path, rows: list[dict]) -> None:
 
 def audit(model, members: list[str], nonmembers: list[str], reference=None, out: Path | None = None, *,
           device: str = "auto", dtype: str = "auto", settings: AuditSettings = AuditSettings(),
-          progress: bool = True) -> AuditResult:
-    """Audit `model` on member and non-member texts, against `reference` if given.
+          progress: bool = True, frequency_texts: list[str] | None = None,
+          sources: dict[str, str] | None = None, base_model: str | None = None) -> AuditResult:
+    """Audit `model` on member and non-member texts, against `reference` if given (one, or a list: the
+    best of them per sample, and each).
 
-    model and reference are Hugging Face names or folders, memk checkpoint folders, or
-    ScoringModels (audit_models.scoring_model_from wraps a transformers model you hold; such a
-    model is scored on its own device in its own dtype, and asking for others is an error). With
-    `out`, the outputs are written there (samples.jsonl as rows are computed, audit.json, the
-    PNGs, report.html) and an interrupted audit resumes.
+    model and reference are Hugging Face names or folders, memk checkpoint folders, PEFT adapter
+    folders (on base_model if given, else on the base their adapter_config.json names; without a
+    reference, the model's base is it), or ScoringModels (audit_models.scoring_model_from wraps a
+    transformers model you hold; such a model is scored on its own device in its own dtype, and
+    asking for others is an error). With `out`, the outputs are written there (samples.jsonl as
+    rows are computed, audit.json, the PNGs, report.html) and an interrupted audit resumes.
+
+    frequency_texts: DC-PDD's corpus (default: the non-members, leave-one-out; memorize/audit_attacks.py).
+    sources: where the texts came from ({"members": path, "non_members": path, "frequency_text": path}),
+    recorded in audit.json with the files' digests.
     """
     settings.check()
     for name, texts in (("member", members), ("non-member", nonmembers)):
         if not texts:
             raise ConfigError(f"no {name} texts; give at least one (the attacks compare members with non-members)")
+    check_recall_shots(settings.recall_shots, len(nonmembers))
+    started = time.monotonic()
+    risk_inputs = (*load_alpha(settings.capacity_summary), load_law(settings.f1_law))
     dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    references = [] if reference is None else list(reference) if isinstance(reference, (list, tuple)) else [reference]
+    for held in (m for m in (model, *references) if isinstance(m, ScoringModel)):
+        _check_held(held, device, dev, dtype, torch_dtype)
+    created = _new_folders(out)
     if out is not None:
         out = prepare_output(out)
-    torch_dtype = resolve_dtype(dtype, dev)
-    for held in (m for m in (model, reference) if isinstance(m, ScoringModel)):
-        _check_held(held, device, dev, dtype, torch_dtype)
     try:
         # Held until the outputs are written: a second audit (or sweep) into the folder would set
         # this one's samples.jsonl aside, or append to it, while it is being written.
         with lock_folder(out) if out is not None else contextlib.nullcontext():
-            target = model if isinstance(model, ScoringModel) else load_scoring_model(model, dev, torch_dtype)
-            ref = reference if reference is None or isinstance(reference, ScoringModel) else load_scoring_model(
-                reference, dev, torch_dtype)
+            target = model if isinstance(model, ScoringModel) else load_scoring_model(model, dev, torch_dtype,
+                                                                                      base_model)
+            refs = [r if isinstance(r, ScoringModel) else load_scoring_model(r, dev, torch_dtype) for r in references]
+            if not refs and target.base_source is not None:  # an adapter: its base is the natural reference
+                refs = [load_scoring_model(target.base_source, dev, torch_dtype)]
+                refs[0].details = {**refs[0].details, "default_reference":
+                                   f"no reference given: the base of adapter {target.spec}"}
+            timings = {"load_models": time.monotonic() - started}
+            records = {"frequency_texts": frequency_texts, "sources": sources or {}, "risk_inputs": risk_inputs,
+                       "timings": timings}
             with _cpu_threads(target, settings):
-                return _audit(target, ref, members, nonmembers, out, settings, progress)
+                return _audit(target, refs, members, nonmembers, out, settings, progress, records)
     except OSError as e:  # a full disk, a file that cannot be read or written: one line, not a traceback
+        _remove_if_empty(created)
         raise _file_error(e, out) from e
+    except BaseException:
+        _remove_if_empty(created)
+        raise
+
+
+def _new_folders(out: Path | None) -> list[Path]:
+    """The folders creating `out` will make (out and any missing parents), innermost first."""
+    new = []
+    folder = None if out is None else Path(out).expanduser().absolute()
+    while folder is not None and not folder.exists() and folder != folder.parent:
+        new.append(folder)
+        folder = folder.parent
+    return new
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """A refused start leaves no folder it made: each of them still empty is removed, innermost first."""
+    for folder in folders:
+        try:
+            folder.rmdir()  # only if empty: rows written, or another process's files, keep it
+        except OSError:
+            return
 
 
 @contextlib.contextmanager
@@ -282,15 +364,22 @@ def _file_error(e: OSError, out: Path | None) -> ConfigError:
                        "(the samples written are kept)")
 
 
-def _audit(target: ScoringModel, ref: ScoringModel | None, members: list[str], nonmembers: list[str],
-           out: Path | None, settings: AuditSettings, progress: bool) -> AuditResult:
+def _audit(target: ScoringModel, refs: list[ScoringModel], members: list[str], nonmembers: list[str],
+           out: Path | None, settings: AuditSettings, progress: bool, records: dict | None = None) -> AuditResult:
+    records = records or {"timings": {}}
+    timings, clock = records["timings"], time.monotonic()
     texts = [("member", i, t) for i, t in enumerate(members)] + [("non-member", i, t) for i, t in enumerate(nonmembers)]
-    roles = {"model": target, **({"reference": ref} if ref is not None else {})}
+    roles = {"model": target, **dict(zip(role_names(len(refs)), refs))}
     windows = {role: _window(m, settings) for role, m in roles.items()}
     numbers = {"window_stride": windows, "min_k": settings.min_k, "min_k_pp": settings.min_k_pp,
                "device": target.device.type,
-               "dtype": str(target.head_dtype).split(".")[-1]}
-    key = audit_key(target, ref, numbers)
+               "dtype": str(target.head_dtype).split(".")[-1],
+               "extract_prefixes": list(settings.extract_prefixes), "extract_length": settings.extract_length}
+    extra = prepare_extra_attacks(target, nonmembers, windows["model"], settings.batch_tokens,
+                                  recall_shots=settings.recall_shots, cap=settings.dc_pdd_cap,
+                                  frequency_texts=records.get("frequency_texts"))
+    numbers.update(extra.numbers)  # ReCaLL's prefix and DC-PDD's counts change the rows' numbers
+    key = audit_key(target, refs, numbers)
     path = out / SAMPLES if out is not None else None
     done = _load_rows(path, key, {(s, i): _sha1(t) for s, i, t in texts}) if path is not None else []
     have = {(r["set"], r["index"]) for r in done}
@@ -303,15 +392,27 @@ def _audit(target: ScoringModel, ref: ScoringModel | None, members: list[str], n
             raise ConfigError(f"{empty[0]} text {empty[1]} ({empty[2][:40]!r}) is no tokens at all to {m.spec}'s "
                               "tokenizer; drop it from the input")
     order = sorted(range(len(todo)), key=lambda j: -len(tokens["model"][j]))  # long first: running out of memory shows at once
+    timings["prepare"] = time.monotonic() - clock
+    timings["score"] = timings["extraction"] = timings["recall_dc_pdd"] = 0.0
     rows = list(done)
     bar = progress_bar(total=len(texts), initial=len(done), desc="audit", unit="text", disable=not progress)
     for begin in range(0, len(order), settings.chunk):
         part = order[begin:begin + settings.chunk]
+        clock = time.monotonic()
         scored = {role: score_texts(m, [tokens[role][j] for j in part], *windows[role], settings.batch_tokens,
                                     moments=role == "model" and settings.min_k_pp)
                   for role, m in roles.items()}
-        new = [_row(key, todo[j], scored["model"][n], scored["reference"][n] if ref is not None else None,
-                    settings.min_k) for n, j in enumerate(part)]
+        timings["score"] += time.monotonic() - clock
+        clock = time.monotonic()
+        extracted = (extract(target, [tokens["model"][j] for j in part], tuple(settings.extract_prefixes),
+                             settings.extract_length, settings.batch_tokens)
+                     if settings.extract_prefixes else [None] * len(part))
+        new = [_row(key, todo[j], scored["model"][n], [scored[r][n] for r in role_names(len(refs))],
+                    settings.min_k, extracted[n]) for n, j in enumerate(part)]
+        timings["extraction"] += time.monotonic() - clock
+        clock = time.monotonic()
+        extra.add_scores(new, [tokens["model"][j] for j in part], scored["model"])
+        timings["recall_dc_pdd"] += time.monotonic() - clock
         if path is not None:
             _append_rows(path, new)
         rows.extend(new)
@@ -320,10 +421,35 @@ def _audit(target: ScoringModel, ref: ScoringModel | None, members: list[str], n
 
     rank = {(s, i): n for n, (s, i, _) in enumerate(texts)}
     rows.sort(key=lambda r: rank[(r["set"], r["index"])])
-    summary = summarize(rows, target, ref, settings, numbers)
+    clock = time.monotonic()
+    summary = summarize(rows, target, refs, settings, numbers)
+    summary["risk"] = _risk(rows, target, refs, settings, records.get("risk_inputs"))
+    timings["summarize"] = time.monotonic() - clock
+    sources = records.get("sources", {})
+    data = [data_record("members", members, sources.get("members")),
+            data_record("non-members", nonmembers, sources.get("non_members"))]
+    if records.get("frequency_texts") is not None or sources.get("frequency_text"):
+        data.append(data_record("frequency-text", records.get("frequency_texts"), sources.get("frequency_text")))
+    summary["provenance"] = provenance({"model": target.fingerprint, "reference": None,
+                                        **dict(zip(role_names(len(refs)), (r.fingerprint for r in refs)))}, data)
+    summary["timings"] = {"seconds": {k: round(v, 3) for k, v in timings.items()}, "texts_coded": len(todo),
+                          "note": "this run's: a resumed audit codes only the texts it lacked; writing the "
+                                  "outputs (after this file's numbers) is not counted"}
     if out is not None:
         write_outputs(out, summary, rows)
+        write_samples_csv(out / SAMPLES_CSV, rows)
     return AuditResult(summary, rows)
+
+
+def _risk(rows: list[dict], target: ScoringModel, refs: list[ScoringModel], settings: AuditSettings,
+          risk_inputs: tuple | None) -> dict:
+    """audit.json's "risk" (memorize/audit_risk.py): capacity, the members' bits under the reference, the F1s."""
+    alpha, alpha_source, law = risk_inputs or (*load_alpha(settings.capacity_summary), load_law(settings.f1_law))
+    members = [r for r in rows if r["set"] == "member"]
+    member_bits = float(np.sum([r["reference_bits"] for r in members], dtype=np.float64)) if refs else None
+    return capacity_risk(target.parameters, member_bits, [r["attacks"]["loss"] for r in members],
+                         [r["attacks"]["loss"] for r in rows if r["set"] == "non-member"], alpha=alpha,
+                         alpha_source=alpha_source, law=law, resamples=settings.bootstrap, seed=settings.seed)
 
 
 def _check_held(held: ScoringModel, device: str, dev: torch.device, dtype: str, torch_dtype: torch.dtype) -> None:
@@ -345,7 +471,8 @@ def _window(model: ScoringModel, settings: AuditSettings) -> tuple[int, int]:
     return width, stride
 
 
-def _row(key: str, text: tuple[str, int, str], score, reference_score, min_k: float) -> dict:
+def _row(key: str, text: tuple[str, int, str], score, reference_scores: list, min_k: float,
+         extraction: dict | None = None) -> dict:
     kind, index, body = text
     compressed = zlib_bits(body)
     row = {
@@ -354,15 +481,15 @@ def _row(key: str, text: tuple[str, int, str], score, reference_score, min_k: fl
         "model_tokens": score.tokens, "model_bits": score.bits,
         "reference_tokens": None, "reference_bits": None, "mem_u_bits": None,
     }
-    if reference_score is not None:
-        row.update(reference_tokens=reference_score.tokens, reference_bits=reference_score.bits,
-                   mem_u_bits=max(0.0, reference_score.bits - score.bits))
+    row.update(reference_fields(score.bits, reference_scores))  # the best reference's; each one's where several
     row["attacks"] = attack_scores(score.bits, score.logp, score.z, compressed, row["reference_bits"], min_k)
+    row["attacks"].update(each_reference_attack(row))
+    row["extraction"] = extraction
     row["text"] = body
     return row
 
 
-def summarize(rows: list[dict], model: ScoringModel, reference: ScoringModel | None, settings: AuditSettings,
+def summarize(rows: list[dict], model: ScoringModel, references: list[ScoringModel], settings: AuditSettings,
               numbers: dict) -> dict:
     """audit.json: the models, the settings, per-set totals, per-attack metrics, the top samples."""
     by_set = {s: [r for r in rows if r["set"] == s] for s in SETS}
@@ -377,7 +504,7 @@ def summarize(rows: list[dict], model: ScoringModel, reference: ScoringModel | N
             "zlib_bits": sum(r["zlib_bits"] for r in group),
             "total_memorization_bits": uniform - model_bits,
         }
-        if reference is not None:
+        if references:
             mem_u = np.array([r["mem_u_bits"] for r in group], dtype=np.float64)
             block.update(
                 reference_tokens=sum(r["reference_tokens"] for r in group),
@@ -387,27 +514,39 @@ def summarize(rows: list[dict], model: ScoringModel, reference: ScoringModel | N
                 samples_with_unintended_memorization=int((mem_u > 0).sum()),
                 generalization_bits=uniform - model_bits - float(mem_u.sum()),
             )
+            if len(references) > 1:
+                block["references"] = per_reference_sets(group, len(references), uniform, model_bits)
         sets[name] = block
     attacks = {}
     for name, label in ATTACKS.items():
-        if name not in rows[0]["attacks"]:
+        # A row may lack an attack's score: ReCaLL's prefix non-members are not scored by it.
+        scores = [[r["attacks"][name] for r in by_set[s] if name in r["attacks"]] for s in SETS]
+        if not all(scores):
             continue
-        scores = [[r["attacks"][name] for r in by_set[s]] for s in SETS]
         attacks[name] = {"label": label, **attack_metrics(*scores, resamples=settings.bootstrap, seed=settings.seed)}
-    ranked_by = "mem_u_bits" if reference is not None else "loss"
-    ranked = sorted(rows, key=lambda r: -(r["mem_u_bits"] if reference is not None else r["attacks"]["loss"]))
+        if len(scores[1]) < len(by_set["non-member"]):
+            attacks[name]["scored"] = {"member": len(scores[0]), "non-member": len(scores[1]),
+                                       "note": "the non-members of ReCaLL's prefix are left out of its evaluation"}
+    described = [r.describe() for r in references]
+    if len(references) > 1:
+        attacks["reference"]["label"] = f"reference-calibrated loss, best of {len(references)} references"
+    attacks.update(reference_attacks(rows, described, settings.bootstrap, settings.seed))
+    ranked_by = "mem_u_bits" if references else "loss"
+    ranked = sorted(rows, key=lambda r: -(r["mem_u_bits"] if references else r["attacks"]["loss"]))
     return {
         "format": FORMAT_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": model.describe(),
-        "reference": None if reference is None else reference.describe(),
+        "reference": describe_references(described),
+        "references": described,
         "coding": CODING,
         "settings": {**asdict(settings), **numbers},
         "sets": sets,
         "attacks": attacks,
         "top_ranked_by": ranked_by,
         "top": [{k: r[k] for k in ("set", "index", "model_bits", "reference_bits", "mem_u_bits", "model_tokens",
-                                    "text")} for r in ranked[:settings.top]],
+                                    "extraction", "text")} for r in ranked[:settings.top]],
+        "extraction": summarize_extraction(rows, tuple(settings.extract_prefixes), settings.extract_length),
     }
 
 
@@ -422,6 +561,10 @@ def format_table(summary: dict) -> str:
             line += (f"{b['reference_bits']:>13.1f} {b['unintended_memorization_bits']:>12.1f} "
                      f"{b['mean_unintended_memorization_bits']:>12.2f} {b['generalization_bits']:>14.1f}")
         lines.append(line.rstrip())
+    if has_ref and summary["reference"].get("default_reference"):
+        lines.append(f"reference: {summary['reference']['spec']} ({summary['reference']['default_reference']})")
+    lines.extend(["", format_references(summary)] if format_references(summary) else [])
+    lines.extend(["", format_extraction(summary)] if summary.get("extraction") else [])
     lines.append("")
     lines.append(f"{'attack':<48} {'AUC':>20} {'TPR@1%FPR':>20} {'TPR@0.1%FPR':>20}")
     for a in summary["attacks"].values():
@@ -430,4 +573,5 @@ def format_table(summary: dict) -> str:
             interval = a.get(f"{metric}_interval")
             cells.append(f"{a[metric]:.3f}" + (f" [{interval[0]:.2f},{interval[1]:.2f}]" if interval else ""))
         lines.append(f"{a['label']:<48} " + " ".join(f"{c:>20}" for c in cells))
-    return "\n".join(lines)
+    risk = format_risk(summary.get("risk"))
+    return "\n".join(lines + ([""] + risk if risk else []))

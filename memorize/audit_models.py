@@ -8,6 +8,20 @@ head_token_logprobs on the final hidden states and the output head).
 A memk checkpoint is the reference model run-generalization keeps: a folder holding
 reference.json and model.pt (OUT/reference/), or the run's output folder OUT itself; the
 tokenizer is OUT/tokenizer.json.
+
+A PEFT adapter (LoRA and the other kinds `peft` saves: a folder holding adapter_config.json beside
+the adapter's weights) is loaded onto its base model (adapter_config.json's
+base_model_name_or_path, as given or relative to the adapter's folder, or --base-model) and merged
+into it (merge_and_unload): the audit codes with the merged weights, which compute what base plus
+adapter compute. Its tokenizer is the adapter folder's if it holds one, else the base's. Its resume
+key covers the content of the adapter's files and the base's (a Hub base: its commit). The base is
+the audit's reference unless --reference names others (memorize/audit.py).
+
+Names: a name that exists is a folder; one that does not is a Hugging Face model name only if it
+looks like one (a valid repo id, not starting with "/", "." or "~", whose first part is no local
+folder): "audit-demo/finetund", with audit-demo/ here, is a missing folder, said at once. A Hub name
+is looked up in the local cache alone, never waiting for the Hub, when HF_HUB_OFFLINE (or
+TRANSFORMERS_OFFLINE) is set or the Hub's host cannot be reached within a few seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +29,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,6 +45,9 @@ from .outputs import content_digest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INSTALL_HINT = 'pip install "memk[audit]"'
+PEFT_HINT = 'pip install "memk[peft]"'
+ADAPTER_CONFIG = "adapter_config.json"
+HUB_PROBE_SECONDS = 3.0  # how long the Hub's host may take to answer before a name is looked up offline
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -54,6 +74,8 @@ class ScoringModel:
     head_weight: torch.Tensor | None  # (V, d); None where the logits must come from the whole model
     head_bias: torch.Tensor | None
     fingerprint: dict = field(default_factory=dict)  # what identifies these weights, for the resume key
+    base_source: str | None = None  # a PEFT adapter's base, as it was loaded: the default reference
+    details: dict = field(default_factory=dict)  # more of describe(): an adapter's base and kind
 
     @property
     def device(self) -> torch.device:
@@ -66,7 +88,7 @@ class ScoringModel:
     def describe(self) -> dict:
         return {"spec": self.spec, "kind": self.kind, "start_token": self.start_token, "start_id": self.start_id,
                 "context": self.context, "parameters": self.parameters, "dtype": str(self.head_dtype).split(".")[-1],
-                "vocab_size": self.vocab_size}
+                "vocab_size": self.vocab_size, **self.details}
 
     @property
     def head_dtype(self) -> torch.dtype:
@@ -79,22 +101,88 @@ class ScoringModel:
         return int(self.module.get_output_embeddings().weight.shape[0])
 
 
-def load_scoring_model(spec: str, device: torch.device, dtype: torch.dtype) -> ScoringModel:
-    """A Hugging Face name or save_pretrained folder, or a memk checkpoint folder; ConfigError naming the fix."""
+def load_scoring_model(spec: str, device: torch.device, dtype: torch.dtype,
+                       base_model: str | None = None) -> ScoringModel:
+    """A Hugging Face name or save_pretrained folder, a memk checkpoint folder, or a PEFT adapter folder
+    (on base_model if given, else on the base its adapter_config.json names); ConfigError naming the fix."""
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
             raise ConfigError(f"model {spec}: is a file, not a folder; give the folder save_pretrained wrote")
+        if (path / ADAPTER_CONFIG).is_file():
+            return _load_adapter(spec, path, device, dtype, base_model)
+        if base_model is not None:
+            raise ConfigError(f"--base-model is for a PEFT adapter, but {spec} has no {ADAPTER_CONFIG}; leave it out")
         memk_folder = _memk_checkpoint_folder(path)
         if memk_folder is not None:
             return _load_memk(spec, memk_folder, device, dtype)
         return _load_huggingface(spec, str(path), device, dtype, local=True)
-    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec:
+    if looks_like_path(spec):
         raise ConfigError(
             f"model folder {spec} does not exist; give a folder written by save_pretrained, a memk checkpoint "
-            "folder, or a Hugging Face model name"
+            "folder, a PEFT adapter folder, or a Hugging Face model name"
         )
+    if base_model is not None:
+        raise ConfigError(f"--base-model is for a PEFT adapter folder, but {spec} is a Hugging Face model name")
     return _load_huggingface(spec, spec, device, dtype, local=False)
+
+
+def looks_like_path(spec: str) -> bool:
+    """A name that can only mean a local folder (module docstring): it starts with "/", "." or "~", holds
+    the system's own separator where that is not "/", has a first part that is a folder here, or is no
+    valid Hugging Face repo id."""
+    if spec.startswith(("/", ".", "~")) or (os.sep != "/" and os.sep in spec) or (os.altsep and os.altsep != "/"
+                                                                                   and os.altsep in spec):
+        return True
+    if "/" in spec and Path(spec.split("/")[0]).is_dir():
+        return True
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # no huggingface_hub (it comes with transformers): the loader says what to install
+        return spec.count("/") > 1
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return True
+    return False
+
+
+def hub_offline() -> bool:
+    """Whether Hub names are looked up in the local cache alone (module docstring)."""
+    if any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+           for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    if constants.HF_HUB_OFFLINE:
+        return True
+    return not _reachable(constants.ENDPOINT, HUB_PROBE_SECONDS)
+
+
+def _reachable(endpoint: str, seconds: float) -> bool:
+    """Whether endpoint's host takes a TCP connection within `seconds` (name lookup included: in a thread,
+    since getaddrinfo takes no timeout)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return False
+    answer = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=seconds).close()
+            answer.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(answer)
 
 
 def _transformers():
@@ -113,6 +201,13 @@ def _one_line(e: BaseException) -> str:
 
 
 def _load_huggingface(spec: str, source: str, device: torch.device, dtype: torch.dtype, local: bool) -> ScoringModel:
+    module, tokenizer = _huggingface_parts(spec, source, dtype, local)
+    module.to(device)
+    return scoring_model_from(module, tokenizer, spec, _source_fingerprint(source, local, module.config))
+
+
+def _huggingface_parts(spec: str, source: str, dtype: torch.dtype, local: bool, tokenizer_source: str | None = None):
+    """The causal LM (on the CPU) and the tokenizer (from tokenizer_source if given) of a folder or Hub name."""
     transformers = _transformers()
     from safetensors import SafetensorError  # what transformers raises on cut-short .safetensors (it depends on it)
     where = "folder" if local else "Hugging Face model"
@@ -121,26 +216,90 @@ def _load_huggingface(spec: str, source: str, device: torch.device, dtype: torch
             f"{spec} is not a causal language model: the folder has no config.json; give a folder written by "
             "save_pretrained of a *ForCausalLM model, or a memk checkpoint folder"
         )
+    offline = not local and hub_offline()
+    hub = {"local_files_only": True} if offline else {}
+    # With peft installed, transformers also looks for an adapter under the name: in the cache alone too.
+    adapter_hub = {"adapter_kwargs": {"local_files_only": True}} if offline else {}
     try:
-        module = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        module = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **hub, **adapter_hub)
     except (ValueError, KeyError) as e:  # transformers' word for "this config is not a causal LM"
         raise ConfigError(
             f"{where} {spec} is not a causal language model transformers can load ({_one_line(e)}); "
             "give a *ForCausalLM model"
         ) from None
     except (OSError, RuntimeError, SafetensorError) as e:  # not found on the Hub, offline, damaged or cut-short weights
+        if offline:
+            raise ConfigError(
+                f"no folder {spec} here, and Hugging Face model {spec} is not in the local cache (the Hub is not "
+                "asked: HF_HUB_OFFLINE is set or huggingface.co cannot be reached); check the name, or give a "
+                "folder written by save_pretrained"
+            ) from None
         raise ConfigError(
             f"cannot load {where} {spec} ({_one_line(e)}); check the name, or give a folder written by save_pretrained"
         ) from None
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_source or source, **hub)
     except Exception as e:  # noqa: BLE001 - any failure: one line naming the cause
         raise ConfigError(
             f"{where} {spec} has no tokenizer transformers can load ({_one_line(e)}); save the tokenizer beside "
             "the model with tokenizer.save_pretrained(FOLDER)"
         ) from None
+    return module, tokenizer
+
+
+def _load_adapter(spec: str, folder: Path, device: torch.device, dtype: torch.dtype,
+                  base_model: str | None) -> ScoringModel:
+    """A PEFT adapter merged into its base (module docstring)."""
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"adapter {spec}: cannot read its {ADAPTER_CONFIG} ({_one_line(e)})") from None
+    named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    base_spec = base_model or named
+    if not base_spec:
+        raise ConfigError(f"adapter {spec}: its {ADAPTER_CONFIG} names no base model (base_model_name_or_path); "
+                          "give the base with --base-model")
+    base_source, base_local = _adapter_base(spec, folder, base_spec, base_model is not None)
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError(f"{spec} is a PEFT adapter; loading it needs the peft package: {PEFT_HINT}") from None
+    own_tokenizer = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    module, tokenizer = _huggingface_parts(base_spec, base_source, dtype, base_local,
+                                           tokenizer_source=str(folder) if own_tokenizer else None)
+    base_fingerprint = _source_fingerprint(base_source, base_local, module.config)
+    try:
+        with warnings.catch_warnings():  # peft's and transformers' deprecation notes to each other: not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            module = peft.PeftModel.from_pretrained(module, str(folder)).merge_and_unload()
+    except Exception as e:  # noqa: BLE001 - shapes that do not fit, damaged weights: one line naming the fix
+        raise ConfigError(
+            f"adapter {spec} cannot be loaded onto its base {base_spec} ({_one_line(e)}); give the base it was "
+            "trained on with --base-model"
+        ) from None
     module.to(device)
-    return scoring_model_from(module, tokenizer, spec, _source_fingerprint(source, local, module.config))
+    fingerprint = {"adapter": _source_fingerprint(str(folder), True, None), "base": base_fingerprint}
+    model = scoring_model_from(module, tokenizer, spec, fingerprint)
+    model.kind = "peft-adapter"
+    model.base_source = base_source
+    model.details = {"adapter": {"base": base_spec, "base_given_by": "--base-model" if base_model else ADAPTER_CONFIG,
+                                 "peft_type": config.get("peft_type"), "r": config.get("r"),
+                                 "merged": "merge_and_unload"}}
+    return model
+
+
+def _adapter_base(spec: str, folder: Path, base: str, given: bool) -> tuple[str, bool]:
+    """(where to load the base from, whether it is a local folder): base as given, or relative to the adapter."""
+    path = Path(base).expanduser()
+    if path.is_dir():
+        return str(path), True
+    if not path.is_absolute() and (folder / path).is_dir():
+        return str(folder / path), True
+    if path.exists() or looks_like_path(base):
+        where = (f"--base-model {base}" if given
+                 else f"its base model {base} (base_model_name_or_path in {ADAPTER_CONFIG})")
+        raise ConfigError(f"adapter {spec}: {where} is no folder here; give the base model's folder with --base-model")
+    return base, False
 
 
 def scoring_model_from(module, tokenizer, name: str = "in-memory model", fingerprint: dict | None = None) -> ScoringModel:
@@ -204,7 +363,8 @@ def _source_fingerprint(source: str, local: bool, config) -> dict:
         return {"commit": getattr(config, "_commit_hash", None)}
     folder = Path(source).resolve()
     files = sorted((p.name, _file_digest(p)) for p in folder.iterdir() if p.is_file())
-    return {"path": str(folder), "files": content_digest(files)}
+    # blake2b: each file's digest, which audit.json's provenance names the weights by
+    return {"path": str(folder), "files": content_digest(files), "blake2b": dict(files)}
 
 
 def _file_digest(path: Path) -> str:

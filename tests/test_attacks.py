@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from memk.memorize.attacks import (
-    attack_metrics, attack_scores, bootstrap_interval, lowest_fraction_mean, roc_curve, tpr_at_fpr, zlib_bits,
+    attack_metrics, attack_scores, bootstrap_interval, dc_pdd_score, lowest_fraction_mean, recall_ratio, roc_curve,
+    token_counts, tpr_at_fpr, zlib_bits,
 )
 from memk.memorize.membership import roc_auc
 
@@ -85,3 +86,53 @@ def test_zlib_bits_are_the_compressed_bytes():
     text = "abcabcabc héllo"
     assert zlib_bits(text) == 8 * len(zlib.compress(text.encode(), 9))
     assert math.isclose(zlib_bits(text) % 8, 0)
+
+
+def dc_pdd_by_hand(logp, ids, corpus, vocab, a, leave_out=None):
+    """DC-PDD as Zhang et al. 2024 write it, one token at a time in float64: f(t) = (count(t) + 1) / (N + V)
+    over the corpus's texts (less the text `leave_out`), the first occurrence of each token only."""
+    texts = [t for n, t in enumerate(corpus) if n != leave_out]
+    total = sum(len(t) for t in texts)
+    terms, seen = [], set()
+    for i, token in enumerate(ids):
+        if token in seen:
+            continue
+        seen.add(token)
+        count = sum(t.count(token) for t in texts)
+        f = (count + 1) / (total + vocab)
+        terms.append(min(math.exp(float(logp[i])) * math.log(1 / f), a))
+    return sum(terms) / len(terms)
+
+
+def test_dc_pdd_against_a_direct_computation_with_repeats_caps_and_leave_one_out():
+    rng = np.random.default_rng(0)
+    vocab = 12
+    corpus = [list(rng.integers(0, vocab, rng.integers(3, 15))) for _ in range(6)]
+    counts = token_counts(corpus, vocab)
+    assert list(counts) == [sum(t.count(v) for t in corpus) for v in range(vocab)]
+    for a in (0.01, 0.5, 10.0):  # capped everywhere, in part, nowhere
+        for n, text in enumerate(corpus):
+            logp = np.log(rng.uniform(0.001, 1.0, len(text))).astype(np.float32)
+            assert dc_pdd_score(logp, text, counts, a) == pytest.approx(dc_pdd_by_hand(logp, text, corpus, vocab, a))
+            assert dc_pdd_score(logp, text, counts, a, leave_out_self=True) == pytest.approx(
+                dc_pdd_by_hand(logp, text, corpus, vocab, a, leave_out=n))
+    outside = [0, 0, 11, 0, 3]  # a text not in the corpus, its first token repeated
+    logp = np.log(np.array([0.9, 0.1, 0.5, 0.2, 0.3]))
+    assert dc_pdd_score(logp, outside, counts, 10.0) == pytest.approx(dc_pdd_by_hand(logp, outside, corpus, vocab, 10.0))
+    with pytest.raises(ValueError):
+        dc_pdd_score(logp[:3], outside, counts)
+    with pytest.raises(ValueError):
+        dc_pdd_score(logp, [0, 1, 2, 3, vocab], counts)
+
+
+def test_dc_pdd_of_texts_capped_everywhere_is_exactly_the_cap_whatever_their_length():
+    counts = np.full(20, 3)
+    scores = {dc_pdd_score(np.zeros(n), list(range(n)), counts, cap=0.01) for n in range(1, 20)}
+    assert scores == {0.01}  # a tie, not float rounding that would rank texts by their token count
+
+
+def test_recall_ratio_is_the_ratio_of_mean_log_likelihoods():
+    logp, prefixed = np.array([-0.5, -1.5, -2.0]), np.array([-0.7, -2.5, -2.0])
+    bits, prefixed_bits = -logp.sum() / math.log(2), -prefixed.sum() / math.log(2)
+    assert recall_ratio(bits, prefixed_bits) == pytest.approx(prefixed.mean() / logp.mean())
+    assert recall_ratio(0.0, 0.0) == 0.0 and math.isfinite(recall_ratio(0.0, 1.0))

@@ -62,7 +62,7 @@ def test_finetuned_against_base_memorized_the_members_only(finetuned_audit):
     assert nonmembers_mem_u.mean() < 1.0
     for name, attack in summary["attacks"].items():
         assert attack["auc"] > 0.95, name
-    assert set(summary["attacks"]) == {"loss", "reference", "zlib", "min_k", "min_k_pp"}
+    assert set(summary["attacks"]) == {"loss", "reference", "zlib", "min_k", "min_k_pp", "dc_pdd"}
     sets = summary["sets"]
     assert sets["member"]["unintended_memorization_bits"] == pytest.approx(members_mem_u.sum())
     assert sets["member"]["generalization_bits"] == pytest.approx(
@@ -198,7 +198,7 @@ def test_a_model_held_in_memory_without_reference_gives_the_reference_free_resul
     assert [r["model_bits"] for r in result.samples] == pytest.approx(
         [r["model_bits"] for r in from_folder[:len(result.samples)]], rel=1e-6)
     assert all(r["mem_u_bits"] is None and "reference" not in r["attacks"] for r in result.samples)
-    assert set(result.summary["attacks"]) == {"loss", "zlib", "min_k", "min_k_pp"}
+    assert set(result.summary["attacks"]) == {"loss", "zlib", "min_k", "min_k_pp", "dc_pdd"}
     assert result.summary["reference"] is None and result.summary["top_ranked_by"] == "loss"
     assert "unintended_memorization_bits" not in result.summary["sets"]["member"]
     assert (tmp_path / "report.html").stat().st_size > 0
@@ -378,7 +378,20 @@ def test_without_min_k_pp_the_other_attacks_and_bits_are_unchanged(demo, finetun
     for r in rows:
         f = full_rows[(r["set"], r["index"])]
         assert r["model_bits"] == f["model_bits"] and r["reference_bits"] == f["reference_bits"]
-        assert r["attacks"] == {k: v for k, v in f["attacks"].items() if k != "min_k_pp"}
+        # DC-PDD is calibrated by the non-members' token counts, which differ here by the fixture's SCRIPT text.
+        assert {k: v for k, v in r["attacks"].items() if k != "dc_pdd"} == {
+            k: v for k, v in f["attacks"].items() if k not in ("min_k_pp", "dc_pdd")}
+
+
+def test_recall_and_dc_pdd_tell_the_memorized_members_from_non_members(demo, texts):
+    members, nonmembers = texts
+    result = audit(str(demo["finetuned"]), members, nonmembers, settings=AuditSettings(bootstrap=0, recall_shots=2,
+                                                                                        extract_prefixes=()),
+                   progress=False)
+    for name in ("recall", "dc_pdd"):
+        assert result.summary["attacks"][name]["auc"] > 0.9, name
+    recall = [r["attacks"].get("recall") for r in result.samples]
+    assert recall.count(None) == 2  # the prefix's two non-members
 
 
 @pytest.mark.cuda
@@ -392,13 +405,18 @@ def test_on_cuda_the_audit_codes_as_on_the_cpu_in_float32_and_close_in_bfloat16(
     tokenizer.save_pretrained(tmp_path / "gpt2")
     texts = random_texts(12, 100, seed=1)  # longer than the context: the window runs on the GPU too
     settings = AuditSettings(bootstrap=0, window=64, stride=32)
-    bits = {}
+    bits, runs = {}, {}
     for device, dtype in (("cpu", "float32"), ("cuda", "float32"), ("cuda", "bfloat16")):
         result = audit(str(tmp_path / "gpt2"), texts[:6], texts[6:], device=device, dtype=dtype, settings=settings,
                        progress=False)
         assert result.summary["model"]["dtype"] == dtype
         bits[device, dtype] = np.array([r["model_bits"] for r in result.samples])
+        runs[device, dtype] = [c["run"] for r in result.samples for c in r["extraction"].values()]
     np.testing.assert_allclose(bits["cuda", "float32"], bits["cpu", "float32"], rtol=1e-4)
+    # Greedy decoding on the GPU (KV cache, batched) says what it says on the CPU, but for a rare near-tie
+    # of two tokens' logits that float32 rounding on another device can flip.
+    same = np.mean(np.array(runs["cuda", "float32"]) == np.array(runs["cpu", "float32"]))
+    assert len(runs["cpu", "float32"]) == 36 and same >= 0.9, same
     # bfloat16 weights round each logit to ~3 digits; over 100 tokens the code length moves by well under 2%.
     np.testing.assert_allclose(bits["cuda", "bfloat16"], bits["cpu", "float32"], rtol=2e-2)
     assert not np.array_equal(bits["cuda", "bfloat16"], bits["cpu", "float32"])  # bfloat16 really was used
@@ -560,3 +578,331 @@ def test_the_command_end_to_end_in_a_fresh_process(demo, tmp_path):
     summary = json.loads((tmp_path / "a" / "audit.json").read_text())
     assert summary["sets"]["member"]["unintended_memorization_bits"] > 100 * summary["sets"]["member"]["samples"]
     shutil.rmtree(tmp_path / "a")
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def direct_greedy(module, prompt, steps, memk=False):
+    """Greedy decoding one text at a time, the whole sequence fed again at each step: no batch, no cache."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            out = module(torch.tensor([seq])) if memk else module(input_ids=torch.tensor([seq])).logits
+            seq.append(int(out[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def direct_extraction(module, start, ids, k, length, context, memk=False):
+    """One text's extraction cell at prefix k, straight from the definition (audit_extraction's docstring)."""
+    n = min(length, len(ids) - k, context - k - 1)
+    if n < 1:
+        return None
+    decoded = direct_greedy(module, [start, *ids[:k]], n, memk)
+    run = next((i for i, (a, b) in enumerate(zip(decoded, ids[k:k + n])) if a != b), n)
+    return {"continuation": n, "run": run, "extracted": run == n}
+
+
+def test_batched_greedy_decoding_with_a_cache_equals_a_direct_loop():
+    from memk.bench.audit_demo import char_tokenizer
+    from memk.memorize.audit_extraction import extract, greedy_continuations
+    from memk.memorize.audit_models import scoring_model_from
+
+    tokenizer = char_tokenizer()
+    module = new_gpt2(len(tokenizer), context=24, seed=3).double()  # float64: no near-tie flips by rounding
+    model = scoring_model_from(module, tokenizer, "random GPT-2")
+    rng = np.random.default_rng(0)
+    prompts = [[0, *rng.integers(2, len(tokenizer), size=n).tolist()] for n in (3, 3, 3, 6, 6, 1)]
+    steps = [5, 2, 0, 4, 7, 3]
+    want = [direct_greedy(module, p, s) for p, s in zip(prompts, steps)]
+    assert greedy_continuations(model, prompts, steps, batch_tokens=20) == want  # batches of 2 (20 // (4 + 5))
+
+    # Texts built to follow the greedy decoding for a known number of tokens after 8, then leave it.
+    texts = []
+    for follow in (0, 4, 6, 6):
+        ids = rng.integers(2, len(tokenizer), size=8).tolist()
+        greedy = direct_greedy(module, [0, *ids], 7)
+        other = next(t for t in range(2, len(tokenizer)) if t != greedy[follow])
+        texts.append(ids + greedy[:follow] + [other] + rng.integers(2, len(tokenizer), size=16).tolist())
+    texts[3] = texts[3][:14]  # ends right after the 6 reproduced tokens
+    texts.append(rng.integers(2, len(tokenizer), size=5).tolist())  # shorter than the prefix at k = 8
+    cells = extract(model, texts, (2, 8, 20), 6, batch_tokens=64)
+    for ids, cell in zip(texts, cells):
+        assert cell == {str(k): direct_extraction(module, 0, ids, k, 6, 24) for k in (2, 8, 20)}
+    assert [c["8"] and (c["8"]["run"], c["8"]["extracted"]) for c in cells] == [(0, False), (4, False), (6, True),
+                                                                                 (6, True), None]
+    assert cells[0]["20"]["continuation"] == 3  # 24 positions: start, 20 of prefix, 3 decoded
+    model.head_weight = model.head_bias = None  # the whole model's logits (soft-capped heads) decode the same
+    assert greedy_continuations(model, prompts, steps, batch_tokens=20) == want
+
+
+def test_a_memk_checkpoint_decodes_as_a_direct_loop(tmp_path):
+    from memk.memorize.audit_extraction import extract
+    from memk.memorize.audit_models import load_scoring_model
+    from memk.memorize.corpus import EOT_ID, train_tokenizer
+    from memk.memorize.model import GPT, GPTConfig
+
+    tokenizer = train_tokenizer(random_texts(50, 40, 3), 300)
+    config = GPTConfig(n_layer=1, d_model=32, n_head=2, vocab_size=tokenizer.get_vocab_size(), seq_len=16)
+    torch.manual_seed(0)
+    (tmp_path / "reference").mkdir()
+    (tmp_path / "reference" / "reference.json").write_text(json.dumps({"model": config.to_dict()}))
+    torch.save(GPT(config).state_dict(), tmp_path / "reference" / "model.pt")
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    model = load_scoring_model(str(tmp_path), torch.device("cpu"), torch.float64)
+    texts = [tokenizer.encode(t, add_special_tokens=False).ids for t in random_texts(3, 60, 4)]
+    cells = extract(model, texts, (2, 8), 5, batch_tokens=16)
+    for ids, cell in zip(texts, cells):
+        assert cell == {str(k): direct_extraction(model.module, EOT_ID, ids, k, 5, 16, memk=True) for k in (2, 8)}
+
+
+def test_the_finetuned_model_says_its_members_back_and_not_the_non_members(finetuned_audit):
+    result, out = finetuned_audit
+    extraction = result.summary["extraction"]
+    assert extraction["prefixes"] == [8, 16, 32] and extraction["length"] == 32
+    for k, block in extraction["by_prefix"].items():
+        assert block["member"]["rate"] >= 0.9, k  # the demo's fine-tune memorized its members
+        assert block["non-member"]["extracted"] == 0, k
+        for name in ("member", "non-member"):
+            cells = [r["extraction"][k] for r in result.samples if r["set"] == name]
+            assert block[name]["eligible"] == sum(c is not None for c in cells)
+            assert block[name]["extracted"] == sum(c["extracted"] for c in cells if c)
+            assert block[name]["mean_run"] == pytest.approx(np.mean([c["run"] for c in cells if c]))
+    members = [r for r in result.samples if r["set"] == "member"]
+    assert all(r["extraction"]["32"]["continuation"] == 8 for r in members)  # 40 letters: the 8 after the first 32
+    assert all(r["extraction"]["8"]["continuation"] == 32 for r in members)
+    assert extraction["member"]["extracted_any"] == sum(any(c["extracted"] for c in r["extraction"].values())
+                                                        for r in members)
+    written = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {(r["set"], r["index"]): r["extraction"] for r in written} == {
+        (r["set"], r["index"]): r["extraction"] for r in result.samples}
+    assert "Extraction: does the model say the text back?" in (out / "report.html").read_text()
+
+
+def test_extraction_options_and_turning_it_off(capsys, demo, texts, tmp_path):
+    (tmp_path / "m.txt").write_text("\n".join(texts[0][:3]) + "\n")
+    (tmp_path / "n.txt").write_text("\n".join(texts[1][:3]) + "\n")
+    common = ["--model", str(demo["finetuned"]), "--members", str(tmp_path / "m.txt"), "--non-members",
+              str(tmp_path / "n.txt"), "--bootstrap", "0"]
+    code, err = run_memk(capsys, *common, "--out", str(tmp_path / "a"), "--extract-prefix", "4, 36",
+                         "--extract-length", "5")
+    assert code in (0, None), err
+    summary = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert summary["extraction"]["prefixes"] == [4, 36] and summary["extraction"]["length"] == 5
+    row = json.loads(sample_lines(tmp_path / "a")[0])
+    assert row["extraction"]["4"]["continuation"] == 5 and row["extraction"]["36"]["continuation"] == 4  # 40 letters
+    code, err = run_memk(capsys, *common, "--out", str(tmp_path / "b"), "--no-extract")
+    assert code in (0, None), err
+    assert json.loads((tmp_path / "b" / "audit.json").read_text())["extraction"] is None
+    assert all(json.loads(line)["extraction"] is None for line in sample_lines(tmp_path / "b"))
+    for bad, says in ((["--extract-prefix", "8,x"], "token counts separated by commas"),
+                      (["--extract-prefix", "0"], "at least 1 token"), (["--extract-length", "0"], "at least 1 token")):
+        code, err = run_memk(capsys, *common, "--out", str(tmp_path / "c"), *bad)
+        assert code == 2 and err.count("\n") == 1 and says in err, err
+        assert not (tmp_path / "c").exists()
+
+
+# --------------------------------------------------------------------------- several references
+
+
+def test_several_references_code_each_sample_with_the_best_and_report_each(demo, texts, tmp_path):
+    from memk.memorize.membership import roc_auc
+
+    members, nonmembers = texts[0][:4], texts[1][:4]
+    settings = AuditSettings(bootstrap=0, extract_prefixes=())
+    refs = [str(demo["base"]), str(demo["finetuned"])]  # the base codes non-members best, the fine-tune members
+    both = audit(str(demo["finetuned"]), members, nonmembers, reference=refs, out=tmp_path, settings=settings,
+                 progress=False)
+    alone = [audit(str(demo["finetuned"]), members, nonmembers, reference=r, settings=settings, progress=False)
+             for r in refs]
+    for n, row in enumerate(both.samples):
+        each = [a.samples[n] for a in alone]
+        assert [r["bits"] for r in row["references"]] == pytest.approx([e["reference_bits"] for e in each], rel=1e-12)
+        best = int(np.argmin([e["reference_bits"] for e in each]))  # -log2 max_R p_R(x): the shortest code
+        assert row["best_reference"] == best and row["reference_tokens"] == each[best]["reference_tokens"]
+        assert row["reference_bits"] == pytest.approx(min(e["reference_bits"] for e in each), rel=1e-12)
+        assert row["mem_u_bits"] == pytest.approx(max(0.0, row["reference_bits"] - row["model_bits"]), abs=1e-9)
+        for i, e in enumerate(each):
+            assert row["references"][i]["mem_u_bits"] == pytest.approx(e["mem_u_bits"], abs=1e-9)
+            assert row["attacks"][f"reference_{i + 1}"] == pytest.approx(e["attacks"]["reference"], abs=1e-9)
+    assert {r["best_reference"] for r in both.samples} == {0, 1}
+    assert [r["best_reference"] for r in both.samples if r["set"] == "member"] == [1] * 4
+    summary = both.summary
+    for name in ("member", "non-member"):
+        group = [r for r in both.samples if r["set"] == name]
+        assert summary["sets"][name]["unintended_memorization_bits"] == pytest.approx(
+            sum(r["mem_u_bits"] for r in group))
+        for i in range(2):
+            assert summary["sets"][name]["references"][i]["unintended_memorization_bits"] == pytest.approx(
+                alone[i].summary["sets"][name]["unintended_memorization_bits"])
+    scores = [[r["reference_bits"] - r["model_bits"] for r in both.samples if r["set"] == s]
+              for s in ("member", "non-member")]
+    assert summary["attacks"]["reference"]["auc"] == pytest.approx(roc_auc(*scores))
+    for i in range(2):
+        assert summary["attacks"][f"reference_{i + 1}"]["auc"] == pytest.approx(
+            alone[i].summary["attacks"]["reference"]["auc"])
+    written = json.loads((tmp_path / "audit.json").read_text())
+    assert written["reference"]["best_of"] == refs and [r["spec"] for r in written["references"]] == refs
+    assert "Each reference alone" in (tmp_path / "report.html").read_text()
+    # One reference: its rows and summary keep the format they had.
+    assert not {"references", "best_reference"} & set(alone[0].samples[0])
+    assert alone[0].summary["reference"]["spec"] == refs[0] and "reference_1" not in alone[0].summary["attacks"]
+
+
+# --------------------------------------------------------------------------- PEFT adapters
+
+
+@pytest.fixture(scope="module")
+def adapter(demo, texts, tmp_path_factory):
+    """A LoRA adapter trained here on the demo base, a few steps on 8 members, saved by peft."""
+    pytest.importorskip("peft")
+    from memk.bench.audit_demo import build_adapter
+
+    folder = build_adapter(demo["base"], texts[0][:8], tmp_path_factory.mktemp("lora") / "adapter", steps=40, lr=2e-2,
+                           rank=4, modules=("c_attn",))
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(demo["base"])
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft's and transformers' notes to each other
+def test_a_lora_adapter_is_audited_as_its_merged_model_against_its_base(demo, texts, adapter, tmp_path):
+    peft = pytest.importorskip("peft")
+    members, nonmembers = texts[0][:4], texts[1][:4]
+    settings = AuditSettings(bootstrap=0, extract_prefixes=(8,), extract_length=8)
+    got = audit(str(adapter), members, nonmembers, out=tmp_path / "a", settings=settings, progress=False)
+    # Independently: the adapter merged here by peft, saved as a plain model, audited against the base.
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(demo["base"]))
+    peft.PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().save_pretrained(tmp_path / "merged")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(demo["base"]))
+    tokenizer.save_pretrained(tmp_path / "merged")
+    want = audit(str(tmp_path / "merged"), members, nonmembers, reference=str(demo["base"]), settings=settings,
+                 progress=False)
+    for a, b in zip(got.samples, want.samples):
+        assert a["model_bits"] == pytest.approx(b["model_bits"], rel=1e-6)
+        assert a["reference_bits"] == pytest.approx(b["reference_bits"], rel=1e-9)
+        assert a["mem_u_bits"] == pytest.approx(b["mem_u_bits"], abs=1e-3)
+        assert a["extraction"] == b["extraction"]
+    assert sum(r["mem_u_bits"] for r in got.samples if r["set"] == "member") > 1.0  # the adapter changed the model
+    reference = got.summary["reference"]
+    assert reference["spec"] == str(demo["base"]) and "base of adapter" in reference["default_reference"]
+    assert got.summary["model"]["kind"] == "peft-adapter"
+    assert got.summary["model"]["adapter"]["base"] == str(demo["base"])
+    # And peft's own unmerged forward (base + scaled B A x), in float64, codes a member in the same bits.
+    unmerged = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(str(demo["base"]), dtype=torch.float64), str(adapter)).eval()
+    seq = [tokenizer.bos_token_id, *tokenizer(members[0], add_special_tokens=False)["input_ids"]]
+    with torch.no_grad():
+        logp = torch.log_softmax(unmerged(input_ids=torch.tensor([seq])).logits[0, :-1], -1)
+    bits = -logp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])].sum().item() / math.log(2)
+    assert got.samples[0]["model_bits"] == pytest.approx(bits, rel=1e-5)
+    assert "adapter" in (tmp_path / "a" / "report.html").read_text()
+
+
+def test_the_resume_key_covers_the_adapter_and_its_base(demo, adapter, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from memk.memorize.audit_models import load_scoring_model
+
+    def fingerprint(folder, base_model=None):
+        return load_scoring_model(str(folder), torch.device("cpu"), torch.float32, base_model).fingerprint
+
+    shutil.copytree(adapter, tmp_path / "lora" / "adapter")
+    shutil.copytree(demo["base"], tmp_path / "lora" / "base")
+    config_file = tmp_path / "lora" / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": "../base"}))  # beside the adapter
+    monkeypatch.chdir(tmp_path)  # where no ../base is
+    first = fingerprint(tmp_path / "lora" / "adapter")
+    weights = tmp_path / "lora" / "adapter" / "adapter_model.safetensors"
+    save_file({name: 2 * w if "lora_B" in name else w for name, w in load_file(weights).items()}, weights)
+    second = fingerprint(tmp_path / "lora" / "adapter")
+    assert second["adapter"] != first["adapter"] and second["base"] == first["base"]
+    shutil.copy(demo["finetuned"] / "model.safetensors", tmp_path / "lora" / "base" / "model.safetensors")
+    third = fingerprint(tmp_path / "lora" / "adapter")
+    assert third["base"] != second["base"] and third["adapter"] == second["adapter"]
+    given = load_scoring_model(str(tmp_path / "lora" / "adapter"), torch.device("cpu"), torch.float32,
+                               str(demo["base"]))
+    assert given.fingerprint["base"]["files"] == first["base"]["files"]  # the same weights, in another folder
+    assert given.details["adapter"]["base_given_by"] == "--base-model"
+    config_file.write_text(json.dumps({**config, "base_model_name_or_path": str(tmp_path / "nowhere")}))
+    with pytest.raises(ConfigError, match="is no folder here; give the base model's folder with --base-model"):
+        fingerprint(tmp_path / "lora" / "adapter")
+    with pytest.raises(ConfigError, match="--base-model is for a PEFT adapter"):
+        fingerprint(demo["finetuned"], str(demo["base"]))
+
+
+def test_without_peft_an_adapter_names_the_extra(adapter, monkeypatch):
+    from memk.memorize.audit_models import load_scoring_model
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
+    with pytest.raises(ConfigError, match=r'is a PEFT adapter; .* needs the peft package: pip install "memk\[peft\]"'):
+        load_scoring_model(str(adapter), torch.device("cpu"), torch.float32)
+
+
+# --------------------------------------------------------------------------- names, folders, report (issue 22)
+
+
+def no_hub(*args, **kwargs):
+    raise AssertionError("the Hugging Face Hub was asked")
+
+
+@pytest.mark.parametrize("name", ["audit-demo/finetund", "./finetund", "~/memk-no-such-folder-8d2f", "a/b/c",
+                                  "audit-demo/finetund/"])
+def test_a_missing_local_model_folder_is_named_at_once_without_asking_the_hub(capsys, demo, tmp_path, monkeypatch,
+                                                                              name):
+    from memk.memorize import audit_models
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "audit-demo").mkdir()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_hub)
+    monkeypatch.setattr(audit_models, "_reachable", no_hub)
+    code, err = run_memk(capsys, "--model", name, "--members", str(demo["members"]), "--non-members",
+                         str(demo["non_members"]), "--out", str(tmp_path / "out"))
+    assert code == 2 and err.count("\n") == 1 and f"model folder {name} does not exist" in err, err
+    assert not (tmp_path / "out").exists()  # nor did the refused start leave its output folder
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "unreachable"])
+def test_offline_a_hub_name_is_looked_up_in_the_cache_alone(capsys, demo, tmp_path, monkeypatch, offline):
+    from memk.memorize import audit_models
+
+    asked = []
+
+    def cache_only(source, **kwargs):
+        asked.append((kwargs.get("local_files_only"), kwargs.get("adapter_kwargs")))  # peft's adapter look-up too
+        raise OSError(f"{source} is not in the cached files")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", cache_only)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    if offline == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setattr(audit_models, "_reachable", no_hub)
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(audit_models, "_reachable", lambda endpoint, seconds: False)
+    code, err = run_memk(capsys, "--model", "nobody/no-such-model", "--members", str(demo["members"]),
+                         "--non-members", str(demo["non_members"]), "--out", str(tmp_path / "out"))
+    assert code == 2 and err.count("\n") == 1 and "not in the local cache" in err, err
+    assert asked == [(True, {"local_files_only": True})]
+
+
+def test_a_refused_start_leaves_no_folder_it_created(capsys, demo, bad_inputs, tmp_path):
+    args = ["--members", str(demo["members"]), "--non-members", str(demo["non_members"])]
+    code, err = run_memk(capsys, "--model", str(bad_inputs / "t5"), *args, "--out", str(tmp_path / "new" / "deeper"))
+    assert code == 2 and "not a causal language model" in err, err
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    code, err = run_memk(capsys, "--model", str(bad_inputs / "t5"), *args, "--out", str(tmp_path / "kept"))
+    assert code == 2 and (tmp_path / "kept").is_dir()  # a folder it did not make stays
+
+
+def test_the_report_has_a_page_margin_and_headings_in_words(finetuned_audit):
+    import re
+
+    result, out = finetuned_audit
+    page = (out / "report.html").read_text()
+    headings = re.findall(r"<h[23]>(.*?)</h[23]>", page)
+    count = len(result.summary["top"])
+    assert f"Top {count} most-memorized samples (unintended memorization, bits)" in headings
+    assert not [h for h in headings if "_" in h]  # no field names
+    assert re.search(r"body \{[^}]*padding: 0 2em", page)
