@@ -1,4 +1,6 @@
-"""memk.bench: benchmark cases shared by `memk bench` and pytest-benchmark.
+"""memk.bench: benchmark cases shared by `memk bench` and pytest-benchmark
+(`pytest tests/benchmarks/bench_cases.py --benchmark-only`: the front end lives with the tests,
+out of the installed package).
 
     case.py             what a case is (Group, Variant, Runner, Case, Skip) and what every suite builds with
     suite_logprob.py    the logprob suite (with the linear_cross_entropy family)
@@ -11,7 +13,6 @@
     timing.py           CPU and CUDA timing, peak memory, peak FLOP/s and bandwidth, environment metadata
     common.py           device choice and synchronisation, formatting of times, rates and sizes
     cli.py              `memk bench`
-    conftest.py, test_bench_cases.py    `pytest bench/`
     report.py           the benchmarks page's results (docs/benchmarks.md) and plots from bench/results/*.json
     gpu_acceptance.sh   the GPU acceptance run (and its CPU mode, in CI)
     acceptance.py       its Python pieces: environment, build, test counts, α, the verdict on the targets

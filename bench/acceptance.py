@@ -209,7 +209,7 @@ def science_alpha(run_dir: str) -> dict:
     """α per precision (through the origin), the bfloat16/float32 ratio and the paper's, from a
     run-capacity folder: its summary.json, or, where the run was stopped before writing it, its
     finished runs (runs.jsonl)."""
-    from memk.memorize import capacity
+    from memk.memorize.experiments import capacity
     from memk.memorize.constants import PAPER_ALPHA_BY_PRECISION
 
     summary_path = os.path.join(run_dir, "summary.json")
@@ -275,7 +275,7 @@ def science_command(run_dir, json_path):
 def plan_command(device, preset, json_path):
     """`memk run-capacity --preset PRESET --dry-run` on this device: the plan, and its wall-clock
     estimate at the step caps as planned (--ensemble auto, --workers auto) and one run at a time."""
-    from memk.memorize import capacity, dry_run
+    from memk.memorize.experiments import capacity, dry_run
 
     exp = capacity.preset(preset)
     exp = type(exp)(**{**vars(exp), "device": device})

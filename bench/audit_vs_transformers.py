@@ -107,9 +107,9 @@ def run_method(method: str, folder: Path, device_name: str, dtype_name: str) -> 
     import torch
     import transformers
 
-    from memk.memorize.audit import AuditSettings, audit
-    from memk.memorize.audit_models import load_scoring_model, resolve_dtype
-    from memk.memorize.audit_scoring import score_texts
+    from memk.memorize.audit.audit import AuditSettings, audit
+    from memk.memorize.audit.models import load_scoring_model, resolve_dtype
+    from memk.memorize.audit.scoring import score_texts
     from memk.memorize.runtime import resolve_device
 
     device = resolve_device(device_name)

@@ -7,7 +7,7 @@
 An arm is one question asked of memk: a capacity experiment (models, dataset sizes, a
 training recipe, a precision) trained with the plateau rule off, so each run's bits curve
 shows memorized bits against steps up to the arm's step cap. Each arm trains through
-`memk.memorize.capacity.run_capacity` into DIR/ARM, so rerunning the same command resumes
+`memk.memorize.experiments.capacity.run_capacity` into DIR/ARM, so rerunning the same command resumes
 it (finished runs kept, the run in progress continued from its checkpoint). `collect`
 copies each finished arm's rows (curves included, checkpoints not) and summary into the
 results folder with the machine, CPU model, load and date; docs/capacity-study.md is
@@ -29,12 +29,12 @@ from pathlib import Path
 import click
 import torch
 
-from memk.memorize.capacity import CapacityExperiment, run_capacity
+from memk.memorize.experiments.capacity import CapacityExperiment, run_capacity
 from memk.memorize.bits import uniform_sequence_entropy_bits
 from memk.memorize.constants import PAPER_ALPHA
 from memk.memorize.model import GPTConfig, count_parameters
 from memk.memorize.schedule import TrainConfig
-from memk.memorize.sweep import LocalExecutor
+from memk.memorize.runs.sweep import LocalExecutor
 
 
 @dataclass(frozen=True)

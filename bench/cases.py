@@ -1,5 +1,5 @@
 """Which benchmark cases a run has: the suites, their default dtypes, the presets, and the groups
-and cases of a selection, shared by `memk bench` (bench/cli.py) and `pytest bench/` (bench/conftest.py).
+and cases of a selection, shared by `memk bench` (bench/cli.py) and `pytest tests/benchmarks/bench_cases.py` (tests/benchmarks/conftest.py).
 
 What a case is lives in case.py; each suite's groups in suite_logprob.py, suite_attention.py
 suite_model.py (train and bits) and suite_ensemble.py (the train suite's ensemble cases). The names the command line offers (suites, dtypes,

@@ -2,7 +2,7 @@
 rates and sizes are written.
 
 `memk bench` (cli.py, run.py), the pytest-benchmark front end (conftest.py,
-test_bench_cases.py) and the benchmarks page's report (report.py) all use these, so a number reads the
+tests/benchmarks/bench_cases.py) and the benchmarks page's report (report.py) all use these, so a number reads the
 same in the terminal table and on the page.
 """
 

@@ -1,7 +1,7 @@
 """Running cases: build, check against float64 once, time, measure memory, compute ratios, write JSON.
 
 Both front ends use this: `memk bench` (bench/cli.py) calls run_groups; the pytest-benchmark
-test (bench/test_bench_cases.py) calls prepare for one case and lets pytest-benchmark time it.
+test (tests/benchmarks/bench_cases.py) calls prepare for one case and lets pytest-benchmark time it.
 """
 
 from __future__ import annotations

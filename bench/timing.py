@@ -2,7 +2,7 @@
 
 CPU: pytest-benchmark's method (calibrate the number of calls per round until a round is
 long against the timer's resolution, then many rounds, report the median), with the thread
-count recorded. `pytest bench/ --benchmark-only` uses pytest-benchmark itself; `memk bench`
+count recorded. `pytest tests/benchmarks/bench_cases.py --benchmark-only` uses pytest-benchmark itself; `memk bench`
 uses `time_cpu` below, which follows the same recipe so the two agree.
 
 GPU: triton.testing.do_bench (warm-up, CUDA events around each repetition, the L2 cache

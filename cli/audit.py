@@ -84,10 +84,10 @@ def audit(model, reference, members, non_members, column, split, out, device, dt
     Writes audit.json, samples.jsonl (one row per sample, as computed: an interrupted audit
     resumes), samples.csv, roc.png, memorization.png and report.html to --out.
     """
-    from memk.memorize import audit_gate
-    from memk.memorize.audit import AuditSettings, audit as run_audit, format_table, read_texts
-    from memk.memorize.audit_extraction import parse_prefixes
-    from memk.memorize.options import output_folder
+    from memk.memorize.audit import gate as audit_gate
+    from memk.memorize.audit.audit import AuditSettings, audit as run_audit, format_table, read_texts
+    from memk.memorize.audit.extraction import parse_prefixes
+    from memk.memorize.experiments.options import output_folder
 
     limits = audit_gate.parse_limits(fail_if)  # a malformed limit is refused before any work
     settings = AuditSettings(window=window, stride=stride, batch_tokens=batch_tokens, min_k=min_k,

@@ -161,12 +161,12 @@ def run_capacity(preset_name, out, no_progress, ensemble, workers, dry_run, exec
     Re-running with the same options and --out resumes: finished runs are kept and the
     run in progress continues from its last checkpoint.
     """
-    from memk.memorize import capacity
-    from memk.memorize import dry_run as dry_run_plan
-    from memk.memorize.ensemble_executor import parse_ensemble
-    from memk.memorize.options import output_folder
-    from memk.memorize.ray_executor import executor_from_options
-    from memk.memorize.workers import parse_workers
+    from memk.memorize.experiments import capacity
+    from memk.memorize.experiments import dry_run as dry_run_plan
+    from memk.memorize.runs.ensemble_executor import parse_ensemble
+    from memk.memorize.experiments.options import output_folder
+    from memk.memorize.runs.launchers import executor_from_options
+    from memk.memorize.runs.workers import parse_workers
 
     choice, workers = parse_ensemble(ensemble), parse_workers(workers)
     exp = capacity.experiment_from_options(preset_name, **options)
@@ -215,13 +215,13 @@ def run_generalization(preset_name, out, no_progress, ensemble, workers, dry_run
     Re-running with the same options and --out resumes: the corpus, the reference model
     and finished runs are kept, and the run in progress continues from its checkpoint.
     """
-    from memk.memorize import dry_run as dry_run_plan
-    from memk.memorize import generalization
-    from memk.memorize.ensemble_executor import parse_ensemble
-    from memk.memorize.generalization_summary import format_summary
-    from memk.memorize.options import output_folder
-    from memk.memorize.ray_executor import executor_from_options
-    from memk.memorize.workers import parse_workers
+    from memk.memorize.experiments import dry_run as dry_run_plan
+    from memk.memorize.experiments import generalization
+    from memk.memorize.runs.ensemble_executor import parse_ensemble
+    from memk.memorize.experiments.generalization_summary import format_summary
+    from memk.memorize.experiments.options import output_folder
+    from memk.memorize.runs.launchers import executor_from_options
+    from memk.memorize.runs.workers import parse_workers
 
     choice, workers = parse_ensemble(ensemble), parse_workers(workers)
     exp = generalization.experiment_from_options(preset_name, **options)

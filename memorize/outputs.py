@@ -4,7 +4,7 @@ Every file is written to a temporary name and renamed into place, so an interrup
 never leaves half a file for the resumed one to read; a full disk is one clear error. A
 state file that cannot be read back all the same (damaged outside memk) is set aside
 with a one-line warning and its work redone (`read_state`). The output folder itself
-(its lock, runs.jsonl, checkpoints) is the run store's (memorize/store.py).
+(its lock, runs.jsonl, checkpoints) is the run store's (memorize/runs/store.py).
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ _pinned_threads: list[int] = []  # the innermost cpu_threads_pinned's count, whi
 
 @contextmanager
 def cpu_threads_pinned(threads: int) -> Iterator[None]:
-    """Every run started inside takes `threads` torch threads, whatever its size (memorize/workers.py:
+    """Every run started inside takes `threads` torch threads, whatever its size (memorize/runs/workers.py:
     runs training side by side on threads of this process take one each); torch's count is restored after."""
     before = torch.get_num_threads()
     _pinned_threads.append(threads)

@@ -46,7 +46,7 @@ def uniform_code_signal(data: torch.Tensor, precision: str) -> StopSignal:
 
 
 # torch's global generator: a run's first weights come from seeding it, and runs may start
-# side by side on threads of one process (memorize/workers.py), so one initialisation at a time.
+# side by side on threads of one process (memorize/runs/workers.py), so one initialisation at a time.
 GLOBAL_RNG = threading.Lock()
 
 

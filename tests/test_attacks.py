@@ -7,7 +7,7 @@ import zlib
 import numpy as np
 import pytest
 
-from memk.memorize.attacks import (
+from memk.memorize.audit.attacks import (
     attack_metrics, attack_scores, bootstrap_interval, dc_pdd_score, lowest_fraction_mean, recall_ratio, roc_curve,
     token_counts, tpr_at_fpr, zlib_bits,
 )

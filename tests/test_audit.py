@@ -19,8 +19,8 @@ import torch
 
 from memk.bench.audit_demo import build_demo, new_gpt2, random_texts
 from memk.cli.main import main as memk_main
-from memk.memorize import audit as audit_module
-from memk.memorize.audit import AuditSettings, audit, read_texts
+from memk.memorize.audit import audit as audit_module
+from memk.memorize.audit.audit import AuditSettings, audit, read_texts
 from memk.memorize.errors import ConfigError
 
 transformers = pytest.importorskip("transformers")
@@ -186,7 +186,7 @@ def test_a_memk_checkpoint_is_audited_like_a_hugging_face_model(tmp_path):
 
 
 def test_a_model_held_in_memory_without_reference_gives_the_reference_free_results(demo, texts, finetuned_audit, tmp_path):
-    from memk.memorize.audit_models import scoring_model_from
+    from memk.memorize.audit.models import scoring_model_from
 
     members, nonmembers = texts
     module = transformers.AutoModelForCausalLM.from_pretrained(demo["finetuned"])
@@ -423,7 +423,7 @@ def test_on_cuda_the_audit_codes_as_on_the_cpu_in_float32_and_close_in_bfloat16(
 
 
 def test_a_model_held_in_memory_is_scored_as_it_is_or_the_mismatch_named(demo, texts):
-    from memk.memorize.audit_models import scoring_model_from
+    from memk.memorize.audit.models import scoring_model_from
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     held = scoring_model_from(AutoModelForCausalLM.from_pretrained(str(demo["base"])),
@@ -497,7 +497,7 @@ def test_audit_help_imports_neither_torch_nor_transformers():
 
 
 def test_without_transformers_the_error_names_the_extra(demo, monkeypatch):
-    from memk.memorize.audit_models import load_scoring_model
+    from memk.memorize.audit.models import load_scoring_model
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now raises ImportError
     with pytest.raises(ConfigError, match=r'pip install "memk\[audit\]"'):
@@ -605,8 +605,8 @@ def direct_extraction(module, start, ids, k, length, context, memk=False):
 
 def test_batched_greedy_decoding_with_a_cache_equals_a_direct_loop():
     from memk.bench.audit_demo import char_tokenizer
-    from memk.memorize.audit_extraction import extract, greedy_continuations
-    from memk.memorize.audit_models import scoring_model_from
+    from memk.memorize.audit.extraction import extract, greedy_continuations
+    from memk.memorize.audit.models import scoring_model_from
 
     tokenizer = char_tokenizer()
     module = new_gpt2(len(tokenizer), context=24, seed=3).double()  # float64: no near-tie flips by rounding
@@ -637,8 +637,8 @@ def test_batched_greedy_decoding_with_a_cache_equals_a_direct_loop():
 
 
 def test_a_memk_checkpoint_decodes_as_a_direct_loop(tmp_path):
-    from memk.memorize.audit_extraction import extract
-    from memk.memorize.audit_models import load_scoring_model
+    from memk.memorize.audit.extraction import extract
+    from memk.memorize.audit.models import load_scoring_model
     from memk.memorize.corpus import EOT_ID, train_tokenizer
     from memk.memorize.model import GPT, GPTConfig
 
@@ -801,7 +801,7 @@ def test_a_lora_adapter_is_audited_as_its_merged_model_against_its_base(demo, te
 def test_the_resume_key_covers_the_adapter_and_its_base(demo, adapter, tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
-    from memk.memorize.audit_models import load_scoring_model
+    from memk.memorize.audit.models import load_scoring_model
 
     def fingerprint(folder, base_model=None):
         return load_scoring_model(str(folder), torch.device("cpu"), torch.float32, base_model).fingerprint
@@ -832,7 +832,7 @@ def test_the_resume_key_covers_the_adapter_and_its_base(demo, adapter, tmp_path,
 
 
 def test_without_peft_an_adapter_names_the_extra(adapter, monkeypatch):
-    from memk.memorize.audit_models import load_scoring_model
+    from memk.memorize.audit.models import load_scoring_model
 
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
     with pytest.raises(ConfigError, match=r'is a PEFT adapter; .* needs the peft package: pip install "memk\[peft\]"'):
@@ -850,7 +850,7 @@ def no_hub(*args, **kwargs):
                                   "audit-demo/finetund/"])
 def test_a_missing_local_model_folder_is_named_at_once_without_asking_the_hub(capsys, demo, tmp_path, monkeypatch,
                                                                               name):
-    from memk.memorize import audit_models
+    from memk.memorize.audit import models as audit_models
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "audit-demo").mkdir()
@@ -864,7 +864,7 @@ def test_a_missing_local_model_folder_is_named_at_once_without_asking_the_hub(ca
 
 @pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "unreachable"])
 def test_offline_a_hub_name_is_looked_up_in_the_cache_alone(capsys, demo, tmp_path, monkeypatch, offline):
-    from memk.memorize import audit_models
+    from memk.memorize.audit import models as audit_models
 
     asked = []
 

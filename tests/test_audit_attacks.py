@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from memk.bench.audit_demo import char_tokenizer, new_gpt2, random_texts
-from memk.memorize.audit import AuditSettings, audit
+from memk.memorize.audit.audit import AuditSettings, audit
 from memk.memorize.errors import ConfigError
 
 transformers = pytest.importorskip("transformers")

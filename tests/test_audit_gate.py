@@ -13,8 +13,8 @@ import torch
 
 from memk.bench.audit_demo import char_tokenizer, new_gpt2, random_texts
 from memk.cli.main import main as memk_main
-from memk.memorize import audit_gate
-from memk.memorize.audit_records import samples_csv
+from memk.memorize.audit import gate as audit_gate
+from memk.memorize.audit.records import samples_csv
 from memk.memorize.errors import ConfigError
 
 SUMMARY = {

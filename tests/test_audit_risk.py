@@ -1,4 +1,4 @@
-"""The risk that capacity predicts (memorize/audit_risk.py): the committed law and α against the files they
+"""The risk that capacity predicts (memorize/audit/risk.py): the committed law and α against the files they
 come from, the measured F1 against run-generalization's rule computed by hand, and the audit's risk block on a
 tiny GPT-2 built here."""
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from memk.bench.audit_demo import char_tokenizer, new_gpt2, random_texts
-from memk.memorize import audit_risk
-from memk.memorize.audit import AuditSettings, audit, format_table
+from memk.memorize.audit import risk as audit_risk
+from memk.memorize.audit.audit import AuditSettings, audit, format_table
 from memk.memorize.errors import ConfigError
-from memk.memorize.generalization import DEFAULT_ALPHA
+from memk.memorize.experiments.generalization import DEFAULT_ALPHA
 
 REPO = Path(__file__).resolve().parent.parent
 FIT = REPO / "docs" / "generalization-default"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from memk.memorize.audit_scoring import windows_of
+from memk.memorize.audit.scoring import windows_of
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 30, 101])

@@ -246,11 +246,11 @@ def test_cli_rejects_cuda_without_a_gpu():
 
 
 def test_pytest_benchmark_collects_the_same_cases():
-    bench_dir = os.path.dirname(run.__file__)
+    front_end = Path(__file__).parent / "benchmarks" / "bench_cases.py"  # run by name: not a test_*.py
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", bench_dir, "--collect-only", "-q", "--memk-quick", "--memk-device", "cpu",
+        [sys.executable, "-m", "pytest", str(front_end), "--collect-only", "-q", "--memk-quick", "--memk-device", "cpu",
          "-p", "no:cacheprovider"],
-        capture_output=True, text=True, timeout=120, cwd=os.path.dirname(bench_dir),
+        capture_output=True, text=True, timeout=120, cwd=front_end.parent,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     collected = {line.split("[", 1)[1].rstrip("]") for line in out.stdout.splitlines() if "test_case[" in line}

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from memk.memorize import capacity
+from memk.memorize.experiments import capacity
 from memk.memorize.bits import uniform_sequence_entropy_bits
 from memk.memorize.data import uniform_random_sequences
 from memk.memorize.errors import ConfigError

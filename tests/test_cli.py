@@ -140,7 +140,7 @@ def test_help_imports_no_torch_and_names_every_preset():
             "assert 'torch' not in sys.modules, 'memk --help would import torch'")
     assert subprocess.run([sys.executable, "-c", code], cwd=OUTSIDE).returncode == 0
     from memk.cli import main
-    from memk.memorize import capacity, generalization
+    from memk.memorize.experiments import capacity, generalization
 
     assert list(main.CAPACITY_PRESETS) == list(capacity.PRESETS)
     assert list(main.GENERALIZATION_PRESETS) == list(generalization.PRESETS)

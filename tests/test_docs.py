@@ -129,7 +129,7 @@ OTHER_FIGURES = {
     f"{QUICK_DURATION} on a 2-core CPU": "`memk bench --quick` (memk.bench.cli.QUICK_DURATION; tests/test_bench.py)",
     "about 20 seconds": "building the audit's worked example on a CPU (tests/test_install.py runs it)",
     "about 20–40 s on 2 cores": "the first compile of the fused kernels (bench/cli.py)",
-    "about a second": "the ensemble probe, per group (memorize/ensemble_probe.py)",
+    "about a second": "the ensemble probe, per group (memorize/runs/ensemble_probe.py)",
     "about ten minutes": "the GPU acceptance run's stage limits, 605 s in all (bench/gpu_acceptance.sh)",
     "about two minutes on 2 cores": "the GPU acceptance script's CPU mode in CI (.ci/run)",
     "within an hour": "the capacity study: no preset saturates the paper's regime on 2 cores",
@@ -198,7 +198,7 @@ def _code_block_with(text: str, first_line: str) -> str:
 
 
 def test_the_capacity_table_is_what_the_committed_default_run_printed():
-    from memk.memorize.capacity import format_table, summarize
+    from memk.memorize.experiments.capacity import format_table, summarize
 
     run = DOCS / "default-run"
     summary = json.loads((run / "summary.json").read_text())

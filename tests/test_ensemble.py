@@ -19,7 +19,7 @@ import torch
 
 from memk.memorize.data import uniform_random_sequences
 from memk.memorize.ensemble import COMPILE_MODES, EnsembleAdamW, EnsembleGPT, compiled_losses, parameter_shapes
-from memk.memorize.ensemble_executor import (
+from memk.memorize.runs.ensemble_executor import (
     EnsembleExecutor,
     EnsemblePlan,
     EnsembleTrainer,
@@ -31,8 +31,8 @@ from memk.memorize.errors import ConfigError
 from memk.memorize.model import GPT, GPTConfig
 from memk.memorize.runtime import Backends
 from memk.memorize.schedule import TrainConfig
-from memk.memorize.store import RunStore
-from memk.memorize.sweep import LocalExecutor, Run, SweepProgress
+from memk.memorize.runs.store import RunStore
+from memk.memorize.runs.sweep import LocalExecutor, Run, SweepProgress
 from memk.memorize.train import train_to_saturation, uniform_code_signal
 
 CPU = torch.device("cpu")
@@ -240,7 +240,7 @@ def test_a_memory_cap_splits_a_group_into_fewer_slots_that_refill(tmp_path, floa
 
 @pytest.mark.parametrize("member_step, stacked", [(0.85, True), (0.95, False), (1.2, False)])
 def test_auto_stacks_a_group_only_where_its_member_step_is_clearly_faster(monkeypatch, member_step, stacked):
-    import memk.memorize.ensemble_executor as ee
+    import memk.memorize.runs.ensemble_executor as ee
 
     runs = RUNS[:3]
     monkeypatch.setattr(ee, "probe_step_seconds", lambda run, k, device, limits: (1.0, k * member_step))
@@ -304,7 +304,7 @@ def test_a_killed_ensemble_resumes_in_its_packing_to_the_last_digit_in_float32(t
     # Float32 rounds differently alone and in an ensemble; --ensemble auto's probe, taken again by the
     # rerun, can decide the other way (a group at 0.9x is on the edge). The rerun must train each
     # unfinished run as the first run packed it: then it ends where the uninterrupted sweep ends, bit for bit.
-    import memk.memorize.ensemble_executor as ee
+    import memk.memorize.runs.ensemble_executor as ee
 
     def probe_says(stack):
         monkeypatch.setattr(ee, "probe_step_seconds",
@@ -363,7 +363,7 @@ def test_a_run_resumes_on_the_threads_it_started_with(tmp_path, monkeypatch):
 
 
 def test_the_packing_a_rerun_resumes_is_what_the_first_run_planned():
-    from memk.memorize.ensemble_executor import packing_entries, recorded_plans
+    from memk.memorize.runs.ensemble_executor import packing_entries, recorded_plans
 
     plan = EnsemblePlan(RUNS[:3], slots=3)
     recorded = packing_entries(plan, {RUNS[0].run_id: 2})

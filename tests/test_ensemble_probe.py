@@ -1,4 +1,4 @@
-"""The probe that --ensemble auto decides by and --dry-run estimates from (memorize/ensemble_probe.py):
+"""The probe that --ensemble auto decides by and --dry-run estimates from (memorize/runs/ensemble_probe.py):
 its cap on a dry run's probe step, and the extrapolation from fewer rows to the batch's."""
 
 from dataclasses import replace
@@ -6,13 +6,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from memk.memorize import capacity
-from memk.memorize.dry_run import capacity_estimate
-from memk.memorize.ensemble_probe import DRY_RUN_PROBE, ProbeLimits, extrapolate, probe_rows, probe_step_seconds
+from memk.memorize.experiments import capacity
+from memk.memorize.experiments.dry_run import capacity_estimate
+from memk.memorize.runs.ensemble_probe import DRY_RUN_PROBE, ProbeLimits, extrapolate, probe_rows, probe_step_seconds
 from memk.memorize.model import GPTConfig
 from memk.memorize.runtime import Backends
 from memk.memorize.schedule import TrainConfig
-from memk.memorize.sweep import Run, training_flops
+from memk.memorize.runs.sweep import Run, training_flops
 
 PAPER_8x512 = GPTConfig(8, 512, 16, 2048, 64)
 PAPER_TRAIN = TrainConfig(batch_size=2048, max_steps=1_000_000)

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from memk.memorize import generalization as gen
+from memk.memorize.experiments import generalization as gen
 from memk.memorize.bits import model_sequence_bits
 from memk.memorize.errors import ConfigError
 from memk.memorize.data import uniform_random_sequences
 from memk.memorize.markov import MarkovSource
 from memk.memorize.membership import loss_threshold_attack
 from memk.memorize.model import GPT, GPTConfig
-from memk.memorize.reference import Reference, load_reference_model
+from memk.memorize.experiments.reference import Reference, load_reference_model
 from memk.memorize.schedule import TrainConfig
 from memk.memorize.sources import SourceData
 from memk.memorize.train import train_to_saturation

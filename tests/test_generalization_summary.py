@@ -2,7 +2,7 @@
 
 import pytest
 
-from memk.memorize.generalization_summary import format_summary, summarize
+from memk.memorize.experiments.generalization_summary import format_summary, summarize
 
 
 def _row(run_id, role, name, n, ratio, heldout, unintended, f1, exact=None):

@@ -52,8 +52,10 @@ def _import_graph() -> dict[str, set[str]]:
 
     modules = {}
     for folder, package in SUBPACKAGES.items():
-        for path in Path(package.__file__).parent.glob("*.py"):
-            name = f"memk.{folder}" if path.stem == "__init__" else f"memk.{folder}.{path.stem}"
+        home = Path(package.__file__).parent
+        for path in home.rglob("*.py"):  # with memorize's rooms (memorize/runs/ ...)
+            parts = [folder, *path.relative_to(home).with_suffix("").parts]
+            name = "memk." + ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             modules[name] = path
     graph = {}
     for name, path in modules.items():
@@ -125,6 +127,25 @@ def test_packages_import_each_other_in_one_direction_only():
             assert other == package or other in allowed[package], f"{module} imports {target}"
             if package == "memorize" and other == "kernels":
                 assert target == "memk.kernels", f"{module} reaches into {target}; use memk.kernels' public names"
+
+
+def test_memorize_rooms_import_each_other_in_one_direction_only():
+    # The foundation (memorize/*.py) knows no room; runs/ knows no experiment; experiments/ no audit.
+    order = ["foundation", "runs", "experiments", "audit"]
+
+    def room(module: str) -> str:
+        parts = module.split(".")
+        return parts[2] if len(parts) > 3 and parts[2] in order else "foundation"
+
+    graph = _import_graph()
+    rooms = {module for module in graph if module.startswith("memk.memorize.") and room(module) != "foundation"}
+    assert {room(m) for m in rooms} == set(order[1:])  # the graph sees inside the rooms
+    for module, targets in graph.items():
+        if not module.startswith("memk.memorize"):
+            continue
+        for target in targets:
+            if target.startswith("memk.memorize"):
+                assert order.index(room(target)) <= order.index(room(module)), f"{module} imports {target}"
 
 
 def test_the_cycle_finder_finds_a_cycle():

@@ -1,4 +1,4 @@
-"""The Ray executor (memorize/ray_executor.py) on a local Ray instance of two CPUs, started once:
+"""The Ray executor (memorize/runs/ray_executor.py) on a local Ray instance of two CPUs, started once:
 the rows and summaries of the local executor, a killed worker retried, a killed driver resumed,
 a task that keeps failing reported, and each bad input one line with exit status 2."""
 
@@ -17,14 +17,14 @@ import pytest
 import torch
 
 from memk.cli.main import main, report_failures
-from memk.memorize import capacity, generalization
-from memk.memorize.capacity import UniformWorkload
+from memk.memorize.experiments import capacity, generalization
+from memk.memorize.experiments.capacity import UniformWorkload
 from memk.memorize.errors import ConfigError
-from memk.memorize import ray_executor as ray_executor_module
-from memk.memorize.ensemble_executor import MEMORY_FRACTION, EnsembleExecutor, member_bytes
-from memk.memorize.ray_executor import RayExecutor, ray_executor
+from memk.memorize.runs import ray_executor as ray_executor_module
+from memk.memorize.runs.ensemble_executor import MEMORY_FRACTION, EnsembleExecutor, member_bytes
+from memk.memorize.runs.ray_executor import RayExecutor, ray_executor
 from memk.memorize.runtime import resolve_backends
-from memk.memorize.store import RunStore
+from memk.memorize.runs.store import RunStore
 
 CPU = torch.device("cpu")
 MEMK = [sys.executable, "-m", "memk.cli"]
@@ -421,7 +421,7 @@ def test_a_ray_instance_memk_started_ends_when_memk_is_killed_with_kill_9():
     # Ray's head processes die with their driver; its raylet's agents (DashboardAgent, RuntimeEnvAgent)
     # outlived a kill -9 by minutes before the watchdog.
     pytest.importorskip("ray")
-    script = ("import ray, time; from memk.memorize.ray_executor import connect; connect(ray, 'local'); "
+    script = ("import ray, time; from memk.memorize.runs.ray_executor import connect; connect(ray, 'local'); "
               "print('ready', flush=True); time.sleep(300)")
     driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                               cwd=OUTSIDE, text=True)

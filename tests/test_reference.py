@@ -6,7 +6,7 @@ import torch
 from memk.memorize.bits import model_sequence_bits
 from memk.memorize.data import uniform_random_sequences
 from memk.memorize.model import GPTConfig
-from memk.memorize.reference import load_reference_model, train_reference
+from memk.memorize.experiments.reference import load_reference_model, train_reference
 from memk.memorize.runtime import Backends
 from memk.memorize.schedule import TrainConfig
 from memk.memorize.sources import SourceData

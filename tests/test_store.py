@@ -8,7 +8,7 @@ import torch
 
 from memk.memorize.errors import ConfigError
 from memk.memorize.runtime import Backends
-from memk.memorize.store import RunStore, provenance
+from memk.memorize.runs.store import RunStore, provenance
 
 SDPA = Backends("sdpa", "reference")
 
@@ -187,7 +187,7 @@ def test_a_lock_file_left_by_a_killed_process_is_taken_and_then_removed(tmp_path
     import subprocess
     import sys
 
-    code = ("import os, sys; from memk.memorize.store import lock_folder; "
+    code = ("import os, sys; from memk.memorize.runs.store import lock_folder; "
             "lock_folder(sys.argv[1]); os._exit(0)")  # dies holding it: the file stays, the lock goes
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
     assert (tmp_path / ".lock").exists()
@@ -202,7 +202,7 @@ def test_a_lock_won_on_a_file_its_holder_removed_is_retaken_on_the_new_file(tmp_
     # notice and take the file that is there, so that C is refused.
     import os
 
-    from memk.memorize import store as store_module
+    from memk.memorize.runs import store as store_module
 
     a = store_module.lock_folder(tmp_path)
     real_open, opened = os.open, []

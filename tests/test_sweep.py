@@ -11,8 +11,8 @@ from memk.memorize.data import uniform_random_sequences
 from memk.memorize.model import GPTConfig
 from memk.memorize.runtime import Backends, cpu_threads_pinned
 from memk.memorize.schedule import TrainConfig
-from memk.memorize.store import RunStore
-from memk.memorize.sweep import LocalExecutor, Run, SweepProgress, train_run
+from memk.memorize.runs.store import RunStore
+from memk.memorize.runs.sweep import LocalExecutor, Run, SweepProgress, train_run
 from memk.memorize.train import train_to_saturation, uniform_code_signal
 
 MODEL = GPTConfig(1, 8, 1, 16, 8)

@@ -16,14 +16,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from memk.memorize import workers as workers_module
+from memk.memorize.runs import workers as workers_module
 from memk.memorize.errors import ConfigError
 from memk.memorize.model import GPTConfig
-from memk.memorize.ray_executor import executor_from_options
+from memk.memorize.runs.launchers import executor_from_options
 from memk.memorize.runtime import Backends
 from memk.memorize.schedule import TrainConfig
-from memk.memorize.sweep import Run, SweepProgress, training_flops
-from memk.memorize.workers import Job, Stopped, parse_workers, run_jobs, workers_for
+from memk.memorize.runs.sweep import Run, SweepProgress, training_flops
+from memk.memorize.runs.workers import Job, Stopped, parse_workers, run_jobs, workers_for
 
 CPU = torch.device("cpu")
 TRAIN = TrainConfig(batch_size=64, max_steps=100)
@@ -171,7 +171,7 @@ def test_ctrl_c_stops_every_job_and_is_raised(sigint_raises):
 
 
 def test_the_dry_run_schedules_jobs_as_the_workers_take_them():
-    from memk.memorize.dry_run import jobs_wall_seconds, wall_seconds
+    from memk.memorize.experiments.dry_run import jobs_wall_seconds, wall_seconds
 
     jobs = [(1.0, 5.0), (3.0, 10.0), (2.0, 6.0)]  # (cost, seconds)
     assert jobs_wall_seconds(jobs, 1) == 21.0

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .attacks import roc_curve  # noqa: E402
-from .outputs import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
+from ..outputs import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 
 SUMMARY = "audit.json"
 ROC_PNG = "roc.png"
@@ -167,7 +167,7 @@ def _extraction_section(summary: dict) -> str:
     extraction = summary.get("extraction")
     if not extraction:
         return ""
-    from .audit_extraction import extraction_table
+    from .extraction import extraction_table
 
     header, rows = extraction_table(summary)
     m, n = extraction["member"], extraction["non-member"]

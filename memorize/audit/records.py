@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .outputs import atomic_write_text
+from ..outputs import atomic_write_text
 
 SAMPLES_CSV = "samples.csv"
 LEFT_OUT = ("key", "text")
@@ -90,7 +90,7 @@ def memk_version() -> str | None:
 def memk_commit() -> dict | None:
     """The commit of the git checkout memk runs from (an editable install), and whether its tracked files
     differ from it; None where memk is not run from its own checkout (a wheel, or no git)."""
-    root = Path(__file__).resolve().parent.parent  # the repository root of a checkout: memorize/ is in it
+    root = Path(__file__).resolve().parents[2]  # the repository root of a checkout: memorize/audit/ is in it
 
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)

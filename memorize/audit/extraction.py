@@ -31,8 +31,8 @@ import math
 import numpy as np
 import torch
 
-from .audit_models import ScoringModel
-from .errors import ConfigError
+from .models import ScoringModel
+from ..errors import ConfigError
 
 DEFAULT_PREFIXES = (8, 16, 32)
 DEFAULT_LENGTH = 32

@@ -1,10 +1,10 @@
 """How much a causal language model memorized of your data, per sample, in bits (`memk audit`).
 
 The model M (say, fine-tuned on the members) and the reference R (the model before fine-tuning)
-each code every text whole with their own tokenizer (memorize/audit_scoring.py says which
+each code every text whole with their own tokenizer (memorize/audit/scoring.py says which
 tokens and how long texts are windowed). Per sample (Morris et al. 2025, PAPER.md):
 H(x | M), H(x | R), the unintended memorization mem_U(x) = max(0, H(x | R) - H(x | M)), the
-zlib-compressed length and the membership attacks' scores (memorize/attacks.py). Per set
+zlib-compressed length and the membership attacks' scores (memorize/audit/attacks.py). Per set
 (members, non-members): totals; total memorization Σ [H(x) - H(x | M)] with H(x) the uniform
 code of the text's UTF-8 bytes (8 bits a byte: the model-free code, as memk takes log2 V per
 token for random data) and generalization = total - unintended. Per attack: ROC AUC and TPR
@@ -18,14 +18,14 @@ has and codes the rest (none: it only writes the summary again). Rows under anot
 mixed in: that file is set aside under a name of its own. A damaged row is set aside and its
 sample coded again. The output folder is locked while an audit writes it, as a sweep's is.
 
-Several references (--reference A --reference B, memorize/audit_references.py): a sample's
+Several references (--reference A --reference B, memorize/audit/references.py): a sample's
 reference code length is the shortest of theirs, H(x | R_best) = -log2 max_R p_R(x), as the paper
 codes x with whichever model compresses it better; mem_U and the reference attack are given against
-that best and against each reference alone. A PEFT adapter as the model (memorize/audit_models.py)
+that best and against each reference alone. A PEFT adapter as the model (memorize/audit/models.py)
 is merged into its base, and the base is the reference when none is given (audit.json's reference
 says so in "default_reference").
 
-Extraction (memorize/audit_extraction.py; on unless settings.extract_prefixes is empty): for k in
+Extraction (memorize/audit/extraction.py; on unless settings.extract_prefixes is empty): for k in
 8, 16, 32, the model given a text's first k tokens decodes greedily up to 32 more; per text the
 longest run of the true continuation it reproduces and whether it reproduced all of it; per set the
 exact-extraction rate (members against non-members).
@@ -50,22 +50,22 @@ import numpy as np
 import torch
 
 from .attacks import ATTACKS, attack_metrics, attack_scores, zlib_bits
-from .audit_attacks import check_recall_shots
-from .audit_attacks import prepare as prepare_extra_attacks
-from .audit_extraction import DEFAULT_LENGTH, DEFAULT_PREFIXES, check_settings as check_extraction
-from .audit_extraction import extract, format_extraction, summarize_extraction
-from .audit_models import ScoringModel, load_scoring_model, resolve_dtype
-from .audit_references import describe as describe_references
-from .audit_references import each_reference_attack, format_references, per_reference_sets, reference_attacks
-from .audit_references import reference_fields, role_names
-from .audit_records import SAMPLES_CSV, data_record, provenance, write_samples_csv
-from .audit_report import write_outputs
-from .audit_risk import capacity_risk, format_risk, load_alpha, load_law
-from .audit_scoring import score_texts
-from .errors import ConfigError, DiskFull, warn
-from .outputs import atomic_write_text, content_digest, read_rows, set_aside
-from .runtime import cpu_threads_for_flops, progress_bar, resolve_device
-from .store import lock_folder
+from .recall_dc_pdd import check_recall_shots
+from .recall_dc_pdd import prepare as prepare_extra_attacks
+from .extraction import DEFAULT_LENGTH, DEFAULT_PREFIXES, check_settings as check_extraction
+from .extraction import extract, format_extraction, summarize_extraction
+from .models import ScoringModel, load_scoring_model, resolve_dtype
+from .references import describe as describe_references
+from .references import each_reference_attack, format_references, per_reference_sets, reference_attacks
+from .references import reference_fields, role_names
+from .records import SAMPLES_CSV, data_record, provenance, write_samples_csv
+from .report import write_outputs
+from .risk import capacity_risk, format_risk, load_alpha, load_law
+from .scoring import score_texts
+from ..errors import ConfigError, DiskFull, warn
+from ..outputs import atomic_write_text, content_digest, read_rows, set_aside
+from ..runtime import cpu_threads_for_flops, progress_bar, resolve_device
+from ..runs.store import lock_folder
 
 FORMAT_VERSION = 2  # 2: rows carry "extraction" (and, with several references, "references")
 SETS = ("member", "non-member")
@@ -187,7 +187,7 @@ def _jsonl_texts(raw: str, column: str, flag: str, source: str) -> list[str]:
 
 
 def _dataset_texts(name: str, split: str, column: str | None, flag: str) -> list[str]:
-    from .corpus import hf_dataset_documents
+    from ..corpus import hf_dataset_documents
 
     return hf_dataset_documents(name, split, column or "text", flags=(flag, "--split", "--column"), extra="audit")
 
@@ -279,7 +279,7 @@ def audit(model, members: list[str], nonmembers: list[str], reference=None, out:
     asking for others is an error). With `out`, the outputs are written there (samples.jsonl as
     rows are computed, audit.json, the PNGs, report.html) and an interrupted audit resumes.
 
-    frequency_texts: DC-PDD's corpus (default: the non-members, leave-one-out; memorize/audit_attacks.py).
+    frequency_texts: DC-PDD's corpus (default: the non-members, leave-one-out; memorize/audit/recall_dc_pdd.py).
     sources: where the texts came from ({"members": path, "non_members": path, "frequency_text": path}),
     recorded in audit.json with the files' digests.
     """
@@ -443,7 +443,7 @@ def _audit(target: ScoringModel, refs: list[ScoringModel], members: list[str], n
 
 def _risk(rows: list[dict], target: ScoringModel, refs: list[ScoringModel], settings: AuditSettings,
           risk_inputs: tuple | None) -> dict:
-    """audit.json's "risk" (memorize/audit_risk.py): capacity, the members' bits under the reference, the F1s."""
+    """audit.json's "risk" (memorize/audit/risk.py): capacity, the members' bits under the reference, the F1s."""
     alpha, alpha_source, law = risk_inputs or (*load_alpha(settings.capacity_summary), load_law(settings.f1_law))
     members = [r for r in rows if r["set"] == "member"]
     member_bits = float(np.sum([r["reference_bits"] for r in members], dtype=np.float64)) if refs else None

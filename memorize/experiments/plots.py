@@ -10,7 +10,7 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .schedule import saturated  # noqa: E402
+from ..schedule import saturated  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -153,7 +153,7 @@ def _plot_double_descent(summary: dict, path: Path) -> None:
 
 def _plot_membership(summary: dict, path: Path) -> None:
     """Attack F1 and AUC against capacity / dataset size, the fitted law and its predictions."""
-    from .membership import f1_law
+    from ..membership import f1_law
 
     fig, ax = plt.subplots(figsize=(7, 4.8))
     ratios = []

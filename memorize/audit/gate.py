@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass
 
 from .attacks import ATTACKS, REFERENCE_ATTACKS
-from .errors import ConfigError
+from ..errors import ConfigError
 
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 PER_ATTACK = ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bits import coded_tokens, model_sequence_bits
-from .model import GPT, GPTConfig, count_parameters
-from .errors import ConfigError
-from .outputs import atomic_write, atomic_write_json, atomic_write_npz, content_digest, read_state
-from .runtime import Backends, progress_bar, step_progress
-from .schedule import TrainConfig
-from .sources import SourceData
-from .train import train_to_saturation
+from ..bits import coded_tokens, model_sequence_bits
+from ..model import GPT, GPTConfig, count_parameters
+from ..errors import ConfigError
+from ..outputs import atomic_write, atomic_write_json, atomic_write_npz, content_digest, read_state
+from ..runtime import Backends, progress_bar, step_progress
+from ..schedule import TrainConfig
+from ..sources import SourceData
+from ..train import train_to_saturation
 
 FOLDER = "reference"
 

@@ -1,7 +1,7 @@
 """The Ray executor: a sweep's runs as tasks of a Ray cluster (the GPUs of one machine, or many machines).
 
-`RayExecutor` takes the runs an experiment hands any executor (memorize/sweep.py) and submits
-each run, or with --ensemble each ensemble plan (memorize/ensemble_executor.py), as one Ray
+`RayExecutor` takes the runs an experiment hands any executor (memorize/runs/sweep.py) and submits
+each run, or with --ensemble each ensemble plan (memorize/runs/ensemble_executor.py), as one Ray
 task with declared resources: GPUs per task (a fraction lets small tasks share a GPU) and
 CPUs per task (the worker's torch threads are pinned to match through MEMK_NUM_THREADS, so
 tasks side by side do not oversubscribe the cores).
@@ -16,7 +16,7 @@ tasks side by side do not oversubscribe the cores).
   on. Errors a retry would only repeat (NOT_RETRIED: diverged training, a ConfigError) fail
   the run at once. Failed runs have no row, so running the same command again retries them.
 - Where memk starts the Ray instance itself (no --ray-address), it does not outlive memk: a
-  watchdog (memorize/ray_watchdog.py) ends every process of it when memk ends, kill -9 included.
+  watchdog (memorize/runs/ray_watchdog.py) ends every process of it when memk ends, kill -9 included.
 
 Ray is imported only when the executor is built: memk works without the `memk[ray]` extra.
 """
@@ -35,14 +35,13 @@ from pathlib import Path
 
 import torch
 
-from .ensemble_executor import (EnsemblePlan, EnsembleTrainer, MEMORY_FRACTION, executor_for, packing_entries,
+from .ensemble_executor import (EnsembleExecutor, EnsemblePlan, EnsembleTrainer, MEMORY_FRACTION, packing_entries,
                                 repack_fraction_for)
-from .errors import ConfigError
+from ..errors import ConfigError
 from .ray_watchdog import MARKER
-from .runtime import THREADS_ENV, free_memory_bytes
+from ..runtime import THREADS_ENV, free_memory_bytes
 from .store import RunStore
 from .sweep import Run, SweepProgress, Workload, train_run
-from .workers import check_workers
 
 INSTALL = 'pip install "memk[ray]"'
 LOCAL = "local"  # --ray-address default: start a Ray instance on this machine for this command
@@ -97,7 +96,7 @@ def connect(ray, address: str) -> None:
 @contextlib.contextmanager
 def ray_watchdog():
     """Around starting a local Ray instance: mark the processes it starts (ray_watchdog.MARKER in their
-    environment) and start memorize/ray_watchdog.py, which ends them when this process ends, however it
+    environment) and start memorize/runs/ray_watchdog.py, which ends them when this process ends, however it
     ends: Ray's agents outlive a driver killed with kill -9. Linux only (elsewhere nothing is done)."""
     if not sys.platform.startswith("linux"):
         yield
@@ -210,7 +209,8 @@ class RayExecutor:
         the `recorded` packing holds as it planned them)."""
         if self.ensemble == "off":
             return [EnsemblePlan([run], 1) for run in runs]
-        grouping = executor_for(self.ensemble, self.device)
+        grouping = EnsembleExecutor(self.device, max_members=None if self.ensemble == "auto" else int(self.ensemble),
+                                    choose_faster=self.ensemble == "auto")
         free = free_memory_bytes(self.device)  # measured here: the driver's machine stands for the workers'
         if free is not None:  # tasks side by side share a GPU's (or a machine's) memory: each plans for its share
             share = self.gpus_per_task if self.device.type == "cuda" else self.cpus_per_task / os.cpu_count()
@@ -285,21 +285,3 @@ def ray_executor(device: torch.device, address: str | None = None, gpus_per_task
     connect(ray, address or LOCAL)
     slots = task_slots(ray, device, gpus_per_task, cpus_per_task)
     return RayExecutor(device, gpus_per_task, cpus_per_task, ensemble, max_retries, slots)
-
-
-def executor_from_options(name: str, device: torch.device, ensemble: str | int, ray_address: str | None = None,
-                          gpus_per_task: float | None = None, cpus_per_task: int | None = None,
-                          workers: str | int = "auto"):
-    """The executor the command line asks for: --executor local (the local or the ensemble executor,
-    `workers` jobs at once) or --executor ray (where --cpus-per-task, not --workers, says how runs share CPUs)."""
-    if name == "local":
-        given = [flag for flag, value in (("--ray-address", ray_address), ("--gpus-per-task", gpus_per_task),
-                                          ("--cpus-per-task", cpus_per_task)) if value is not None]
-        if given:
-            raise ConfigError(f"{', '.join(given)} is for --executor ray; add --executor ray or leave it out")
-        check_workers(workers, device)  # now, before the output folder is touched
-        return executor_for(ensemble, device, workers)
-    if workers != "auto":
-        raise ConfigError("--workers is for --executor local: on Ray, tasks run side by side as the cluster's "
-                          "CPUs allow (--cpus-per-task); leave --workers out")
-    return ray_executor(device, ray_address, gpus_per_task, 1 if cpus_per_task is None else cpus_per_task, ensemble)

@@ -1,4 +1,8 @@
-"""Every memk bench case as a pytest-benchmark test (see bench/conftest.py for the options)."""
+"""Every memk bench case as a pytest-benchmark test (tests/benchmarks/conftest.py has the options).
+
+Not named test_*.py, so a plain `pytest` does not time every case; run it by name:
+`pytest tests/benchmarks/bench_cases.py --benchmark-only`.
+"""
 
 import pytest
 

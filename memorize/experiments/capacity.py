@@ -22,17 +22,17 @@ import numpy as np
 import torch
 from scipy import stats
 
-from .bits import uniform_sequence_entropy_bits
-from .constants import PAPER_ALPHA
-from .data import uniform_random_sequences
-from .model import GPT, GPTConfig, count_parameters
+from ..bits import uniform_sequence_entropy_bits
+from ..constants import PAPER_ALPHA
+from ..data import uniform_random_sequences
+from ..model import GPT, GPTConfig, count_parameters
 from .options import check_experiment, choose_sizes, override_training, parse_models, pick_preset, reshape_models
-from .runtime import Backends, check_fits, resolve_backends, training_memory_bytes
-from .constants import BOTH_PRECISIONS
-from .schedule import SATURATED_BELOW, RunOutcome, TrainConfig, doubling_gain, saturated
-from .store import RunStore
-from .sweep import Executor, LocalExecutor, Run, SweepProgress, require_rows
-from .train import StopSignal, uniform_code_signal
+from ..runtime import Backends, check_fits, resolve_backends, training_memory_bytes
+from ..constants import BOTH_PRECISIONS
+from ..schedule import SATURATED_BELOW, RunOutcome, TrainConfig, doubling_gain, saturated
+from ..runs.store import RunStore
+from ..runs.sweep import Executor, LocalExecutor, Run, SweepProgress, require_rows
+from ..train import StopSignal, uniform_code_signal
 
 @dataclass(frozen=True)
 class CapacityExperiment:

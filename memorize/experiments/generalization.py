@@ -6,7 +6,7 @@ One experiment, on one data source:
   byte-level BPE trained on it, cut into S-token sequences, deduplicated, with a fixed
   held-out split; or a sparse random Markov chain whose H(x | θ) is exact
   (memorize/sources.py).
-- The reference θ (memorize/reference.py): a model (by default the largest of the run)
+- The reference θ (memorize/experiments/reference.py): a model (by default the largest of the run)
   trained on the whole training pool, a superset of every dataset the sweep trains on.
   For the Markov source the exact generator is θ, and the reference model's estimate is
   reported beside it: the check that the estimate used for text is right.
@@ -22,9 +22,9 @@ One experiment, on one data source:
 - F1 is fitted as a sigmoid of capacity / dataset size (memorize/membership.py). The law
   predicts F1 for the check runs (models and sizes outside the fit); the prediction is
   written to prediction.json before those runs train, then compared with what they give
-  (memorize/generalization_summary.py).
+  (memorize/experiments/generalization_summary.py).
 
-The runs go through the sweep layer (memorize/sweep.py): planned as Runs, trained by an
+The runs go through the sweep layer (memorize/runs/sweep.py): planned as Runs, trained by an
 executor, their rows kept by the run store. The output folder holds: experiment.json, the corpus (tokenizer.json, corpus.npz,
 corpus.json) or nothing for the Markov source, reference/ (model and its code lengths),
 runs.jsonl (a row per finished run, rewritten atomically as each finishes),
@@ -42,23 +42,23 @@ from typing import Callable
 
 import torch
 
-from .bits import model_sequence_bits, uniform_sequence_entropy_bits, unintended_memorization
-from .constants import PAPER_ALPHA
-from .errors import ConfigError
+from ..bits import model_sequence_bits, uniform_sequence_entropy_bits, unintended_memorization
+from ..constants import PAPER_ALPHA
+from ..errors import ConfigError
 from .generalization_summary import fit_law, summarize
-from .membership import f1_law, loss_threshold_attack
-from .model import GPT, GPTConfig, count_parameters
+from ..membership import f1_law, loss_threshold_attack
+from ..model import GPT, GPTConfig, count_parameters
 from .options import (
     check_experiment, choose_sizes, override_training, parse_models, parse_numbers, pick_preset, reshape_models,
 )
-from .outputs import content_digest
+from ..outputs import content_digest
 from .reference import Reference, reference_id, train_reference
-from .runtime import Backends, check_fits, resolve_backends, training_memory_bytes, use_cpu_threads
-from .schedule import RunOutcome, TrainConfig
-from .sources import SourceData, SourceSpec, check_source, load_source, read_documents
-from .store import RunStore
-from .sweep import Executor, LocalExecutor, Run, SweepProgress, require_rows
-from .train import StopSignal, uniform_code_signal
+from ..runtime import Backends, check_fits, resolve_backends, training_memory_bytes, use_cpu_threads
+from ..schedule import RunOutcome, TrainConfig
+from ..sources import SourceData, SourceSpec, check_source, load_source, read_documents
+from ..runs.store import RunStore
+from ..runs.sweep import Executor, LocalExecutor, Run, SweepProgress, require_rows
+from ..train import StopSignal, uniform_code_signal
 
 # α of the default capacity run (docs/default-run/summary.json: float32, 2-core CPU, 2026-11-25),
 # used for capacity = α · parameters unless --alpha or --capacity-summary says otherwise.

@@ -1,13 +1,13 @@
 """The audit's attacks that need more than the model's one pass over each text: ReCaLL (a second
 pass with a prefix of non-members in front) and DC-PDD (the token frequencies of a reference
-corpus). Their definitions and papers: memorize/attacks.py.
+corpus). Their definitions and papers: memorize/audit/attacks.py.
 
 ReCaLL's prefix P: the first `shots` non-member texts, in input order, each followed by the
 model's start token, so every text x is coded as [start] P x with x after a start token as in
 the plain pass. Those non-members are left out of ReCaLL's own evaluation (a text after a prefix
 holding itself would be scored on a copy): their rows carry no ReCaLL score, and the attack's
 row in audit.json says how many it scored. A prefix and text longer than the model's window are
-coded in the sliding windows of memorize/audit_scoring.py, so the later tokens of a long text
+coded in the sliding windows of memorize/audit/scoring.py, so the later tokens of a long text
 see only part of P (a warning says so).
 Cost: every text coded again with P in front, (|P| + |x|) tokens where the plain pass codes
 |x|: with texts of about the prefix texts' length, (shots + 1) times the model's pass. So it is
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .attacks import dc_pdd_score, recall_ratio, token_counts
-from .audit_models import ScoringModel
-from .audit_scoring import LN2, score_texts
-from .errors import ConfigError, warn
+from .models import ScoringModel
+from .scoring import LN2, score_texts
+from ..errors import ConfigError, warn
 
 DC_PDD_FREQUENCY_NONMEMBERS = "the non-member texts, each text's own tokens left out (leave-one-out)"
 

@@ -1,7 +1,7 @@
 """Measuring on this device: a run's training step alone against an ensemble of K such runs.
 
-`probe_step_seconds` is what `--ensemble auto` decides by (memorize/ensemble_executor.py),
-and what --dry-run estimates wall-clock from (memorize/dry_run.py): each side's own loop
+`probe_step_seconds` is what `--ensemble auto` decides by (memorize/runs/ensemble_executor.py),
+and what --dry-run estimates wall-clock from (memorize/experiments/dry_run.py): each side's own loop
 step (forward, backward, clip, AdamW) on random tokens, warmed up, then timed in turn.
 
 A run decides at its batch's own rows. The dry run caps a probe's step (ProbeLimits): the
@@ -18,10 +18,10 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .precision import autocast_context
-from .ensemble import EnsembleAdamW, EnsembleGPT, compiled_losses
-from .model import GPT, training_flops_per_sequence
-from .runtime import use_cpu_threads
+from ..precision import autocast_context
+from ..ensemble import EnsembleAdamW, EnsembleGPT, compiled_losses
+from ..model import GPT, training_flops_per_sequence
+from ..runtime import use_cpu_threads
 from .sweep import Run, batch_rows
 
 

@@ -20,16 +20,16 @@ import numpy as np
 import torch
 
 from . import capacity, generalization
-from .ensemble_executor import EnsembleExecutor, EnsemblePlan, plan_ensembles
-from .ensemble_probe import DRY_RUN_PROBE, ProbeLimits, probe_rows, probe_step_seconds
+from ..runs.ensemble_executor import EnsembleExecutor, EnsemblePlan, plan_ensembles
+from ..runs.ensemble_probe import DRY_RUN_PROBE, ProbeLimits, probe_rows, probe_step_seconds
 from .reference import FOLDER as REFERENCE_FOLDER
 from .reference import reference_id
-from .runtime import cpu_threads_pinned, resolve_backends
-from .sources import load_source
-from .outputs import split_rows
-from .store import PACKING, ROWS, RunStore, is_run_row
-from .sweep import Run, batch_rows, training_flops
-from .workers import workers_for
+from ..runtime import cpu_threads_pinned, resolve_backends
+from ..sources import load_source
+from ..outputs import split_rows
+from ..runs.store import PACKING, ROWS, RunStore, is_run_row
+from ..runs.sweep import Run, batch_rows, training_flops
+from ..runs.workers import workers_for
 
 
 def wall_seconds(step_caps: list[int], slots: int, alone: float, together: float) -> float:
@@ -51,7 +51,7 @@ def wall_seconds(step_caps: list[int], slots: int, alone: float, together: float
 
 
 def jobs_wall_seconds(jobs: list[tuple[float, float]], workers: int) -> float:
-    """Seconds for jobs of (cost, seconds) on `workers` workers, as memorize/workers.py runs them:
+    """Seconds for jobs of (cost, seconds) on `workers` workers, as memorize/runs/workers.py runs them:
     in order on one, else the costliest first, each taken by the worker that is free first."""
     if workers <= 1:
         return sum(seconds for _, seconds in jobs)

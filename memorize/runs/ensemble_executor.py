@@ -1,6 +1,6 @@
 """The ensemble executor: runs of one shape trained together, each exactly as it would train alone.
 
-`EnsembleExecutor` takes the runs an experiment hands any executor (memorize/sweep.py),
+`EnsembleExecutor` takes the runs an experiment hands any executor (memorize/runs/sweep.py),
 groups those that can share an `EnsembleGPT` (memorize/ensemble.py): the same GPTConfig,
 precision, batch size, Adam betas and kernel backends, on this executor's device; a group
 is split so that no member's batches hold less than half the rows of the widest (smaller
@@ -23,7 +23,7 @@ On CUDA the ensemble's loss runs eagerly, under torch.compile, or under torch.co
 its kernels replayed as CUDA graphs, whichever a probe measures fastest (unverified: written
 without a GPU). On CPU it runs eagerly, and with `--workers` above 1
 ensembles (and the runs of groups trained one at a time) train side by side, one thread
-each (memorize/workers.py): on the CPU that, not stacking, is what gains the most.
+each (memorize/runs/workers.py): on the CPU that, not stacking, is what gains the most.
 
 Checkpoints: at each evaluation a member writes its own checkpoint, in exactly the format
 train_to_saturation writes (model and torch AdamW state dicts, schedule, seconds), to the
@@ -49,16 +49,16 @@ from typing import Callable
 
 import torch
 
-from .precision import autocast_context, weights_dtype
-from .ensemble import COMPILE_MODES, EnsembleAdamW, EnsembleGPT, compiled_losses
+from ..precision import autocast_context, weights_dtype
+from ..ensemble import COMPILE_MODES, EnsembleAdamW, EnsembleGPT, compiled_losses
 from .ensemble_probe import ProbeLimits, probe_modes, probe_step_seconds
-from .errors import ConfigError
-from .model import GPT, count_parameters
-from .runtime import cpu_threads_for, cpu_threads_pinned, free_memory_bytes, use_cpu_threads
-from .schedule import Schedule, batch_indices
+from ..errors import ConfigError
+from ..model import GPT, count_parameters
+from ..runtime import cpu_threads_for, cpu_threads_pinned, free_memory_bytes, use_cpu_threads
+from ..schedule import Schedule, batch_indices
 from .store import RunStore, provenance
-from .sweep import LocalExecutor, Run, SweepProgress, Workload, alone_threads, batch_rows, run_job, training_flops
-from .train import GLOBAL_RNG, StopSignal, save_checkpoint, seeded_gpt
+from .sweep import Run, SweepProgress, Workload, alone_threads, batch_rows, run_job, training_flops
+from ..train import GLOBAL_RNG, StopSignal, save_checkpoint, seeded_gpt
 from .workers import Job, run_jobs, workers_for
 
 MEMORY_FRACTION = 0.5  # of the memory free on the device, the most an ensemble may plan to use
@@ -425,7 +425,7 @@ class EnsembleExecutor:
     """Trains runs in ensembles (see the module docstring); with choose_faster, each group in the
     ensemble only where a short probe on this device measures it clearly faster (ENSEMBLE_STEP_AT_MOST)
     than one run at a time;
-    `workers` (auto or a number, memorize/workers.py) jobs at once, an ensemble or a run each."""
+    `workers` (auto or a number, memorize/runs/workers.py) jobs at once, an ensemble or a run each."""
 
     device: torch.device
     max_members: int | None = None  # K; None: as many as a group has and memory holds
@@ -497,12 +497,3 @@ def repack_fraction_for(device: torch.device) -> float:
     frozen slot costs its share of every step and a repack one copy of the weights: repack at
     once. On CUDA a step costs about the same for any K: wait for a quarter."""
     return 0.25 if device.type == "cuda" else 0.0
-
-
-def executor_for(choice: str | int, device: torch.device, workers: str | int = 1):
-    """The executor --ensemble and --workers ask for: the local executor for 'off'."""
-    if choice == "off":
-        return LocalExecutor(device, workers)
-    if choice == "auto":
-        return EnsembleExecutor(device, choose_faster=True, workers=workers)
-    return EnsembleExecutor(device, max_members=int(choice), workers=workers)

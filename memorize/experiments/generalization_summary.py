@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .membership import fit_f1_law
+from ..membership import fit_f1_law
 
 
 def fit_law(sweep_rows: list[dict]) -> dict | None:

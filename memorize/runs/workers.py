@@ -28,8 +28,8 @@ from typing import Callable
 
 import torch
 
-from .errors import ConfigError
-from .runtime import cpu_cores, cpu_threads_for, cpu_threads_pinned, pinned_cpu_threads
+from ..errors import ConfigError
+from ..runtime import cpu_cores, cpu_threads_for, cpu_threads_pinned, pinned_cpu_threads
 
 
 def parse_workers(value: str) -> str | int:
@@ -97,7 +97,7 @@ class Stopped(Exception):
 
 
 class StoppableProgress:
-    """A SweepProgress (memorize/sweep.py) shared by the workers: calls under one lock, and each
+    """A SweepProgress (memorize/runs/sweep.py) shared by the workers: calls under one lock, and each
     run's step callback raises Stopped once `stop` is set."""
 
     def __init__(self, progress, stop: threading.Event):

@@ -1,7 +1,7 @@
-"""pytest-benchmark front end: `pytest bench/ --benchmark-only` runs memk bench's cases.
+"""pytest-benchmark front end: `pytest tests/benchmarks/bench_cases.py --benchmark-only` runs memk bench's cases.
 
 The cases come from memk.bench.cases (one definition, shared with `memk bench`); each is built
-and checked against float64 before pytest-benchmark times it. Options (given after bench/):
+and checked against float64 before pytest-benchmark times it. Options (given after the file):
 --memk-quick, --memk-suite NAME (repeatable), --memk-device cpu|cuda, --memk-dtype NAME (repeatable),
 --memk-preset default|acceptance.
 """

@@ -2,13 +2,13 @@
 that trains them.
 
 An experiment is a plan of runs. It describes each run as a `Run` (plain and picklable,
-its id derived from the description alone), asks its run store (memorize/store.py)
+its id derived from the description alone), asks its run store (memorize/runs/store.py)
 which runs are still to do, hands those to an executor with its `Workload`, and
 summarizes the rows the store then holds. Where and how runs execute is the executor's
 business: `LocalExecutor` trains them in this process, one at a time or, on the CPU,
-several side by side (`--workers`, memorize/workers.py); other executors
+several side by side (`--workers`, memorize/runs/workers.py); other executors
 (an ensemble of same-shape runs, Ray workers) take the same runs and workload and
-return the same rows, one per run, through `train_run`'s contract (memorize/ray_executor.py
+return the same rows, one per run, through `train_run`'s contract (memorize/runs/ray_executor.py
 trains them as tasks of a Ray cluster).
 """
 
@@ -20,13 +20,13 @@ from typing import Callable, Protocol
 
 import torch
 
-from .errors import ConfigError
-from .model import GPT, GPTConfig, training_flops_per_sequence
-from .outputs import content_digest
-from .runtime import Backends, cpu_threads_for, progress_bar, step_progress, use_cpu_threads
-from .schedule import RunOutcome, TrainConfig
+from ..errors import ConfigError
+from ..model import GPT, GPTConfig, training_flops_per_sequence
+from ..outputs import content_digest
+from ..runtime import Backends, cpu_threads_for, progress_bar, step_progress, use_cpu_threads
+from ..schedule import RunOutcome, TrainConfig
 from .store import RunStore, provenance
-from .train import StopSignal, train_to_saturation
+from ..train import StopSignal, train_to_saturation
 from .workers import Job, run_jobs, workers_for
 
 
@@ -155,10 +155,10 @@ def run_job(run: Run, workload: Workload, store: RunStore, device: torch.device,
 
 @dataclass
 class LocalExecutor:
-    """The runs in this process: one at a time, or `workers` at once on the CPU (memorize/workers.py)."""
+    """The runs in this process: one at a time, or `workers` at once on the CPU (memorize/runs/workers.py)."""
 
     device: torch.device
-    workers: str | int = 1  # auto or a number (memorize/workers.py)
+    workers: str | int = 1  # auto or a number (memorize/runs/workers.py)
 
     def execute(self, runs: list[Run], workload: Workload, store: RunStore, progress: SweepProgress) -> None:
         workers = workers_for(self.workers, self.device, runs, training_flops)

@@ -24,16 +24,16 @@ from typing import Iterable, Protocol
 
 import torch
 
-from .errors import ConfigError
-from .outputs import atomic_write_json, atomic_write_text, read_rows, read_state, remove_temporaries
-from .runtime import Backends
+from ..errors import ConfigError
+from ..outputs import atomic_write_json, atomic_write_text, read_rows, read_state, remove_temporaries
+from ..runtime import Backends
 
 ROWS = "runs.jsonl"
 CHECKPOINTS = "checkpoints"
 EXPERIMENT = "experiment.json"
 FAILURES = "failures.json"
 # How each planned run trains (which job, how many slots, threads): executors record it before training,
-# so a rerun resumes a run in the same packing and arithmetic (memorize/ensemble_executor.py).
+# so a rerun resumes a run in the same packing and arithmetic (memorize/runs/ensemble_executor.py).
 PACKING = "packing.json"
 
 
@@ -180,7 +180,7 @@ class RunStore:
         self._index_size = -1  # len(self.rows) when _index was built
         self.failures: dict[str, dict] = {}  # run_id -> what record_failure was told
         self._lock: FolderLock | None = None
-        self._writing = threading.Lock()  # jobs training side by side (memorize/workers.py) record rows
+        self._writing = threading.Lock()  # jobs training side by side (memorize/runs/workers.py) record rows
         self._created: Path | None = None  # the topmost folder _prepare created, where it created the folder
         self._kept = False
 

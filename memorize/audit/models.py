@@ -15,7 +15,7 @@ base_model_name_or_path, as given or relative to the adapter's folder, or --base
 into it (merge_and_unload): the audit codes with the merged weights, which compute what base plus
 adapter compute. Its tokenizer is the adapter folder's if it holds one, else the base's. Its resume
 key covers the content of the adapter's files and the base's (a Hub base: its commit). The base is
-the audit's reference unless --reference names others (memorize/audit.py).
+the audit's reference unless --reference names others (memorize/audit/audit.py).
 
 Names: a name that exists is a folder; one that does not is a Hugging Face model name only if it
 looks like one (a valid repo id, not starting with "/", "." or "~", whose first part is no local
@@ -40,8 +40,8 @@ import torch
 
 from memk import kernels
 
-from .errors import ConfigError
-from .outputs import content_digest
+from ..errors import ConfigError
+from ..outputs import content_digest
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INSTALL_HINT = 'pip install "memk[audit]"'
@@ -280,7 +280,7 @@ def _load_adapter(spec: str, folder: Path, device: torch.device, dtype: torch.dt
     module.to(device)
     fingerprint = {"adapter": _source_fingerprint(str(folder), True, None), "base": base_fingerprint}
     model = scoring_model_from(module, tokenizer, spec, fingerprint)
-    model.kind = "peft-adapter"
+    model.kind = model.fingerprint["kind"] = "peft-adapter"  # as audit.json's provenance says too
     model.base_source = base_source
     model.details = {"adapter": {"base": base_spec, "base_given_by": "--base-model" if base_model else ADAPTER_CONFIG,
                                  "peft_type": config.get("peft_type"), "r": config.get("r"),
@@ -385,8 +385,8 @@ def _memk_checkpoint_folder(path: Path) -> Path | None:
 
 
 def _load_memk(spec: str, folder: Path, device: torch.device, dtype: torch.dtype) -> ScoringModel:
-    from .corpus import EOT, EOT_ID, load_tokenizer
-    from .model import GPT, GPTConfig
+    from ..corpus import EOT, EOT_ID, load_tokenizer
+    from ..model import GPT, GPTConfig
 
     tokenizer_folder = next((f for f in (folder, folder.parent) if (f / "tokenizer.json").is_file()), None)
     if tokenizer_folder is None:

@@ -23,7 +23,7 @@ Every score here is "higher = more likely a member". The attacks, as published:
   between the prefix texts and before x, so x is coded after the start token as everywhere else
   here; the ratio is taken in bits, H(x | P, M) / H(x | M), the same number (the token counts
   cancel). Its cost is one more pass of the model over every text with P in front
-  (memorize/audit_attacks.py), so it runs only when asked for (--recall-shots);
+  (memorize/audit/recall_dc_pdd.py), so it runs only when asked for (--recall-shots);
 - dc_pdd: DC-PDD, the mean over the first occurrence of each distinct token x_i of x of
   min(p(x_i | x_<i) · ln(1 / f(x_i)), a), f the token's frequency in a reference corpus with
   add-one smoothing, f(t) = (count(t) + 1) / (total + V), and a = 0.01 (Zhang et al.,
@@ -49,7 +49,7 @@ import zlib
 
 import numpy as np
 
-from .membership import _scores, roc_auc
+from ..membership import _scores, roc_auc
 
 ATTACKS = {
     "loss": "loss (Yeom et al. 2018)",

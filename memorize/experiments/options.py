@@ -13,10 +13,10 @@ from typing import Callable, Iterable, TypeVar
 
 import torch
 
-from .errors import ConfigError
-from .model import GPTConfig
-from .runtime import check_backends, resolve_device
-from .schedule import PRECISIONS, TrainConfig
+from ..errors import ConfigError
+from ..model import GPTConfig
+from ..runtime import check_backends, resolve_device
+from ..schedule import PRECISIONS, TrainConfig
 
 E = TypeVar("E")
 SEED_LIMIT = 2**32  # seeds feed numpy's and torch's generators, and batch seeds scale them by ~10^6

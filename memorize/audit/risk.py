@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
-from .generalization import DEFAULT_ALPHA  # run-generalization's own default: the α the committed law used
-from .membership import F1_LAW_FORM, f1_law, loss_threshold_attack
+from ..errors import ConfigError
+from ..experiments.generalization import DEFAULT_ALPHA  # run-generalization's own default: the α the committed law used
+from ..membership import F1_LAW_FORM, f1_law, loss_threshold_attack
 
 # memk's committed fit: docs/generalization-default/summary.json's f1_law, and the ratios of the 12
 # sweep runs it was fitted on (docs/generalization-default/runs.jsonl). tests/test_audit_risk.py checks
