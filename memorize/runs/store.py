@@ -6,8 +6,9 @@ the lock's file is removed as the command ends), the experiment's kind
 finished run, rewritten atomically as each finishes, so a kill loses no finished run),
 the checkpoints of runs in progress (removed as each run finishes), failures.json (runs an
 executor gave up on, with their errors, until they succeed), packing.json (how executors
-planned each run to train, which a rerun keeps), and the provenance every row carries. Resuming is asking it which runs are still to do: failed runs are among them, so
-a rerun retries them. A damaged row is set aside with a warning and its run redone;
+planned each run to train, which a rerun keeps), and the provenance every row carries.
+Resuming is asking it which runs are still to do: failed runs are among them, so a rerun
+retries them. A damaged row is set aside with a warning and its run redone;
 temporaries a kill left are removed. A start refused before any work was saved leaves
 no folder behind.
 """
