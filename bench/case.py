@@ -79,6 +79,9 @@ class Group:
     work: int  # units of work per call, for throughput
     work_unit: str  # "tokens" | "sequences"
     flops: float | None = None  # model FLOPs per call (train, attention), for TFLOP/s and MFU
+    # floor(inputs, device) -> the least time a call can take on this machine, measured next to the
+    # group's cases ({"time_s", "bound", ...}, roofline.py), or None; every time is reported as a fraction of it
+    floor: Callable[[dict, torch.device], dict | None] | None = None
     variants: list[Variant] = field(default_factory=list)
 
     @property

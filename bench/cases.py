@@ -69,7 +69,7 @@ def acceptance_groups(suite: str, device: torch.device, dtypes: list[str] | None
     if suite == "logprob":
         d_model = _QUICK["d_model"] if quick else ACCEPTANCE_D_MODEL
         return logprob_groups(device, dtypes, quick, shapes=[(ACCEPTANCE_VOCAB, tokens)], ops=(("cross_entropy", True),),
-                              linear_shapes=[(ACCEPTANCE_VOCAB, tokens, d_model)])
+                              linear_shapes=[(ACCEPTANCE_VOCAB, tokens, d_model)], head_shapes=[])
     if suite == "attention":
         return attention_groups(device, dtypes, quick, interpreter=interpreter,
                                 shapes=_QUICK["attention"] if quick else ACCEPTANCE_ATTENTION,

@@ -29,7 +29,8 @@ SCHEMA = "memk-bench/1"
 RESULT_FIELDS = (
     "id", "suite", "family", "group", "variant", "role", "description", "compare_to", "dtype", "device",
     "device_name", "torch", "triton", "cuda", "date", "params", "sweep", "status", "reason", "check",
-    "time", "throughput", "tflops", "mfu", "memory", "ratios", "ratio_vs_best_baseline",
+    "time", "throughput", "tflops", "mfu", "memory", "ratios", "ratio_vs_best_baseline", "torch_threads",
+    "cpu_isa_flags", "floor", "fraction_of_floor",
 )
 
 
@@ -101,6 +102,8 @@ def run_case(case: Case, inputs: dict, device: torch.device, env: dict, max_time
         "date": env["date"], "params": g.params, "sweep": {"axis": g.sweep_axis, "value": g.sweep_value},
         "status": None, "reason": None, "check": None, "time": None, "throughput": None, "tflops": None,
         "mfu": None, "memory": None, "ratios": {}, "ratio_vs_best_baseline": None,
+        "torch_threads": env["torch_threads"], "cpu_isa_flags": env.get("cpu_isa_flags"), "floor": None,
+        "fraction_of_floor": None,
     }
     try:
         runner, check = prepare(case, inputs, device)
@@ -179,6 +182,23 @@ def scaling(records: list[dict]) -> list[dict]:
     return out
 
 
+def group_floor(group: Group, inputs: dict, device: torch.device) -> dict | None:
+    """The group's floor measured now, next to its cases (roofline.py); {"error": ...} if measuring failed."""
+    if group.floor is None:
+        return None
+    try:
+        return group.floor(inputs, device)
+    except Exception as exc:  # no floor is no reason to lose the cases
+        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+
+
+def add_floor(record: dict, floor: dict | None) -> None:
+    """The floor into a result, and the result's median as a fraction of it."""
+    record["floor"] = floor
+    if floor and floor.get("time_s") and record["status"] == "ok":
+        record["fraction_of_floor"] = record["time"]["median_s"] / floor["time_s"]
+
+
 @dataclass
 class RunOptions:
     max_time: float = 1.0  # CPU seconds of timed rounds per case
@@ -207,11 +227,13 @@ def run_groups(groups: list[Group], device: torch.device, options: RunOptions | 
             if not cases:
                 continue
             inputs = cache.get(group, device)
+            floor = group_floor(group, inputs, device)
             for case in cases:
                 if options.progress:
                     options.progress(len(records) + 1, total, case)
                 t0 = time.time()
                 record = run_case(case, inputs, device, env, options.max_time)
+                add_floor(record, floor)
                 record["wall_s"] = time.time() - t0
                 record["load_average_1m"] = os.getloadavg()[0]  # a shared machine's other work shows here
                 records.append(record)
@@ -272,6 +294,9 @@ def format_record(r: dict) -> TableRow:
     speed_up = ratios or ("(baseline)" if r["role"] == "baseline" else "")
     if r["tflops"] is not None and r["device"] == "cuda":
         note = f"{r['tflops']:.1f} TFLOP/s" + (f", MFU {100 * r['mfu']['value']:.1f}%" if r["mfu"] else "")
+        speed_up = f"{speed_up}; {note}" if speed_up else note
+    if r.get("fraction_of_floor"):
+        note = f"{r['fraction_of_floor']:.2f}x its floor ({r['floor']['bound']})"
         speed_up = f"{speed_up}; {note}" if speed_up else note
     return TableRow(r["group"], r["variant"], format_time(r["time"]["median_s"]),
                     format_rate(r["throughput"]["value"], r["throughput"]["unit"]), format_bytes(r["memory"]["peak_bytes"]),
@@ -351,9 +376,15 @@ def format_table(report: dict, width: int | None = None) -> str:
             lines.extend(_wrap(reason, width, label, " " * len(label)))
     env = report["env"]
     lines.append("")
-    lines.extend(_wrap(f"{env['device_name']} ({env['device_type']}, {env['torch_threads']} threads), "
+    isa = f", {' '.join(env['cpu_isa_flags'])}" if env.get("cpu_isa_flags") else ""
+    load = f", load average {env['load_average_1m']:.2f} at the start" if env.get("load_average_1m") is not None else ""
+    lines.extend(_wrap(f"{env['device_name']} ({env['device_type']}{isa}, {env['torch_threads']} threads{load}), "
                        f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}. "
                        "speed-up = baseline median / this median.", width))
+    if any(r.get("fraction_of_floor") for r in report["results"]):
+        lines.extend(_wrap("floor = the least time the case's reads, writes and exps take at the read, write and exp "
+                           "rates this machine showed next to it (memk's kernel probes, bench/roofline.py); "
+                           "1.00x is at the floor.", width))
     if report["scaling"]:
         lines.append("time ~ size^k over the swept size:")
         for s in report["scaling"]:

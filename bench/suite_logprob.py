@@ -5,7 +5,10 @@ against other libraries' fused cross-entropy where installed (anchors.py says wh
 Each group is one op, pass (fwd or fwd+bwd), vocabulary and dtype at one token count; its check
 recomputes log p(target) and the gradient in float64, chunk by chunk. The linear_cross_entropy
 family starts one step earlier, from the last hidden states and the classifier weight, so that
-libraries that fuse the classifier matmul into the loss (cut-cross-entropy) compare on equal terms.
+libraries that fuse the classifier matmul into the loss (cut-cross-entropy) compare on equal terms;
+so does head_token_logprobs (the audit's path: log p(target) from the hidden states, no autograd),
+against log_softmax + gather over the full logits. On a CPU, each op group's times are also reported as fractions of its floor (roofline.py): the least
+time its reads, writes and exps take at the rates this machine shows in the same run.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import anchors
+from . import anchors, roofline
 from .case import (
     TORCH_DTYPES,
     Cycle,
@@ -165,9 +168,27 @@ def _op_runner(fn: Callable, op: str, backward: bool) -> Callable[[dict, torch.d
     return build
 
 
+def _release_cached_gradient() -> None:
+    """The CPU kernel keeps a freed gradient for the next backward (csrc/logprob_binding.cpp); let it go, so
+    that the memory measurement (after Runner.reset) counts the gradient the measured call writes."""
+    try:
+        torch.ops.memk.cpu_release_cached()
+    except (AttributeError, RuntimeError):  # the fused kernels are not loaded: nothing is kept
+        pass
+
+
 def _memk_logprob_variant(backend: str, op: str, backward: bool, compare_to: tuple[str, ...]) -> Variant:
     def build(inputs: dict, device: torch.device) -> Runner:
-        return _op_runner(getattr(logprob_ops_or_skip(backend), op), op, backward)(inputs, device)
+        runner = _op_runner(getattr(logprob_ops_or_skip(backend), op), op, backward)(inputs, device)
+        if backward and device.type == "cpu":
+            reset = runner.reset
+
+            def reset_and_release():
+                reset()
+                _release_cached_gradient()
+
+            runner.reset = reset_and_release
+        return runner
 
     return Variant(f"memk:{backend}", "candidate", build, f"memk.kernels.logprob_ops({backend!r}).{op}", compare_to)
 
@@ -356,6 +377,108 @@ def _linear_groups(device: torch.device, dtypes: list[str], quick: bool, shapes:
     return groups
 
 
+# ---- log p(target) from the hidden states and the head: head_token_logprobs ----------------
+
+
+def _head_inputs(n_tokens: int, vocab: int, d_model: int, dtype: str, seed: int):
+    def make(device: torch.device) -> dict:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        torch_dtype = TORCH_DTYPES[dtype]
+        hidden = torch.randn(n_tokens, d_model, generator=gen, device=device).to(torch_dtype)
+        targets = torch.randint(0, vocab, (n_tokens,), generator=gen, device=device)
+        # weight scaled so that the logits have a trained model's spread (std 3), as in the other groups
+        weight = (torch.randn(vocab, d_model, generator=gen, device=device) * (3 / math.sqrt(d_model))).to(torch_dtype)
+        return {"hidden": hidden, "weight": weight, "targets": targets}
+
+    return make
+
+
+def _head_check(device: torch.device):
+    """log p(target) of hidden @ weightᵀ in float64, chunk by chunk."""
+
+    def check(inputs: dict, outputs: dict) -> dict[str, tuple[float, float]]:
+        h, w, t = inputs["hidden"].double(), inputs["weight"].double(), inputs["targets"]
+        chunk = max(1, _CHECK_ELEMENTS // w.shape[0])
+        want = torch.cat([torch.log_softmax(h[i:i + chunk] @ w.T, dim=-1).gather(-1, t[i:i + chunk].unsqueeze(-1)).squeeze(-1)
+                          for i in range(0, h.shape[0], chunk)])
+        return {"output": (max_rel_err(outputs["out"], want), rel_tolerance(inputs["weight"].dtype, device, matmul=True))}
+
+    return check
+
+
+def _head_runner(get_fn: Callable[[torch.device], Callable]) -> Callable[[dict, torch.device], Runner]:
+    def build(inputs: dict, device: torch.device) -> Runner:
+        fn = get_fn(device)
+        args = (inputs["hidden"], inputs["weight"], inputs["targets"])
+        return Runner(lambda: fn(*args), lambda: {"out": fn(*args)})
+
+    return build
+
+
+def _full_logits_logprobs(hidden, weight, targets):
+    """What the head's log-probs are without memk: the full logits, their log_softmax, the targets' entries."""
+    return torch.log_softmax(F.linear(hidden, weight).float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _memk_head(backend: str) -> Callable[[torch.device], Callable]:
+    def get(device: torch.device) -> Callable:
+        from memk.kernels.head_logprob import head_token_logprobs
+
+        logprob_ops_or_skip(backend)  # Skip with the reason where the backend cannot run
+        return lambda hidden, weight, targets: head_token_logprobs(hidden, weight, targets, backend=backend)
+
+    return get
+
+
+def _head_groups(device: torch.device, dtypes: list[str], quick: bool, shapes: list[tuple[int, int, int]],
+                 backends: list[str] | None) -> list[Group]:
+    """Hidden states and head weight in, log p(target) out, no autograd (the audit's path)."""
+    groups = []
+    for dtype in [d for d in dtypes if d in ("float32", "bfloat16")]:
+        for vocab, n_tokens, d_model in shapes:
+            base = "linear+log_softmax+gather"
+            variants = [
+                Variant(base, "baseline", _head_runner(lambda dev: _full_logits_logprobs),
+                        "log_softmax(F.linear(hidden, weight).float()).gather(targets): the full logits, eager"),
+                Variant(f"{base} (compile)", "baseline", _head_runner(_compiled_or_skip(_full_logits_logprobs, quick)),
+                        "torch.compile of the same"),
+            ]
+            compare = tuple(v.name for v in variants)
+            variants += [
+                Variant(f"memk:head_token_logprobs:{b}", "candidate", _head_runner(_memk_head(b)),
+                        f"memk.kernels.head_token_logprobs(hidden, weight, targets, backend={b!r}): blocks of logits",
+                        compare)
+                for b in candidate_logprob_backends(backends)
+            ]
+            groups.append(Group(
+                suite="logprob",
+                family=f"head_token_logprobs fwd V{vocab} d{d_model} {dtype}",
+                sweep_axis="tokens",
+                sweep_value=n_tokens,
+                dtype=dtype,
+                params={"op": "head_token_logprobs", "pass": "fwd", "tokens": n_tokens, "vocab": vocab,
+                        "d_model": d_model, "hidden_shape": [n_tokens, d_model], "weight_shape": [vocab, d_model],
+                        "dtype": dtype},
+                make_inputs=_head_inputs(n_tokens, vocab, d_model, dtype, seed=n_tokens + vocab + d_model + 1),
+                check=_head_check(device),
+                work=n_tokens,
+                work_unit="tokens",
+                flops=2.0 * n_tokens * vocab * d_model,  # the head's matmul
+                floor=roofline.head_group_floor(),
+                variants=variants,
+            ))
+    return groups
+
+
+def default_head_shapes(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
+    """(vocabulary, tokens, d_model) of the head_token_logprobs family."""
+    if quick:
+        return [(2048, 4096, 32)]
+    if device.type == "cuda":
+        return [(2048, 131072, 128), (50257, 16384, 768)]
+    return [(2048, 16384, 128), (50257, 4096, 128)]
+
+
 # ---- the suite ----------------------------------------------------------------------------
 
 ALL_OPS = (("token_logprobs", False), ("token_logprobs", True), ("cross_entropy", False), ("cross_entropy", True),
@@ -382,15 +505,17 @@ def default_linear_shapes(device: torch.device, quick: bool) -> list[tuple[int, 
 def logprob_groups(device: torch.device, dtypes: list[str], quick: bool, backends: list[str] | None = None,
                    shapes: list[tuple[int, int]] | None = None,
                    ops: tuple[tuple[str, bool], ...] = ALL_OPS,
-                   linear_shapes: list[tuple[int, int, int]] | None = None) -> list[Group]:
+                   linear_shapes: list[tuple[int, int, int]] | None = None,
+                   head_shapes: list[tuple[int, int, int]] | None = None) -> list[Group]:
     """The suite's groups: every op and pass at each (vocabulary, tokens) size, per dtype, then the
-    linear_cross_entropy family (16-bit dtypes only).
+    linear_cross_entropy family (16-bit dtypes only) and the head_token_logprobs family.
 
     backends: the memk log-prob backends to compare (default: every registered one but the reference).
-    shapes, ops, linear_shapes: a selection (cases.py's presets); default the sweep for the device.
+    shapes, ops, linear_shapes, head_shapes: a selection (cases.py's presets); default the sweep for the device.
     """
     shapes = default_shapes(device, quick) if shapes is None else shapes
     linear_shapes = default_linear_shapes(device, quick) if linear_shapes is None else linear_shapes
+    head_shapes = default_head_shapes(device, quick) if head_shapes is None else head_shapes
     groups = []
     for dtype in [d for d in dtypes if d in ("float32", "bfloat16", "float16")]:
         for op, backward in ops:
@@ -422,6 +547,8 @@ def logprob_groups(device: torch.device, dtypes: list[str], quick: bool, backend
                     check=_logprob_check(op, backward, device),
                     work=n_tokens,
                     work_unit="tokens",
+                    floor=roofline.logprob_group_floor(backward),
                     variants=variants,
                 ))
-    return groups + _linear_groups(device, dtypes, quick, linear_shapes, backends)
+    return (groups + _linear_groups(device, dtypes, quick, linear_shapes, backends)
+            + _head_groups(device, dtypes, quick, head_shapes, backends))

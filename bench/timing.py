@@ -27,6 +27,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .common import synchronize
+from .roofline import cpu_isa_flags
 
 
 @dataclass
@@ -279,6 +280,7 @@ def environment(device: torch.device) -> dict:
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
     }
     env["libraries"] = {name: _installed_version(name) for name in COMPARED_LIBRARIES}
+    env["cpu_isa_flags"] = cpu_isa_flags()  # the vector units of the CPU (the host's, on a GPU machine)
     try:
         env["load_average_1m"] = os.getloadavg()[0]
     except OSError:

@@ -1,275 +1,521 @@
 // C++ CPU kernel of the fused log-prob ops (see logprob_math.h for the math).
 //
-// Parallel over rows with at::parallel_for. Vectorized without intrinsics: a row is read as
-// vectors of 8 floats (GCC/Clang vector extensions, which the compiler maps onto AVX2
-// or SSE registers), each lane keeping its own online log-sum-exp, and exp is the
-// branch-free polynomial of logprob_math.h applied to whole vectors. Each per-dtype
-// driver is compiled for AVX-512 (x86-64-v4), AVX2+FMA (x86-64-v3) and the baseline ISA, chosen when
-// the library loads (GCC target_clones), so one build runs at full width on any x86-64 machine.
+// The row loops (logprob_cpu_rows.h) are written once over a vector of floats and compiled
+// three times: 16 lanes with AVX-512 intrinsics (avx512f/bw/dq/vl; exp's 2^n by vscalefps, float16
+// by vcvtph2ps), 8 lanes with AVX2 + FMA (+ F16C for float16), and 4 lanes for the baseline x86-64
+// (SSE2) or any other architecture (GCC/Clang vector extensions). The best one this CPU runs is
+// chosen on first use by its feature bits (never by CPU model), and logprob_cpu_isa() names it;
+// logprob_cpu_set_isa() forces a lesser one (tests run every path the machine has). The paths
+// other than the baseline need GCC's `#pragma GCC target` on x86-64; other compilers build the
+// baseline only.
+//
+// Rows are split among at::parallel_for's threads in tasks of ~64K elements handed out one at a
+// time (an atomic counter), so a thread whose core is shared with other work takes fewer tasks
+// instead of holding the others up at the end. Those threads exist only where this file is
+// compiled with OpenMP (-fopenmp), as torch is: at::parallel_for is header code, and without
+// OpenMP it runs everything on the calling thread (logprob_cpu_threads() says which). A float32 gradient larger than the caches is
+// written with non-temporal stores (AVX2, AVX-512), which skip reading each line before writing it.
 #include "logprob_cpu.h"
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cfloat>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 
-// Dispatch is on ISA level (feature bits), never on CPU model: "arch=haswell" would be
-// skipped on AMD machines with AVX2.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define MEMK_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#elif defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
-#define MEMK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#if defined(__GNUC__) && !defined(__clang__)
+// Vectors pass only between always-inlined functions here, so their calling convention (which
+// GCC warns changes with -mavx) never matters.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
+#define MEMK_X86_PATHS 1
+#include <immintrin.h>
 #else
-#define MEMK_CPU_CLONES
+#define MEMK_X86_PATHS 0
 #endif
 
 namespace memk {
 namespace {
 
-using cpu::f32x8;
-using cpu::u16x8;
-using cpu::u32x8;
+// Out-of-range targets seen by the forward's threads.
+struct BadTargetsAcc {
+  std::atomic<int64_t> count{0}, example{0};
+  void note(int64_t t) {
+    count.fetch_add(1, std::memory_order_relaxed);
+    example.store(t, std::memory_order_relaxed);
+  }
+};
 
-constexpr int kLanes = 8;           // floats per vector
-constexpr int kChunk = 4 * kLanes;  // elements per rescale of the running sums
-
-MEMK_HD f32x8 vmax(f32x8 a, f32x8 b) { return b > a ? b : a; }  // as max_of: a NaN b is dropped
-
-// 8 consecutive elements of a row <-> a vector of floats (unaligned loads and stores).
-template <typename T>
-struct Lanes;
+// ---------------------------------------------------------------------------------------
+// N lanes, GCC/Clang vector extensions: 4 for the baseline (one SSE2 or NEON register), 8 for
+// AVX2 (isa_avx2::Ops below). No wider than the target's registers: GCC turns compares on wider
+// vectors into scalar code.
+// ---------------------------------------------------------------------------------------
+template <int N>
+struct VecTypes;
 template <>
-struct Lanes<float> {
-  MEMK_HD static f32x8 load(const float* p) {
-    f32x8 v;
+struct VecTypes<4> {
+  typedef float F __attribute__((vector_size(16)));
+  typedef int32_t I __attribute__((vector_size(16)));
+  typedef uint32_t U __attribute__((vector_size(16)));
+  typedef uint16_t H __attribute__((vector_size(8)));
+};
+template <>
+struct VecTypes<8> {
+  typedef float F __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+  typedef uint32_t U __attribute__((vector_size(32)));
+  typedef uint16_t H __attribute__((vector_size(16)));
+};
+
+template <int N>
+struct OpsVec {
+  static constexpr int W = N;
+  static constexpr int kUnroll = 4;      // accumulators per pass
+  static constexpr bool kStream = false;  // no non-temporal stores (row_grad's `stream`): plain ones
+  using F = typename VecTypes<N>::F;  // floats
+  using I = typename VecTypes<N>::I;  // lane masks (-1 or 0), as vector compares give them
+  using U = typename VecTypes<N>::U;  // bits
+  using H = typename VecTypes<N>::H;  // 16-bit storage
+
+  MEMK_HD static void stream(float* p, F v) { store(p, v); }
+  MEMK_HD static void fence() {}
+
+  MEMK_HD static F splat(float c) { return F{} + c; }
+  MEMK_HD static U usplat(uint32_t c) { return U{} + c; }
+
+  MEMK_HD static F load(const float* p) {
+    F v;
     memcpy(&v, p, sizeof v);
     return v;
   }
-  MEMK_HD static void store(float* p, f32x8 v) { memcpy(p, &v, sizeof v); }
-};
-template <>
-struct Lanes<bf16_t> {
-  MEMK_HD static f32x8 load(const bf16_t* p) {
-    u16x8 h;
+  MEMK_HD static F load(const bf16_t* p) {
+    H h;
     memcpy(&h, p, sizeof h);
-    return reinterpret_cast<f32x8>(__builtin_convertvector(h, u32x8) << 16);
+    return reinterpret_cast<F>(__builtin_convertvector(h, U) << 16);
   }
-  MEMK_HD static void store(bf16_t* p, f32x8 v) {  // as float_to_bf16: nearest even, NaN stays NaN
-    const u32x8 u = reinterpret_cast<u32x8>(v);
-    const u32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const u32x8 quiet_nan = (u >> 16) | 0x0040u;
-    const u16x8 h = __builtin_convertvector((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded, u16x8);
+  MEMK_HD static F load(const f16_t* p) {  // as f16_to_float, lane by lane
+    H h;
+    memcpy(&h, p, sizeof h);
+    const U u = __builtin_convertvector(h, U);
+    const U sign = (u & 0x8000u) << 16;
+    const U e = (u >> 10) & 0x1fu;
+    const U mant = u & 0x3ffu;
+    const U normal = ((e + 112u) << 23) | (mant << 13);  // rebias 15 -> 127
+    const U inf_nan = (mant << 13) | 0x7f800000u;
+    const U subnormal =
+        reinterpret_cast<U>(__builtin_convertvector(reinterpret_cast<I>(mant), F) * 5.9604644775390625e-8f);
+    const U mag = select(e == 0u, subnormal, select(e == 31u, inf_nan, normal));
+    return reinterpret_cast<F>(sign | mag);
+  }
+
+  MEMK_HD static void store(float* p, F v) { memcpy(p, &v, sizeof v); }
+  MEMK_HD static void store(bf16_t* p, F v) {  // as float_to_bf16: nearest even, NaN stays NaN
+    const U u = reinterpret_cast<U>(v);
+    const U rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const U quiet_nan = (u >> 16) | 0x0040u;
+    const H h = __builtin_convertvector(select((u & 0x7fffffffu) > 0x7f800000u, quiet_nan, rounded), H);
     memcpy(p, &h, sizeof h);
   }
+  MEMK_HD static void store(f16_t* p, F v) {  // as float_to_f16, lane by lane
+    const U u = reinterpret_cast<U>(v);
+    const U sign = (u >> 16) & 0x8000u;
+    const U a = u & 0x7fffffffu;
+    const U subnormal = reinterpret_cast<U>(reinterpret_cast<F>(a) + 0.5f) - 0x3f000000u;
+    const U normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;
+    const U mag = select(a > 0x7f800000u, usplat(0x7e00u),          // NaN
+                         select(a >= 0x477ff000u, usplat(0x7c00u),  // rounds past 65504: inf
+                                select(a < 0x38800000u, subnormal, normal)));
+    const H h = __builtin_convertvector(sign | mag, H);
+    memcpy(p, &h, sizeof h);
+  }
+
+  // Lane-wise mask ? a : b, with bit operations (SSE2 has no blend).
+  MEMK_HD static F select(I mask, F a, F b) {
+    return reinterpret_cast<F>((mask & reinterpret_cast<I>(a)) | (~mask & reinterpret_cast<I>(b)));
+  }
+  MEMK_HD static U select(I mask, U a, U b) {
+    const U m = reinterpret_cast<U>(mask);
+    return (m & a) | (~m & b);
+  }
+
+  MEMK_HD static F max(F a, F b) { return select(b > a, b, a); }  // as max_of: a NaN b is dropped
+
+  // exp(x): x = n ln2 + r, exp(r) by its Taylor series to r^7, 2^n built in the exponent field
+  // from the integer left in the low bits of x / ln2 + 1.5 * 2^23. Exactly 0 below -87.5 (and
+  // at -inf), +inf above 88.4, NaN for NaN.
+  MEMK_HD static F exp(F x) {
+    const F lo = splat(-87.5f), hi = splat(89.0f);
+    const I below = x < lo;
+    const F xc = select(below, lo, select(x > hi, hi, x));  // NaN passes
+    const F t = xc * 1.4426950408889634f + 12582912.0f;
+    const F n = t - 12582912.0f;                                        // round(x / ln2), in [-126, 128]
+    const F r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-6f;  // ln2 in two parts
+    F p = splat(1.0f / 5040.0f);
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    // t's bits are those of 1.5 * 2^23 plus n; shifted by 23 only n + 127 is left: 2^n (inf at 128).
+    const F pow2n = reinterpret_cast<F>((reinterpret_cast<U>(t) + 127u) << 23);
+    return reinterpret_cast<F>(~below & reinterpret_cast<I>(p * pow2n));
+  }
+
+  MEMK_HD static float reduce_max(const F& v) {
+    float m = v[0];
+    for (int k = 1; k < W; ++k) m = max_of(m, v[k]);
+    return m;
+  }
+  MEMK_HD static double sum_double(const F& v) {
+    double s = 0.0;
+    for (int k = 0; k < W; ++k) s += static_cast<double>(v[k]);
+    return s;
+  }
 };
-template <>
-struct Lanes<f16_t> {  // through the scalar conversions (float16 on the CPU is rare)
-  MEMK_HD static f32x8 load(const f16_t* p) {
-    float f[kLanes];
-    for (int k = 0; k < kLanes; ++k) f[k] = f16_to_float(p[k].bits);
-    return Lanes<float>::load(f);
+
+// ---------------------------------------------------------------------------------------
+// The row loops, once per instruction set
+// ---------------------------------------------------------------------------------------
+namespace isa_baseline {
+using Ops = OpsVec<4>;
+#include "logprob_cpu_rows.h"
+}  // namespace isa_baseline
+
+#if MEMK_X86_PATHS
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+namespace isa_avx2 {
+// OpsVec<8> in AVX2 registers, with F16C's conversions for float16, and max and exp by intrinsics
+// (GCC does not turn compare-and-select into vmaxps/vminps, whose NaN rule it cannot assume).
+struct Ops : OpsVec<8> {
+  using OpsVec<8>::load;
+  using OpsVec<8>::store;
+  static constexpr int kUnroll = 2;  // 16 registers: four accumulators and exp's constants spill
+  MEMK_HD static __m256 m(F v) { return reinterpret_cast<__m256>(v); }
+  static constexpr bool kStream = true;
+  MEMK_HD static void stream(float* p, F v) { _mm256_stream_ps(p, m(v)); }  // p 32-byte aligned
+  MEMK_HD static void fence() { _mm_sfence(); }
+  // vmaxps(b, a) = b > a ? b : a, and a where either is NaN: max_of.
+  MEMK_HD static F max(F a, F b) { return reinterpret_cast<F>(_mm256_max_ps(m(b), m(a))); }
+  MEMK_HD static F exp(F x) {  // OpsVec::exp's steps
+    const __m256 lo = _mm256_set1_ps(-87.5f);
+    const __m256 xc = _mm256_min_ps(_mm256_set1_ps(89.0f), _mm256_max_ps(lo, m(x)));  // NaN passes
+    const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.4426950408889634f), _mm256_set1_ps(12582912.0f));
+    const __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(12582912.0f));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-6f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127)), 23);
+    const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
+    return reinterpret_cast<F>(_mm256_andnot_ps(_mm256_cmp_ps(m(x), lo, _CMP_LT_OQ), e));  // 0 below lo
   }
-  MEMK_HD static void store(f16_t* p, f32x8 v) {
-    float f[kLanes];
-    Lanes<float>::store(f, v);
-    for (int k = 0; k < kLanes; ++k) p[k].bits = float_to_f16(f[k]);
+  MEMK_HD static F load(const f16_t* p) {
+    return reinterpret_cast<F>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  MEMK_HD static void store(f16_t* p, F v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 };
+#include "logprob_cpu_rows.h"
+}  // namespace isa_avx2
+#pragma GCC pop_options
 
-// One chunk of 4 vectors into the per-lane online state (m, s, c): one rescale, then one exp
-// per element. The chunk's sum is added to s with Kahan compensation (c, see LseState): a lane
-// sums V / 8 terms, and plain float adds lose the small ones against a large s (at V = 2^28,
-// log p was off by 0.1 and more).
-MEMK_HD void add_chunk(f32x8& m, f32x8& s, f32x8& c, f32x8 v0, f32x8 v1, f32x8 v2, f32x8 v3) {
-  const f32x8 m_new = vmax(m, vmax(vmax(v0, v1), vmax(v2, v3)));
-  const f32x8 scale = exp_poly(m - m_new);  // exactly 1 while the max stays
-  const f32x8 chunk = (exp_poly(v0 - m_new) + exp_poly(v1 - m_new)) + (exp_poly(v2 - m_new) + exp_poly(v3 - m_new));
-  const f32x8 scaled = s * scale;
-  const f32x8 y = chunk - c * scale;
-  s = scaled + y;
-  c = (s - scaled) - y;
-  m = m_new;
-}
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+namespace isa_avx512 {
+// 16 lanes in AVX-512 registers.
+struct Ops {
+  static constexpr int W = 16;
+  static constexpr int kUnroll = 4;
+  static constexpr bool kStream = true;
+  using F = __m512;
 
-// (max, sum of exp(x - max)) of one row in float, 8 lanes at a time; the last partial chunk
-// is padded with -inf (exp(-inf - m) adds 0). The lanes' states merge at the end.
-template <typename T>
-MEMK_HD LseState<float> row_state_float(const T* __restrict__ x, int64_t vocab) {
-  using L = Lanes<T>;
-  f32x8 m = splat<f32x8>(-FLT_MAX), s = splat<f32x8>(0.0f), c = splat<f32x8>(0.0f);
-  int64_t j = 0;
-  for (; j + kChunk <= vocab; j += kChunk)
-    add_chunk(m, s, c, L::load(x + j), L::load(x + j + kLanes), L::load(x + j + 2 * kLanes),
-              L::load(x + j + 3 * kLanes));
-  if (j < vocab) {
-    float tail[kChunk];
-    for (int k = 0; k < kChunk; ++k) tail[k] = j + k < vocab ? Elem<T>::load(x[j + k]) : -HUGE_VALF;
-    using F = Lanes<float>;
-    add_chunk(m, s, c, F::load(tail), F::load(tail + kLanes), F::load(tail + 2 * kLanes), F::load(tail + 3 * kLanes));
+  MEMK_HD static void stream(float* p, F v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned
+  MEMK_HD static void fence() { _mm_sfence(); }
+
+  MEMK_HD static F splat(float c) { return _mm512_set1_ps(c); }
+  MEMK_HD static F load(const float* p) { return _mm512_loadu_ps(p); }
+  MEMK_HD static F load(const bf16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
-  s = s - c;  // the compensation folded in (c is the negated low part lost so far)
-  LseState<float> st{m[0], s[0]};
-  for (int l = 1; l < kLanes; ++l) st.merge(LseState<float>{m[l], s[l]});
-  return st;
-}
+  MEMK_HD static F load(const f16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 
-// grad row = -g * exp((x - m) - log_sum), 8 lanes at a time (the target's entry is fixed by
-// the caller).
-template <typename T>
-MEMK_HD void row_grad_float(const T* __restrict__ x, int64_t vocab, float neg_g, float m, float log_sum,
-                            T* __restrict__ out) {
-  using L = Lanes<T>;
-  int64_t j = 0;
-  for (; j + kLanes <= vocab; j += kLanes) L::store(out + j, exp_poly((L::load(x + j) - m) - log_sum) * neg_g);
-  for (; j < vocab; ++j) out[j] = Elem<T>::store(neg_g * fast_exp((Elem<T>::load(x[j]) - m) - log_sum));
-}
-
-// float64 logits (gradcheck, tests): plain double arithmetic, one element at a time.
-MEMK_HD LseState<double> row_state_double(const double* __restrict__ x, int64_t vocab) {
-  LseState<double> st = LseState<double>::empty();
-  for (int64_t j = 0; j < vocab; ++j) st.add(x[j]);
-  return st;
-}
-
-template <typename T>
-MEMK_HD LseState<typename Elem<T>::Acc> row_state(const T* __restrict__ x, int64_t vocab) {
-  if constexpr (std::is_same<T, double>::value) {
-    return row_state_double(x, vocab);
-  } else {
-    return row_state_float(x, vocab);
+  MEMK_HD static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  MEMK_HD static void store(bf16_t* p, F v) {  // as float_to_bf16: nearest even, NaN stays NaN
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x0040));
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    const __m512i h = _mm512_mask_blend_epi32(nan, rounded, quiet_nan);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(h));
   }
-}
+  MEMK_HD static void store(f16_t* p, F v) {  // round to nearest even, as float_to_f16
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
 
-template <typename T>
-MEMK_HD void forward_rows(const RowsArgs& a, int64_t begin, int64_t end, typename Elem<T>::Acc* logp,
-                          typename Elem<T>::Acc* row_max, typename Elem<T>::Acc* log_sum,
-                          std::atomic<int64_t>* bad_count, std::atomic<int64_t>* bad_example) {
-  using A = typename Elem<T>::Acc;
-  const T* logits = static_cast<const T*>(a.logits);
+  // vmaxps(b, a) = b > a ? b : a, and a where either is NaN: max_of.
+  MEMK_HD static F max(F a, F b) { return _mm512_max_ps(b, a); }
+
+  // exp(x) as OpsVec::exp, with 2^n applied by vscalefps (which rounds results below 2^-149 to
+  // 0, so no select is needed: exactly 0 below -106 and at -inf, +inf above 88.7, NaN for NaN).
+  MEMK_HD static F exp(F x) {
+    const F xc = _mm512_min_ps(splat(100.0f), _mm512_max_ps(splat(-106.0f), x));  // NaN passes (second operand)
+    const F t = _mm512_fmadd_ps(xc, splat(1.4426950408889634f), splat(12582912.0f));
+    const F n = _mm512_sub_ps(t, splat(12582912.0f));  // round(x / ln2)
+    F r = _mm512_fnmadd_ps(n, splat(0.693145751953125f), xc);
+    r = _mm512_fnmadd_ps(n, splat(1.428606765330187e-6f), r);
+    F p = splat(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, splat(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, splat(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, splat(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, splat(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, splat(0.5f));
+    p = _mm512_fmadd_ps(p, r, splat(1.0f));
+    p = _mm512_fmadd_ps(p, r, splat(1.0f));
+    return _mm512_scalef_ps(p, n);
+  }
+
+  MEMK_HD static float reduce_max(F v) { return _mm512_reduce_max_ps(v); }  // no NaN reaches here
+  MEMK_HD static double sum_double(F v) {
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+    const __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
+    return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
+  }
+};
+#include "logprob_cpu_rows.h"
+}  // namespace isa_avx512
+#pragma GCC pop_options
+#endif  // MEMK_X86_PATHS
+
+// ---------------------------------------------------------------------------------------
+// float64 logits (gradcheck, tests): plain double arithmetic, one element at a time
+// ---------------------------------------------------------------------------------------
+void forward_f64(const RowsArgs& a, int64_t begin, int64_t end, double* logp, double* row_max, double* log_sum,
+                 BadTargetsAcc* bad) {
+  const double* logits = static_cast<const double*>(a.logits);
   for (int64_t i = begin; i < end; ++i) {
     const int64_t t = a.targets[i];
     const int kind = classify_target(t, a.vocab, a.ignore_index, a.has_ignore);
     if (kind == kTargetIgnored) {
-      logp[i] = A(0);
-      row_max[i] = A(0);
-      log_sum[i] = A(0);
+      logp[i] = row_max[i] = log_sum[i] = 0.0;
       continue;
     }
-    const T* x = logits + i * a.row_stride;
-    const LseState<A> st = row_state(x, a.vocab);
-    const A ls = st.log_sum();
+    const double* x = logits + i * a.row_stride;
+    LseState<double> st = LseState<double>::empty();
+    for (int64_t j = 0; j < a.vocab; ++j) st.add(x[j]);
+    const double ls = st.log_sum();
     row_max[i] = st.m;
     log_sum[i] = ls;
     if (kind == kTargetOutOfRange) {
-      bad_count->fetch_add(1, std::memory_order_relaxed);
-      bad_example->store(t, std::memory_order_relaxed);
-      logp[i] = std::numeric_limits<A>::quiet_NaN();
+      bad->note(t);
+      logp[i] = std::numeric_limits<double>::quiet_NaN();
     } else {
-      logp[i] = logprob_of(Elem<T>::load(x[t]), st.m, ls);
+      logp[i] = logprob_of(x[t], st.m, ls);
     }
   }
 }
 
-template <typename T>
-MEMK_HD void backward_rows(const RowsArgs& a, int64_t begin, int64_t end, const typename Elem<T>::Acc* grad_logp,
-                           const typename Elem<T>::Acc* row_max, const typename Elem<T>::Acc* log_sum,
-                           T* __restrict__ grad) {
-  using A = typename Elem<T>::Acc;
-  const T* logits = static_cast<const T*>(a.logits);
-  const int64_t vocab = a.vocab;
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t t = a.targets[i];
-    const int kind = classify_target(t, vocab, a.ignore_index, a.has_ignore);
-    const T* __restrict__ x = logits + i * a.row_stride;
-    T* __restrict__ out = grad + i * vocab;
-    if (kind == kTargetIgnored) {
-      for (int64_t j = 0; j < vocab; ++j) out[j] = Elem<T>::store(A(0));
-      continue;
-    }
-    const A g = kind == kTargetValid ? grad_logp[i] : std::numeric_limits<A>::quiet_NaN();
-    const A m = row_max[i], ls = log_sum[i];
-    if constexpr (std::is_same<A, double>::value) {
-      for (int64_t j = 0; j < vocab; ++j) out[j] = Elem<T>::store(-g * fast_exp((Elem<T>::load(x[j]) - m) - ls));
-    } else {
-      row_grad_float(x, vocab, -g, m, ls, out);
-    }
-    if (kind == kTargetValid) out[t] = Elem<T>::store(logprob_grad(g, Elem<T>::load(x[t]), m, ls, true));
-  }
-}
-
-// One non-template driver per dtype, so that target_clones compiles the inlined row loops
-// once per ISA.
-#define MEMK_CPU_DRIVERS(NAME, T)                                                                            \
-  MEMK_CPU_CLONES void forward_##NAME(const RowsArgs& a, int64_t begin, int64_t end, Elem<T>::Acc* logp,    \
-                                      Elem<T>::Acc* row_max, Elem<T>::Acc* log_sum,                          \
-                                      std::atomic<int64_t>* bad_count, std::atomic<int64_t>* bad_example) {  \
-    forward_rows<T>(a, begin, end, logp, row_max, log_sum, bad_count, bad_example);                          \
-  }                                                                                                          \
-  MEMK_CPU_CLONES void backward_##NAME(const RowsArgs& a, int64_t begin, int64_t end,                       \
-                                       const Elem<T>::Acc* grad_logp, const Elem<T>::Acc* row_max,           \
-                                       const Elem<T>::Acc* log_sum, T* grad) {                               \
-    backward_rows<T>(a, begin, end, grad_logp, row_max, log_sum, grad);                                      \
-  }
-
-MEMK_CPU_DRIVERS(f32, float)
-MEMK_CPU_DRIVERS(bf16, bf16_t)
-MEMK_CPU_DRIVERS(f16, f16_t)
-#undef MEMK_CPU_DRIVERS
-
-// float64 is for exactness, not speed: no clones.
-void forward_f64(const RowsArgs& a, int64_t begin, int64_t end, double* logp, double* row_max, double* log_sum,
-                 std::atomic<int64_t>* bad_count, std::atomic<int64_t>* bad_example) {
-  forward_rows<double>(a, begin, end, logp, row_max, log_sum, bad_count, bad_example);
-}
 void backward_f64(const RowsArgs& a, int64_t begin, int64_t end, const double* grad_logp, const double* row_max,
                   const double* log_sum, double* grad) {
-  backward_rows<double>(a, begin, end, grad_logp, row_max, log_sum, grad);
+  const double* logits = static_cast<const double*>(a.logits);
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t t = a.targets[i];
+    const int kind = classify_target(t, a.vocab, a.ignore_index, a.has_ignore);
+    double* out = grad + i * a.vocab;
+    if (kind == kTargetIgnored) {
+      for (int64_t j = 0; j < a.vocab; ++j) out[j] = 0.0;
+      continue;
+    }
+    const double* x = logits + i * a.row_stride;
+    const double g = kind == kTargetValid ? grad_logp[i] : std::numeric_limits<double>::quiet_NaN();
+    const double m = row_max[i], ls = log_sum[i];
+    for (int64_t j = 0; j < a.vocab; ++j) out[j] = -g * std::exp((x[j] - m) - ls);
+    if (kind == kTargetValid) out[t] = logprob_grad(g, x[t], m, ls, true);
+  }
 }
 
-// Rows per task: at least ~16K elements, so that small vocabularies do not pay per-task overhead.
-int64_t grain(int64_t vocab) { return vocab >= 16384 ? 1 : 16384 / vocab; }
+// ---------------------------------------------------------------------------------------
+// Choosing the instruction set
+// ---------------------------------------------------------------------------------------
+enum Isa : int { kIsaBaseline = 0, kIsaAvx2 = 1, kIsaAvx512 = 2, kIsaCount = 3 };
+const char* const kIsaNames[kIsaCount] = {"baseline", "avx2", "avx512"};
+
+struct IsaPath {
+  void (*forward)(const RowsArgs&, int64_t, int64_t, float*, float*, float*, BadTargetsAcc*);
+  void (*backward)(const RowsArgs&, int64_t, int64_t, const float*, const float*, const float*, void*, bool);
+  float (*probe_read)(const float*, int64_t);
+  void (*probe_write)(float*, int64_t, float, bool);
+  double (*probe_exp)(const float*, int64_t, int64_t);
+};
+
+#define MEMK_ISA_PATH(NS) \
+  IsaPath { NS::forward, NS::backward, NS::probe_read, NS::probe_write, NS::probe_exp }
+#if MEMK_X86_PATHS
+const IsaPath kPaths[kIsaCount] = {MEMK_ISA_PATH(isa_baseline), MEMK_ISA_PATH(isa_avx2), MEMK_ISA_PATH(isa_avx512)};
+#else
+const IsaPath kPaths[kIsaCount] = {MEMK_ISA_PATH(isa_baseline), MEMK_ISA_PATH(isa_baseline),
+                                   MEMK_ISA_PATH(isa_baseline)};
+#endif
+#undef MEMK_ISA_PATH
+
+// The best path this CPU (and its OS: the feature bits include the OS's saving of the registers) runs.
+int best_isa() {
+#if MEMK_X86_PATHS
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    return kIsaAvx512;
+  if (avx2) return kIsaAvx2;  // every AVX2 CPU has F16C
+#endif
+  return kIsaBaseline;
+}
+
+std::atomic<int>& current_isa() {
+  static std::atomic<int> isa{best_isa()};
+  return isa;
+}
+
+const IsaPath& path() { return kPaths[current_isa().load(std::memory_order_relaxed)]; }
+
+// ---------------------------------------------------------------------------------------
+// Threads
+// ---------------------------------------------------------------------------------------
+// Rows per task: about 64K elements, at least one row.
+int64_t rows_per_task(int64_t vocab) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(vocab, 1)); }
+
+// fn(begin, end) over [0, n) in tasks of `chunk`, handed to at::parallel_for's threads one at a time.
+template <typename Fn>
+void parallel_tasks(int64_t n, int64_t chunk, const Fn& fn) {
+  const int64_t tasks = (n + chunk - 1) / chunk;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tasks);
+  if (threads <= 1 || at::in_parallel_region()) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t k = next.fetch_add(1, std::memory_order_relaxed); k < tasks;
+         k = next.fetch_add(1, std::memory_order_relaxed))
+      fn(k * chunk, std::min(n, (k + 1) * chunk));
+  });
+}
 
 }  // namespace
 
 void logprob_forward_cpu(const RowsArgs& a, void* logp, RowStats stats, BadTargets* bad) {
-  std::atomic<int64_t> bad_count{0}, bad_example{0};
-  at::parallel_for(0, a.n_rows, grain(a.vocab), [&](int64_t begin, int64_t end) {
-    float* lp = static_cast<float*>(logp);
-    float* mx = static_cast<float*>(stats.row_max);
-    float* ls = static_cast<float*>(stats.log_sum);
-    switch (a.dtype) {
-      case kFloat32: forward_f32(a, begin, end, lp, mx, ls, &bad_count, &bad_example); break;
-      case kBFloat16: forward_bf16(a, begin, end, lp, mx, ls, &bad_count, &bad_example); break;
-      case kFloat16: forward_f16(a, begin, end, lp, mx, ls, &bad_count, &bad_example); break;
-      case kFloat64:
-        forward_f64(a, begin, end, static_cast<double*>(logp), static_cast<double*>(stats.row_max),
-                    static_cast<double*>(stats.log_sum), &bad_count, &bad_example);
-        break;
+  BadTargetsAcc acc;
+  const IsaPath& p = path();
+  parallel_tasks(a.n_rows, rows_per_task(a.vocab), [&](int64_t begin, int64_t end) {
+    if (a.dtype == kFloat64) {
+      forward_f64(a, begin, end, static_cast<double*>(logp), static_cast<double*>(stats.row_max),
+                  static_cast<double*>(stats.log_sum), &acc);
+    } else {
+      p.forward(a, begin, end, static_cast<float*>(logp), static_cast<float*>(stats.row_max),
+                static_cast<float*>(stats.log_sum), &acc);
     }
   });
   if (bad) {
-    bad->count = bad_count.load();
-    bad->example = bad_example.load();
+    bad->count = acc.count.load();
+    bad->example = acc.example.load();
   }
 }
 
+// A float32 gradient at least this large is written with non-temporal stores: it does not fit
+// in the caches, and ordinary stores would read each line of it from memory before writing it.
+constexpr int64_t kStreamBytes = int64_t{64} << 20;
+
 void logprob_backward_cpu(const RowsArgs& a, const void* grad_logp, ConstRowStats stats, void* grad_logits) {
-  at::parallel_for(0, a.n_rows, grain(a.vocab), [&](int64_t begin, int64_t end) {
-    const float* g = static_cast<const float*>(grad_logp);
-    const float* mx = static_cast<const float*>(stats.row_max);
-    const float* ls = static_cast<const float*>(stats.log_sum);
-    switch (a.dtype) {
-      case kFloat32: backward_f32(a, begin, end, g, mx, ls, static_cast<float*>(grad_logits)); break;
-      case kBFloat16: backward_bf16(a, begin, end, g, mx, ls, static_cast<bf16_t*>(grad_logits)); break;
-      case kFloat16: backward_f16(a, begin, end, g, mx, ls, static_cast<f16_t*>(grad_logits)); break;
-      case kFloat64:
-        backward_f64(a, begin, end, static_cast<const double*>(grad_logp), static_cast<const double*>(stats.row_max),
-                     static_cast<const double*>(stats.log_sum), static_cast<double*>(grad_logits));
-        break;
+  const IsaPath& p = path();
+  const bool stream = a.dtype == kFloat32 && a.n_rows * a.vocab * int64_t{4} >= kStreamBytes;
+  parallel_tasks(a.n_rows, rows_per_task(a.vocab), [&](int64_t begin, int64_t end) {
+    if (a.dtype == kFloat64) {
+      backward_f64(a, begin, end, static_cast<const double*>(grad_logp), static_cast<const double*>(stats.row_max),
+                   static_cast<const double*>(stats.log_sum), static_cast<double*>(grad_logits));
+    } else {
+      p.backward(a, begin, end, static_cast<const float*>(grad_logp), static_cast<const float*>(stats.row_max),
+                 static_cast<const float*>(stats.log_sum), grad_logits, stream);
     }
   });
+}
+
+const char* logprob_cpu_isa() { return kIsaNames[current_isa().load()]; }
+
+int logprob_cpu_threads() {
+  std::atomic<int> calls{0};  // one call per thread where OpenMP splits the range, else one in all
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { calls.fetch_add(1); });
+  return calls.load();
+}
+
+const char* logprob_cpu_best_isa() { return kIsaNames[best_isa()]; }
+
+const char* logprob_cpu_set_isa(const char* name) {
+  const std::string want = name ? name : "";
+  const int best = best_isa();
+  if (want.empty() || want == "best") {
+    current_isa().store(best);
+    return kIsaNames[best];
+  }
+  for (int k = 0; k < kIsaCount; ++k) {
+    if (want != kIsaNames[k]) continue;
+    if (k > best) return nullptr;  // this CPU cannot run it
+    current_isa().store(k);
+    return kIsaNames[k];
+  }
+  return nullptr;
+}
+
+double logprob_cpu_probe_read(const float* x, int64_t n) {
+  const IsaPath& p = path();
+  std::atomic<int64_t> bits{0};  // the sum is returned only so that the reads cannot be left out
+  parallel_tasks(n, int64_t{1} << 16, [&](int64_t begin, int64_t end) {
+    const float s = p.probe_read(x + begin, end - begin);
+    int32_t b;
+    memcpy(&b, &s, sizeof b);
+    bits.fetch_xor(b, std::memory_order_relaxed);
+  });
+  return static_cast<double>(bits.load());
+}
+
+void logprob_cpu_probe_write(float* out, int64_t n, float value) {
+  const IsaPath& p = path();
+  const bool stream = n * int64_t{4} >= kStreamBytes;  // as the backward's
+  parallel_tasks(n, int64_t{1} << 16,
+                 [&](int64_t begin, int64_t end) { p.probe_write(out + begin, end - begin, value, stream); });
+}
+
+double logprob_cpu_probe_exp(const float* x, int64_t n, int64_t repeats) {
+  const IsaPath& p = path();
+  std::atomic<int64_t> bits{0};
+  parallel_tasks(repeats, 64, [&](int64_t begin, int64_t end) {
+    const double s = p.probe_exp(x, n, end - begin);
+    int64_t b;
+    memcpy(&b, &s, sizeof b);
+    bits.fetch_xor(b, std::memory_order_relaxed);
+  });
+  return static_cast<double>(bits.load());
 }
 
 }  // namespace memk

@@ -4,7 +4,8 @@
 //
 // One row is V logits x_j and a target t. The kernels compute, in float32 (float64 for
 // float64 logits) whatever the storage dtype:
-//   m, s        = max_j x_j, sum_j exp(x_j - m)   single pass, online (LseState)
+//   m, s        = max_j x_j, sum_j exp(x_j - m)   one read of the row: online (LseState) on the
+//                                                 GPU, per L1-sized block on the CPU (logprob_cpu_rows.h)
 //   log_sum     = log s                           in [0, log V]
 //   logp        = (x_t - m) - log_sum             log p(target)
 //   d logp/dx_j = [j == t] - exp((x_j - m) - log_sum)   the backward, from the saved (m, log_sum)
@@ -155,27 +156,11 @@ struct Elem<f16_t> {
 // exp, max and the lowest finite value, per arithmetic type
 // ---------------------------------------------------------------------------------------
 // exp(x) for x <= 88 (the kernels pass x <= 0: a logit minus a running max, or less log_sum too).
-// On the GPU the hardware exp2 unit. On the CPU a branch-free polynomial, written once for
-// float and for vectors of floats (GCC/Clang vector extensions), because calls to std::exp
-// do not vectorize: x = n ln2 + r, |r| <= ln2/2, exp(r) by its Taylor series to r^7
-// (truncation < 1e-8 relative), times 2^n built in the exponent field. exp(-inf) = 0 and
-// exp(NaN) = NaN.
-#if !defined(__CUDACC__)
-#if defined(__GNUC__) && !defined(__clang__)
-// Vectors only pass between always-inlined functions here, so their calling convention
-// (which GCC warns changes with -mavx) never matters.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-namespace cpu {
-// 8 floats: one AVX2 register (two SSE). Not wider: GCC turns compares and selects on
-// vectors wider than the target's registers into scalar code.
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-typedef uint32_t u32x8 __attribute__((vector_size(32)));
-typedef uint16_t u16x8 __attribute__((vector_size(16)));
-}  // namespace cpu
-#endif
-
+// On the GPU the hardware exp2 unit. On the CPU a branch-free polynomial: x = n ln2 + r,
+// |r| <= ln2/2, exp(r) by its Taylor series to r^7 (truncation < 1e-8 relative), times 2^n
+// built in the exponent field. exp(-inf) = 0 and exp(NaN) = NaN. This is the scalar one (the
+// CPU kernel's target entries); logprob_cpu.cpp takes the same steps on vectors of 4, 8 and
+// 16 floats.
 template <typename F>
 MEMK_HD F splat(float c) {
   return c;
@@ -183,15 +168,6 @@ MEMK_HD F splat(float c) {
 MEMK_HD float pow2i(float n) {  // 2^n for integral n in [-126, 127]
   return bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
 }
-#if !defined(__CUDACC__)
-template <>
-MEMK_HD cpu::f32x8 splat<cpu::f32x8>(float c) {
-  return cpu::f32x8{} + c;
-}
-MEMK_HD cpu::f32x8 pow2i(cpu::f32x8 n) {
-  return reinterpret_cast<cpu::f32x8>((__builtin_convertvector(n, cpu::i32x8) + 127) << 23);
-}
-#endif
 
 template <typename F>
 MEMK_HD F exp_poly(F x) {

@@ -2,7 +2,8 @@
 // test_logprob): the CPU kernel against plain double-precision math, the dtype conversions
 // and exp of logprob_math.h against independent computations, and, where built with CUDA
 // and a GPU is present, the CUDA kernels against the CPU kernel on the same inputs.
-// Ends with the line "N passed, N failed"; exits non-zero on any failure.
+// The CPU kernel's checks run once per instruction-set path this CPU has (baseline, AVX2,
+// AVX-512). Ends with the line "N passed, N failed"; exits non-zero on any failure.
 #include <cfloat>
 #include <cmath>
 #include <cstdio>
@@ -10,6 +11,8 @@
 #include <random>
 #include <string>
 #include <vector>
+
+#include <ATen/Parallel.h>
 
 #include "logprob_cpu.h"
 #ifdef MEMK_WITH_CUDA
@@ -110,7 +113,7 @@ template <typename T>
 void test_cpu_against_double(int64_t rows, int64_t vocab, std::mt19937& rng, double offset = 0.0) {
   using A = typename Elem<T>::Acc;
   const Case<T> c(rows, vocab, rng, offset);
-  const std::string where = std::string(Traits<T>::name) + " rows=" + std::to_string(rows) +
+  const std::string where = std::string(logprob_cpu_isa()) + " " + Traits<T>::name + " rows=" + std::to_string(rows) +
                             " V=" + std::to_string(vocab) + " offset=" + std::to_string(offset);
   std::vector<A> logp(rows), row_max(rows), log_sum(rows);
   BadTargets bad{0, 0};
@@ -316,20 +319,63 @@ void test_huge_logits() {
   check(grad_ok, "gradients of logits near FLT_MAX are onehot - softmax");
 }
 
+// Rows whose max comes late: every block raises it (the running sum is rescaled each time), or
+// it is the last element (in the partial last vector).
+void test_rising_rows() {
+  const int64_t vocab = 5000;
+  std::vector<float> x(3 * vocab);
+  for (int64_t j = 0; j < vocab; ++j) {
+    x[j] = -30.0f + 60.0f * static_cast<float>(j) / (vocab - 1);
+    x[vocab + j] = 0.0f;
+    x[2 * vocab + j] = 0.01f * x[j];
+  }
+  x[2 * vocab - 1] = 25.0f;
+  std::vector<int64_t> t = {vocab - 1, vocab - 1, 1234};
+  std::vector<float> logp(3), row_max(3), log_sum(3);
+  RowsArgs a{x.data(), kFloat32, 3, vocab, vocab, t.data(), 0, false};
+  logprob_forward_cpu(a, logp.data(), RowStats{row_max.data(), log_sum.data()}, nullptr);
+  bool ok = true;
+  for (int64_t i = 0; i < 3; ++i) {
+    double m = -INFINITY, s = 0;
+    for (int64_t j = 0; j < vocab; ++j) m = std::fmax(m, x[i * vocab + j]);
+    for (int64_t j = 0; j < vocab; ++j) s += std::exp(x[i * vocab + j] - m);
+    ok &= row_max[i] == m && close(log_sum[i], std::log(s), 2e-5, 1e-5) &&
+          close(logp[i], (x[i * vocab + t[i]] - m) - std::log(s), 2e-5, 1e-5);
+  }
+  check(ok, std::string("rows whose max comes late (") + logprob_cpu_isa() + ")");
+}
+
 }  // namespace
 
 int main() {
   std::mt19937 rng(1234);
   test_conversions_and_exp();
-  test_special_rows();
-  test_huge_logits();
-  cpu_cases<float>(rng);
-  cpu_cases<bf16_t>(rng);
-  cpu_cases<f16_t>(rng);
+  // The CPU kernel's every instruction-set path this CPU runs (logprob_cpu_set_isa), the best last.
+  const std::string best = logprob_cpu_best_isa();
+  for (const char* isa : {"baseline", "avx2", "avx512"}) {
+    if (logprob_cpu_set_isa(isa) == nullptr) {
+      std::printf("CPU path %s: not run here (this CPU runs up to %s)\n", isa, best.c_str());
+      continue;
+    }
+    const int failed_before = n_failed;
+    test_special_rows();
+    test_huge_logits();
+    test_rising_rows();
+    cpu_cases<float>(rng);
+    cpu_cases<bf16_t>(rng);
+    cpu_cases<f16_t>(rng);
+    shifted_cases<float>(rng);
+    shifted_cases<bf16_t>(rng);
+    shifted_cases<f16_t>(rng);
+    std::printf("CPU path %s: %s\n", isa, n_failed == failed_before ? "passed" : "FAILED");
+  }
+  check(logprob_cpu_set_isa("sse9") == nullptr, "an unknown path is refused");
+#ifdef _OPENMP
+  at::set_num_threads(2);  // built with OpenMP (CMakeLists.txt), the kernel's loops run on torch's threads
+  check(logprob_cpu_threads() == 2, "the kernel runs on 2 threads when torch has 2");
+#endif
+  check(logprob_cpu_set_isa("") != nullptr && best == logprob_cpu_isa(), "\"\" goes back to the best path");
   cpu_cases<double>(rng);
-  shifted_cases<float>(rng);
-  shifted_cases<bf16_t>(rng);
-  shifted_cases<f16_t>(rng);
   shifted_cases<double>(rng);
 #ifdef MEMK_WITH_CUDA
   int devices = 0;

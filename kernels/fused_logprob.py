@@ -5,15 +5,15 @@ memk.kernels.reference compute, without materializing log-probabilities or proba
 the forward reads each row of logits once and keeps three floats per token: log p(target),
 and the row's max m and log sum exp(x - m), kept apart; the backward reads the row again and
 writes the gradient, g * (onehot - exp((x - m) - log_sum)), in the logits' dtype. Arithmetic
-is float32 (float64 for float64 logits) whatever the logits' dtype, with a single-pass online
-log-sum-exp. Because m + log_sum is never rounded to one float, the results are shift
-invariant: log_softmax(x + c) is as accurate as log_softmax(x) for any offset c the dtype can
-hold (csrc/logprob_math.h says why). A row with a NaN or +inf logit gives NaN; a -inf logit
-is an ordinary logit of probability 0.
+is float32 (float64 for float64 logits) whatever the logits' dtype; the log-sum-exp reads each
+row once (online on the GPU, in L1-sized blocks on the CPU). Because m + log_sum is never
+rounded to one float, the results are shift invariant: log_softmax(x + c) is as accurate as
+log_softmax(x) for any offset c the dtype can hold (csrc/logprob_math.h says why). A row with
+a NaN or +inf logit gives NaN; a -inf logit is an ordinary logit of probability 0.
 
-The kernels are C++ (CPU: parallel over rows, vectorized) and CUDA, in csrc/; they are
-registered as the torch operators memk::logprob_fwd_v2 and memk::logprob_bwd_v2 (with autograd, for
-the backward too, so second derivatives are right, and fake/meta implementations, so they work under torch.compile) and compiled with
+The kernels are C++ (CPU: parallel over rows, in the widest vectors the CPU has, see cpu_isa())
+and CUDA, in csrc/; they are registered as the torch operators memk::logprob_fwd_v2 and
+memk::logprob_bwd_v2 (with autograd, for the backward too, so second derivatives are right, and fake/meta implementations, so they work under torch.compile) and compiled with
 torch.utils.cpp_extension on first use, then cached (the CUDA part is built only where torch
 has CUDA, nvcc is found and a GPU is present). Importing this module compiles nothing. Without a compiler the
 ops raise BackendUnavailable, which names the pure-PyTorch `reference` backend as the way
@@ -74,7 +74,12 @@ REDUCTIONS = ("mean", "sum", "none")
 
 _CPU_SOURCES = ("logprob_cpu.cpp", "logprob_binding.cpp")
 _CUDA_SOURCES = ("logprob_cuda.cu", "logprob_binding_cuda.cpp")
-_CFLAGS = ("-O3",)
+# -fopenmp: at::parallel_for is header code that runs the kernel's rows on torch's OpenMP threads only
+# where the extension is compiled with OpenMP (without it, one thread); the library then loads the
+# libgomp.so.1 torch has loaded already. Linux only (torch's macOS and Windows builds differ).
+_OPENMP = ("-fopenmp",) if sys.platform.startswith("linux") else ()
+_CFLAGS = ("-O3",) + _OPENMP
+_LDFLAGS = _OPENMP
 _CUDA_CFLAGS = ("-O3", "-lineinfo")
 # Waiting for another process's build: say so after this long, give up after this long.
 BUILD_WAIT_NOTICE_S = 10.0
@@ -198,7 +203,7 @@ def build_directory(with_cuda: bool) -> Path:
         str(torch.version.cuda),
         str(cpp_extension.CUDA_HOME) if with_cuda else "",
         os.environ.get("CXX", ""),
-        repr((_CFLAGS, _CUDA_CFLAGS if with_cuda else ())),
+        repr((_CFLAGS, _LDFLAGS, _CUDA_CFLAGS if with_cuda else ())),
     ):
         digest.update(part.encode() + b"\0")
     sources = _CPU_SOURCES + (_CUDA_SOURCES if with_cuda else ())
@@ -223,6 +228,7 @@ def _build(with_cuda: bool) -> None:
             sources=sources,
             extra_include_paths=[str(csrc)],
             extra_cflags=list(_CFLAGS),
+            extra_ldflags=list(_LDFLAGS),
             extra_cuda_cflags=list(_CUDA_CFLAGS),
             build_directory=str(build_dir),
             with_cuda=with_cuda,
@@ -481,6 +487,17 @@ def sequence_bits(logits: torch.Tensor, targets: torch.Tensor, *, check_targets:
     if logits.dim() != 3:
         raise ValueError(f"sequence_bits needs logits of shape (batch, tokens, V), got {tuple(logits.shape)}")
     return -(token_logprobs(logits, targets, check_targets=check_targets).double().sum(dim=-1)) / LN2
+
+
+def cpu_isa(name: str | None = None) -> str:
+    """The instruction set the CPU kernel runs with here: "avx512" (16 lanes), "avx2" (8 lanes) or "baseline".
+
+    By default the best this CPU has, chosen by its feature bits. `name` makes the kernel run
+    with that one from now on, in this process (tests run every path the machine has); "best"
+    goes back to the default. ValueError if this CPU cannot run it.
+    """
+    load_extension()
+    return torch.ops.memk.cpu_isa(name or "")
 
 
 def logprob_ops() -> LogprobOps:

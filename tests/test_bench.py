@@ -100,7 +100,8 @@ def test_ratios_are_against_the_named_baselines(quick_report):
         if r["suite"] == "logprob" and r["role"] == "candidate":
             assert set(r["compare_to"]) == {"log_softmax+gather", "log_softmax+gather (compile)"} or \
                 set(r["compare_to"]) == {"F.cross_entropy", "F.cross_entropy (compile)", "liger:cross_entropy"} or \
-                set(r["compare_to"]) == {"log_softmax+gather+sum", "log_softmax+gather+sum (compile)"}
+                set(r["compare_to"]) == {"log_softmax+gather+sum", "log_softmax+gather+sum (compile)"} or \
+                set(r["compare_to"]) == {"linear+log_softmax+gather", "linear+log_softmax+gather (compile)"}
 
 
 def test_compute_ratios_divides_baseline_by_candidate():
@@ -523,3 +524,66 @@ def test_a_wide_terminal_keeps_each_case_on_one_line():
     table = run.format_table(_wide_report(), width=250)
     (fused,) = [line for line in table.splitlines() if "memk:fused" in line]
     assert "25.6 ms" in fused and fused.rstrip().endswith("x1.25 vs liger:cross_entropy")
+
+
+def test_a_logprob_floor_is_the_slower_of_its_memory_traffic_and_its_exps():
+    from memk.bench import roofline
+
+    rates = roofline.Rates(read_bytes_per_s=10e9, write_bytes_per_s=5e9, exp_per_s=1e9, read_bytes=1, write_bytes=1,
+                           threads=2, isa="avx512")
+    fwd = roofline.logprob_floor(1000, 4, backward=False, rates=rates)
+    assert fwd["bytes_read"] == 4000 and fwd["bytes_written"] == 0 and fwd["exps"] == 1000
+    assert fwd["memory_s"] == pytest.approx(4000 / 10e9) and fwd["exp_s"] == pytest.approx(1000 / 1e9)
+    assert fwd["time_s"] == fwd["exp_s"] and fwd["bound"] == "exp"
+    both = roofline.logprob_floor(1000, 2, backward=True, rates=rates)  # bfloat16: read twice, gradient written once
+    assert both["bytes_read"] == 4000 and both["bytes_written"] == 2000 and both["exps"] == 2000
+    assert both["memory_s"] == pytest.approx(4000 / 10e9 + 2000 / 5e9)
+    fast_exp = roofline.Rates(**{**roofline.asdict(rates), "exp_per_s": 1e12})
+    assert roofline.logprob_floor(1000, 4, backward=False, rates=fast_exp)["bound"] == "memory"
+
+
+def test_cpu_logprob_cases_are_reported_against_their_floor_with_the_cpus_isa(quick_report):
+    report, output = quick_report
+    flags = report["env"]["cpu_isa_flags"]
+    assert isinstance(flags, list)
+    with_floor = 0
+    for r in report["results"]:
+        assert r["cpu_isa_flags"] == flags
+        op_group = r["suite"] == "logprob" and r["params"]["op"] != "linear_cross_entropy"
+        if not op_group:
+            assert r["floor"] is None and r["fraction_of_floor"] is None
+            continue
+        floor, rates = r["floor"], r["floor"]["rates"]
+        assert rates["isa"] in ("avx512", "avx2", "baseline") and rates["threads"] == report["env"]["torch_threads"]
+        if r["params"]["op"] == "head_token_logprobs":  # the head's matmul, then the exps
+            assert floor["time_s"] == pytest.approx(floor["matmul_s"] + floor["exp_s"]) and floor["bound"] == "matmul+exp"
+            assert rates["matmul_flops_per_s"] > 0 and rates["exp_per_s"] > 0
+        else:
+            assert floor["time_s"] == max(floor["memory_s"], floor["exp_s"]) > 0
+            assert rates["read_bytes_per_s"] > 0 and rates["write_bytes_per_s"] > 0 and rates["exp_per_s"] > 0
+            backward = r["params"]["pass"] == "fwd+bwd"
+            assert floor["bytes_written"] == (floor["bytes_read"] // 2 if backward else 0)
+        if r["status"] == "ok":
+            assert r["fraction_of_floor"] == pytest.approx(r["time"]["median_s"] / floor["time_s"])
+            with_floor += 1
+    assert with_floor
+    assert "its floor (" in output and "bench/roofline.py" in output
+
+
+def test_the_report_names_the_cpus_vector_units():
+    assert R.isa_summary(["avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"]) == "; AVX-512 with bf16, AMX"
+    assert R.isa_summary(["avx2", "fma"]) == "; AVX2"
+    assert R.isa_summary([]) == "" and R.isa_summary(None) == ""
+
+
+def test_memk_backward_memory_counts_the_gradient_it_writes(quick_report):
+    """The CPU kernel keeps a freed gradient for the next backward; the memory measurement lets it go first,
+    so a forward + backward's peak still counts its gradient (the size of the logits)."""
+    report, _ = quick_report
+    cases = [r for r in report["results"] if r["suite"] == "logprob" and r["variant"] == "memk:fused"
+             and r["params"].get("pass") == "fwd+bwd" and r["status"] == "ok" and "logits_shape" in r["params"]]
+    for r in cases:
+        n = 1
+        for size in r["params"]["logits_shape"]:
+            n *= size
+        assert r["memory"]["peak_bytes"] >= 0.9 * 4 * n, r["id"]
