@@ -85,8 +85,10 @@ def audit(model, reference, members, non_members, column, split, out, device, dt
     resumes), samples.csv, roc.png, memorization.png and report.html to --out.
     """
     from memk.memorize.audit import gate as audit_gate
-    from memk.memorize.audit.audit import AuditSettings, audit as run_audit, format_table, read_texts
+    from memk.memorize.audit.audit import AuditSettings, audit as run_audit
     from memk.memorize.audit.extraction import parse_prefixes
+    from memk.memorize.audit.summary import format_table
+    from memk.memorize.audit.texts import read_texts
     from memk.memorize.experiments.options import output_folder
 
     limits = audit_gate.parse_limits(fail_if)  # a malformed limit is refused before any work
@@ -94,15 +96,13 @@ def audit(model, reference, members, non_members, column, split, out, device, dt
                              min_k_pp=not no_min_k_pp, bootstrap=bootstrap, seed=seed, top=top,
                              recall_shots=recall_shots, dc_pdd_cap=dc_pdd_cap, capacity_summary=capacity_summary,
                              f1_law=f1_law, extract_prefixes=() if no_extract else parse_prefixes(extract_prefix),
-                             extract_length=extract_length)
+                             extract_length=extract_length, fail_if=tuple(fail_if))
     settings.check()
     # An adapter without --reference is audited against its base.
-    has_reference = bool(reference) or (Path(model).expanduser() / "adapter_config.json").is_file()
-    attacks = {"loss", "zlib", "min_k", "dc_pdd", *(["min_k_pp"] if not no_min_k_pp else []),
-               *(["reference"] if has_reference else []), *(["recall"] if recall_shots else []),
-               *(f"reference_{i + 1}" for i in range(len(reference)) if len(reference) > 1)}
-    audit_gate.check_available(limits, reference=has_reference, attacks=attacks,
-                               extraction=bool(settings.extract_prefixes))
+    adapter = (Path(model).expanduser() / "adapter_config.json").is_file()
+    references = len(reference) or int(adapter)
+    audit_gate.check_available(limits, reference=references > 0, extraction=bool(settings.extract_prefixes),
+                               attacks=audit_gate.attacks_in_table(references, not no_min_k_pp, bool(recall_shots)))
     folder = output_folder(out, Path("runs") / "audit")
     member_texts = read_texts(members, column, split, what="members")
     nonmember_texts = read_texts(non_members, column, split, what="non-members")
@@ -116,7 +116,7 @@ def audit(model, reference, members, non_members, column, split, out, device, dt
                        sources={"members": members, "non_members": non_members, "frequency_text": frequency_text})
     click.echo(format_table(result.summary))
     click.echo(f"results in {folder}/: audit.json, samples.jsonl, samples.csv, roc.png, memorization.png, report.html")
-    failed = audit_gate.passed(limits, result.summary, result.samples)
+    failed = audit_gate.failures(result.summary["fail_if"])  # the outcome audit.json records
     if failed:
         click.echo(audit_gate.failure_line(failed), err=True)
         return 1

@@ -1,141 +1,139 @@
-"""ReCaLL and DC-PDD in `memk audit` against a direct float64 computation with the model itself, on a tiny
-GPT-2 built here (random weights, a character tokenizer: nothing downloaded)."""
+"""The membership attacks and their metrics (memorize/audit/attacks.py) against direct computations on hand-made
+scores."""
 
+import itertools
 import math
+import zlib
 
 import numpy as np
 import pytest
-import torch
 
-from memk.bench.audit_demo import char_tokenizer, new_gpt2, random_texts
-from memk.memorize.audit.audit import AuditSettings, audit
-from memk.memorize.errors import ConfigError
+from memk.memorize.audit.attacks import (
+    attack_metrics, attack_scores, bootstrap_interval, dc_pdd_score, lowest_fraction_mean, recall_ratio, roc_curve,
+    token_counts, tpr_at_fpr, zlib_bits,
+)
+from memk.memorize.membership import roc_auc
 
-transformers = pytest.importorskip("transformers")
-MEMBERS = random_texts(5, 9, seed=1)
-NONMEMBERS = random_texts(7, 11, seed=2) + ["aaaa bbbb aaaa"]  # repeated tokens: DC-PDD counts the first of each
-SHOTS = 2
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("tiny")
-    tokenizer = char_tokenizer()
-    model = new_gpt2(len(tokenizer), context=64, seed=3, d_model=16, layers=1, heads=2)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder, model, tokenizer
+# Ties within and across the groups on purpose.
+MEMBERS = [3.0, 2.5, 2.5, 1.0, 0.2, 4.0, 2.5, -1.0]
+NONMEMBERS = [0.0, 2.5, 1.0, 1.0, -0.5, 0.3, 0.1, -2.0, 1.5, 0.0]
 
 
-@pytest.fixture(scope="module")
-def audited(tiny):
-    folder, _, _ = tiny
-    return audit(str(folder), MEMBERS, NONMEMBERS, settings=AuditSettings(bootstrap=50, recall_shots=SHOTS),
-                 device="cpu", progress=False)
+def best_tpr_over_every_threshold(m, n, fpr):
+    """max TPR of "score > t" over every t that matters (each score, and below them all), FPR <= fpr."""
+    best = 0.0
+    for t in sorted(set(m) | set(n) | {min(m + n) - 1}):
+        if sum(x > t for x in n) / len(n) <= fpr:
+            best = max(best, sum(x > t for x in m) / len(m))
+    return best
 
 
-def log_likelihoods(model, context: list[int], ids: list[int]) -> list[float]:
-    """ln p(ids[i] | context + ids[:i]) for each i, the model in float64, one position at a time."""
-    m = model.double()
-    seq = torch.tensor([context + ids])
-    with torch.no_grad():
-        logits = m(input_ids=seq, use_cache=False).logits[0].double()
-    out = []
+@pytest.mark.parametrize("fpr", [0.0, 0.001, 0.01, 0.1, 0.2, 0.35, 0.5, 0.99, 1.0])
+def test_tpr_at_fpr_is_the_best_threshold_within_the_fpr(fpr):
+    assert tpr_at_fpr(MEMBERS, NONMEMBERS, fpr) == pytest.approx(best_tpr_over_every_threshold(MEMBERS, NONMEMBERS, fpr))
+
+
+def test_tpr_at_fpr_on_random_scores_against_every_threshold():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        m = list(np.round(rng.normal(0.5, 1, rng.integers(1, 30)), 1))
+        n = list(np.round(rng.normal(0, 1, rng.integers(1, 300)), 1))
+        for fpr in (0.001, 0.01, 0.05):
+            assert tpr_at_fpr(m, n, fpr) == pytest.approx(best_tpr_over_every_threshold(m, n, fpr))
+
+
+def test_one_percent_of_a_hundred_allows_exactly_one_false_positive():
+    n = list(range(100))  # 0..99
+    m = [98.5, 99.5, 97.5]
+    assert tpr_at_fpr(m, n, 0.01) == pytest.approx(2 / 3)  # t = 98: 99 is the one false positive allowed
+
+
+def test_auc_is_the_pairwise_win_rate_with_ties_as_half():
+    pairs = [(a > b) + 0.5 * (a == b) for a, b in itertools.product(MEMBERS, NONMEMBERS)]
+    assert roc_auc(MEMBERS, NONMEMBERS) == pytest.approx(sum(pairs) / len(pairs))
+    metrics = attack_metrics(MEMBERS, NONMEMBERS, resamples=200, seed=1)
+    assert metrics["auc"] == pytest.approx(sum(pairs) / len(pairs))
+    assert metrics["tpr_at_1pct_fpr"] == pytest.approx(best_tpr_over_every_threshold(MEMBERS, NONMEMBERS, 0.01))
+    lo, hi = metrics["auc_interval"]
+    assert lo <= metrics["auc"] <= hi and lo < hi
+
+
+def test_bootstrap_of_perfect_separation_is_a_point_and_is_seeded():
+    assert bootstrap_interval(roc_auc, [5, 6, 7], [1, 2], resamples=50, seed=0) == (1.0, 1.0)
+    a = bootstrap_interval(roc_auc, MEMBERS, NONMEMBERS, resamples=100, seed=3)
+    assert a == bootstrap_interval(roc_auc, MEMBERS, NONMEMBERS, resamples=100, seed=3)
+
+
+def test_roc_curve_points_are_the_rates_at_each_threshold():
+    fpr, tpr = roc_curve(MEMBERS, NONMEMBERS)
+    thresholds = sorted(set(MEMBERS) | set(NONMEMBERS), reverse=True)
+    assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+    for f, t, th in zip(fpr[1:], tpr[1:], thresholds):
+        assert f == pytest.approx(np.mean(np.array(NONMEMBERS) >= th))
+        assert t == pytest.approx(np.mean(np.array(MEMBERS) >= th))
+
+
+def test_min_k_and_scores_of_one_text():
+    logp = np.array([-0.1, -5.0, -0.2, -3.0, -0.3, -0.4, -0.5, -0.6, -0.7, -0.8], dtype=np.float32)
+    assert lowest_fraction_mean(logp, 0.2) == pytest.approx(-4.0)  # the 2 lowest of 10
+    assert lowest_fraction_mean(logp[:3], 0.2) == pytest.approx(-5.0)  # at least one token
+    z = -np.arange(10, dtype=np.float32)
+    scores = attack_scores(bits=30.0, logp=logp, z=z, zlib=120, reference_bits=50.0, k=0.2)
+    assert scores == pytest.approx({"loss": -3.0, "zlib": -0.25, "min_k": -4.0, "min_k_pp": -8.5, "reference": 20.0})
+    assert "reference" not in attack_scores(30.0, logp, None, 120, None, 0.2)
+
+
+def test_zlib_bits_are_the_compressed_bytes():
+    text = "abcabcabc héllo"
+    assert zlib_bits(text) == 8 * len(zlib.compress(text.encode(), 9))
+    assert math.isclose(zlib_bits(text) % 8, 0)
+
+
+def dc_pdd_by_hand(logp, ids, corpus, vocab, a, leave_out=None):
+    """DC-PDD as Zhang et al. 2024 write it, one token at a time in float64: f(t) = (count(t) + 1) / (N + V)
+    over the corpus's texts (less the text `leave_out`), the first occurrence of each token only."""
+    texts = [t for n, t in enumerate(corpus) if n != leave_out]
+    total = sum(len(t) for t in texts)
+    terms, seen = [], set()
     for i, token in enumerate(ids):
-        row = logits[len(context) + i - 1]
-        out.append(float(row[token] - torch.logsumexp(row, 0)))
-    model.float()
-    return out
-
-
-def test_recall_is_the_ratio_of_mean_log_likelihoods_with_and_without_the_prefix(tiny, audited):
-    _, model, tokenizer = tiny
-    start = tokenizer.bos_token_id
-    encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prefix = [start]
-    for text in NONMEMBERS[:SHOTS]:
-        prefix += encode(text) + [start]
-    rows = audited.samples
-    for row in rows:
-        text = (MEMBERS if row["set"] == "member" else NONMEMBERS)[row["index"]]
-        if row["set"] == "non-member" and row["index"] < SHOTS:
-            assert "recall" not in row["attacks"]  # part of the prefix: left out of ReCaLL
+        if token in seen:
             continue
-        plain = np.mean(log_likelihoods(model, [start], encode(text)))
-        prefixed = np.mean(log_likelihoods(model, prefix, encode(text)))
-        assert row["attacks"]["recall"] == pytest.approx(prefixed / plain, rel=1e-4)
-    recall = audited.summary["attacks"]["recall"]
-    assert recall["scored"] == {"member": len(MEMBERS), "non-member": len(NONMEMBERS) - SHOTS,
-                                "note": recall["scored"]["note"]}
-    assert audited.summary["settings"]["recall"]["shots"] == SHOTS
+        seen.add(token)
+        count = sum(t.count(token) for t in texts)
+        f = (count + 1) / (total + vocab)
+        terms.append(min(math.exp(float(logp[i])) * math.log(1 / f), a))
+    return sum(terms) / len(terms)
 
 
-def test_dc_pdd_calibrates_by_the_other_non_members_token_counts(tiny, audited):
-    _, model, tokenizer = tiny
-    start = tokenizer.bos_token_id
-    vocab = model.config.vocab_size
-    corpus = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in NONMEMBERS]
-    for row in audited.samples:
-        text = (MEMBERS if row["set"] == "member" else NONMEMBERS)[row["index"]]
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        others = [c for n, c in enumerate(corpus) if not (row["set"] == "non-member" and n == row["index"])]
-        total = sum(len(c) for c in others)
-        logp = log_likelihoods(model, [start], ids)
-        terms, seen = [], set()
-        for i, token in enumerate(ids):
-            if token not in seen:
-                seen.add(token)
-                f = (sum(c.count(token) for c in others) + 1) / (total + vocab)
-                terms.append(min(math.exp(logp[i]) * -math.log(f), 0.01))
-        assert row["attacks"]["dc_pdd"] == pytest.approx(sum(terms) / len(terms), rel=1e-4)
+def test_dc_pdd_against_a_direct_computation_with_repeats_caps_and_leave_one_out():
+    rng = np.random.default_rng(0)
+    vocab = 12
+    corpus = [list(rng.integers(0, vocab, rng.integers(3, 15))) for _ in range(6)]
+    counts = token_counts(corpus, vocab)
+    assert list(counts) == [sum(t.count(v) for t in corpus) for v in range(vocab)]
+    for a in (0.01, 0.5, 10.0):  # capped everywhere, in part, nowhere
+        for n, text in enumerate(corpus):
+            logp = np.log(rng.uniform(0.001, 1.0, len(text))).astype(np.float32)
+            assert dc_pdd_score(logp, text, counts, a) == pytest.approx(dc_pdd_by_hand(logp, text, corpus, vocab, a))
+            assert dc_pdd_score(logp, text, counts, a, leave_out_self=True) == pytest.approx(
+                dc_pdd_by_hand(logp, text, corpus, vocab, a, leave_out=n))
+    outside = [0, 0, 11, 0, 3]  # a text not in the corpus, its first token repeated
+    logp = np.log(np.array([0.9, 0.1, 0.5, 0.2, 0.3]))
+    assert dc_pdd_score(logp, outside, counts, 10.0) == pytest.approx(dc_pdd_by_hand(logp, outside, corpus, vocab, 10.0))
+    with pytest.raises(ValueError):
+        dc_pdd_score(logp[:3], outside, counts)
+    with pytest.raises(ValueError):
+        dc_pdd_score(logp, [0, 1, 2, 3, vocab], counts)
 
 
-def test_dc_pdd_from_a_frequency_text_counts_that_text_alone(tiny):
-    folder, model, tokenizer = tiny
-    corpus_text = ["abc abc", "ponm lkj", "aaaaaaa"]
-    result = audit(str(folder), MEMBERS[:2], NONMEMBERS[:2], frequency_texts=corpus_text,
-                   settings=AuditSettings(bootstrap=0), device="cpu", progress=False)
-    counts = np.zeros(model.config.vocab_size)
-    for ids in tokenizer(corpus_text, add_special_tokens=False)["input_ids"]:
-        np.add.at(counts, ids, 1)
-    for row in result.samples:
-        text = (MEMBERS if row["set"] == "member" else NONMEMBERS)[row["index"]]
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        logp = log_likelihoods(model, [tokenizer.bos_token_id], ids)
-        first = sorted({t: i for i, t in reversed(list(enumerate(ids)))}.values())
-        expected = np.mean([min(math.exp(logp[i]) * -math.log((counts[ids[i]] + 1) / (counts.sum() + len(counts))), 0.01)
-                            for i in first])
-        assert row["attacks"]["dc_pdd"] == pytest.approx(expected, rel=1e-4)
-    assert "recall" not in result.summary["attacks"]  # off unless asked for
-    assert result.summary["settings"]["dc_pdd"]["frequency"] == "--frequency-text"
+def test_dc_pdd_of_texts_capped_everywhere_is_exactly_the_cap_whatever_their_length():
+    counts = np.full(20, 3)
+    scores = {dc_pdd_score(np.zeros(n), list(range(n)), counts, cap=0.01) for n in range(1, 20)}
+    assert scores == {0.01}  # a tie, not float rounding that would rank texts by their token count
 
 
-def test_recall_shots_must_leave_a_non_member_to_score(tiny):
-    folder, _, _ = tiny
-    with pytest.raises(ConfigError, match="recall-shots 2"):
-        audit(str(folder), MEMBERS, NONMEMBERS[:2], settings=AuditSettings(recall_shots=2), progress=False)
-    with pytest.raises(ConfigError, match="recall-shots"):
-        AuditSettings(recall_shots=-1).check()
-
-
-
-def test_a_prefix_that_does_not_fit_the_window_beside_a_text_is_said(tiny, capsys):
-    folder, _, _ = tiny
-    result = audit(str(folder), MEMBERS, NONMEMBERS, settings=AuditSettings(bootstrap=0, recall_shots=SHOTS, window=20),
-                   device="cpu", progress=False)
-    err = capsys.readouterr().err
-    assert "ReCaLL's prefix (2 non-member(s), 24 tokens)" in err and "window of 20" in err
-    assert all(math.isfinite(r["attacks"]["recall"]) for r in result.samples if "recall" in r["attacks"])
-
-
-@pytest.mark.cuda
-def test_on_cuda_recall_and_dc_pdd_score_as_on_the_cpu(tiny, audited):
-    folder, _, _ = tiny
-    settings = AuditSettings(bootstrap=0, recall_shots=SHOTS)
-    result = audit(str(folder), MEMBERS, NONMEMBERS, settings=settings, device="cuda", dtype="float32", progress=False)
-    for gpu, cpu in zip(result.samples, audited.samples):
-        assert gpu["attacks"].keys() == cpu["attacks"].keys()
-        for name in ("recall", "dc_pdd"):
-            if name in cpu["attacks"]:
-                assert gpu["attacks"][name] == pytest.approx(cpu["attacks"][name], rel=1e-4), name
+def test_recall_ratio_is_the_ratio_of_mean_log_likelihoods():
+    logp, prefixed = np.array([-0.5, -1.5, -2.0]), np.array([-0.7, -2.5, -2.0])
+    bits, prefixed_bits = -logp.sum() / math.log(2), -prefixed.sum() / math.log(2)
+    assert recall_ratio(bits, prefixed_bits) == pytest.approx(prefixed.mean() / logp.mean())
+    assert recall_ratio(0.0, 0.0) == 0.0 and math.isfinite(recall_ratio(0.0, 1.0))

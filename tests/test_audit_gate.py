@@ -1,12 +1,7 @@
-"""`memk audit --fail-if`, samples.csv and audit.json's provenance: the limits' grammar and values against
-hand-made summaries, and the command's exit status on a tiny GPT-2 built here."""
+"""`memk audit --fail-if` (memorize/audit/gate.py): the limits' grammar and values against hand-made summaries,
+the outcome audit.json records, and the command's exit status on a tiny GPT-2 built here."""
 
-import csv
-import hashlib
-import io
 import json
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +9,7 @@ import torch
 from memk.bench.audit_demo import char_tokenizer, new_gpt2, random_texts
 from memk.cli.main import main as memk_main
 from memk.memorize.audit import gate as audit_gate
-from memk.memorize.audit.records import samples_csv
+from memk.memorize.audit.audit import AuditSettings, audit
 from memk.memorize.errors import ConfigError
 
 SUMMARY = {
@@ -125,64 +120,65 @@ def test_a_bad_limit_is_exit_2_before_any_work(tiny, tmp_path, capsys, limit, sa
     assert not (tmp_path / "b").exists()  # refused before the output folder, the texts or the model
 
 
-def test_samples_csv_is_one_quoted_row_per_sample_with_attack_columns_and_the_text_last(tiny, tmp_path):
-    with pytest.raises(SystemExit):
-        run_audit(tiny, tmp_path / "c", "--recall-shots", "1")
-    rows = [json.loads(line) for line in (tmp_path / "c" / "samples.jsonl").read_text().splitlines()]
-    with open(tmp_path / "c" / "samples.csv", newline="", encoding="utf-8") as f:
-        table = list(csv.reader(f))
-    header, body = table[0], table[1:]
-    assert header[-1] == "text" and "key" not in header
-    assert {"attack.loss", "attack.dc_pdd", "attack.recall", "model_bits"} <= set(header)
-    order = {(r["set"], r["index"]): r for r in rows}
-    assert len(body) == len(rows)
-    for cells in body:
-        row = order[(cells[0], int(cells[1]))]
-        record = dict(zip(header, cells))
-        assert record["text"] == row["text"]
-        assert float(record["model_bits"]) == row["model_bits"]  # every digit kept
-        for name, score in row["attacks"].items():
-            assert float(record[f"attack.{name}"]) == score
-        if "recall" not in row["attacks"]:
-            assert record["attack.recall"] == ""  # ReCaLL's prefix non-member
-    assert any('"a, b"' in cells[-1] and "\r" in cells[-1] for cells in body)
+# --------------------------------------------------------------------------- the outcome audit.json records
 
 
-def test_samples_csv_flattens_nested_fields_and_leaves_absent_cells_empty():
-    text = samples_csv([{"key": "k", "set": "member", "a": None, "b": {"x": 1, "y": [1, 2]}, "attacks": {"loss": 0.5},
-                         "text": "t,1"}, {"key": "k", "set": "non-member", "b": None, "c": True, "attacks": {},
-                                          "text": "t2"}])
-    assert list(csv.reader(io.StringIO(text))) == [
-        ["set", "a", "b.x", "b.y", "attack.loss", "c", "text"],
-        ["member", "", "1", "[1, 2]", "0.5", "", "t,1"], ["non-member", "", "", "", "", "true", "t2"]]
+def test_the_outcome_records_each_limit_its_measured_value_and_the_result():
+    limits = audit_gate.parse_limits(["auc > 0.75,f1<0.5", "mem_u_bits_max>=120", "auc[loss]>0.75"])
+    record = audit_gate.outcome(limits, SUMMARY, ROWS)
+    assert record == {"result": "fail", "exit_status": 1, "limits": [
+        {"condition": "auc>0.75", "metric": "auc", "op": ">", "threshold": 0.75, "measured": 0.8,
+         "measured_from": "highest over the attacks: Min-K%", "result": "fail"},
+        {"condition": "f1<0.5", "metric": "f1", "op": "<", "threshold": 0.5, "measured": 0.66,
+         "measured_from": "the loss attack, median rule", "result": "pass"},
+        {"condition": "mem_u_bits_max>=120", "metric": "mem_u_bits_max", "op": ">=", "threshold": 120.0,
+         "measured": 120.0, "measured_from": "member text 1", "result": "fail"},
+        {"condition": "auc[loss]>0.75", "metric": "auc[loss]", "op": ">", "threshold": 0.75, "measured": 0.7,
+         "measured_from": "loss", "result": "pass"}]}
+    assert audit_gate.failures(record) == ["auc 0.8 > 0.75 (highest over the attacks: Min-K%)",
+                                           "mem_u_bits_max 120 >= 120 (member text 1)"]
+    passing = audit_gate.outcome(audit_gate.parse_limits(["auc>0.9"]), SUMMARY, ROWS)
+    assert (passing["result"], passing["exit_status"], passing["limits"][0]["measured"]) == ("pass", 0, 0.8)
+    assert audit_gate.failures(passing) == []
+    assert audit_gate.outcome([], SUMMARY, ROWS) is None and audit_gate.failures(None) == []
 
 
-def test_audit_json_records_version_commit_model_and_data_digests_settings_and_timings(tiny, tmp_path):
-    with pytest.raises(SystemExit):
-        run_audit(tiny, tmp_path / "d", "--fail-if", "f1>1")
-    summary = json.loads((tmp_path / "d" / "audit.json").read_text())
-    prov = summary["provenance"]
+def test_audit_json_records_the_fail_if_outcome_the_exit_status_follows(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_audit(tiny, tmp_path / "e", "--fail-if", "auc>=0,auc[loss]>1", "--fail-if", "extracted_rate<=1")
+    assert exit_.value.code == 1
+    summary = json.loads((tmp_path / "e" / "audit.json").read_text())
+    record, members = summary["fail_if"], summary["extraction"]["member"]
+    best = max(a["auc"] for a in summary["attacks"].values())
+    assert (record["result"], record["exit_status"]) == ("fail", 1)
+    assert [(c["condition"], c["result"]) for c in record["limits"]] == [
+        ("auc>=0", "fail"), ("auc[loss]>1", "pass"), ("extracted_rate<=1", "fail")]
+    assert [c["measured"] for c in record["limits"]] == [
+        best, summary["attacks"]["loss"]["auc"], members["extracted_any"] / members["samples"]]
+    assert summary["settings"]["fail_if"] == ["auc>=0,auc[loss]>1", "extracted_rate<=1"]
+    assert capsys.readouterr().err.strip() == audit_gate.failure_line(audit_gate.failures(record))
+    with pytest.raises(SystemExit) as exit_:  # the same audit again (nothing coded), another limit
+        run_audit(tiny, tmp_path / "e", "--fail-if", "auc>1")
+    assert exit_.value.code == 0
+    record = json.loads((tmp_path / "e" / "audit.json").read_text())["fail_if"]
+    assert (record["result"], record["exit_status"], record["limits"][0]["measured"]) == ("pass", 0, best)
+    with pytest.raises(SystemExit) as exit_:
+        run_audit(tiny, tmp_path / "e")
+    assert exit_.value.code == 0 and json.loads((tmp_path / "e" / "audit.json").read_text())["fail_if"] is None
 
-    def blake2b(path):
-        return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
 
-    from importlib.metadata import version
-    assert prov["memk_version"] == version("memk")
-    import memk.memorize
-    root = Path(memk.memorize.__file__).resolve().parent.parent
-    git = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
-    if git.returncode == 0 and Path(git.stdout.strip()).resolve() == root:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
-        assert prov["memk_git"]["commit"] == head.stdout.strip()
-    else:
-        assert prov["memk_git"] is None
-    weights = prov["models"]["model"]["blake2b"]
-    assert weights and all(blake2b(tiny / "model" / name) == d for name, d in weights.items())
-    assert prov["models"]["reference"] is None
-    data = {d["role"]: d for d in prov["data"]}
-    assert data["members"]["file_blake2b"] == blake2b(tiny / "members.txt") and data["members"]["texts"] == 6
-    assert data["non-members"]["file_blake2b"] == blake2b(tiny / "non_members.txt")
-    assert summary["settings"]["bootstrap"] == 20 and summary["settings"]["recall_shots"] == 0
-    seconds = summary["timings"]["seconds"]
-    assert set(seconds) >= {"load_models", "prepare", "score", "extraction", "recall_dc_pdd", "summarize"}
-    assert all(v >= 0 for v in seconds.values())
+def test_the_audit_refuses_a_limit_it_will_not_compute_before_coding_a_text(tiny, monkeypatch):
+    from memk.memorize.audit import audit as audit_module
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a text was coded")
+
+    monkeypatch.setattr(audit_module, "score_texts", no_scoring)
+    texts = random_texts(4, 12, seed=5)
+    for limit, says in (("auc[reference]>0.5", "needs --reference"), ("mem_u_bits>1", "needs a reference"),
+                        ("auc[recall]>0.5", "needs --recall-shots")):
+        with pytest.raises(ConfigError, match=says):
+            audit(str(tiny / "model"), texts[:2], texts[2:], settings=AuditSettings(bootstrap=0, fail_if=(limit,)),
+                  progress=False)
+    with pytest.raises(ConfigError, match="METRIC OP NUMBER"):
+        AuditSettings(fail_if=("auc=1",)).check()

@@ -12,7 +12,8 @@ import torch
 
 from memk.bench.audit_demo import char_tokenizer, new_gpt2, random_texts
 from memk.memorize.audit import risk as audit_risk
-from memk.memorize.audit.audit import AuditSettings, audit, format_table
+from memk.memorize.audit.audit import AuditSettings, audit
+from memk.memorize.audit.summary import format_table
 from memk.memorize.errors import ConfigError
 from memk.memorize.experiments.generalization import DEFAULT_ALPHA
 

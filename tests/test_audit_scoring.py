@@ -1,4 +1,4 @@
-"""The sliding window of memorize.audit_scoring: every token coded once, with the context promised."""
+"""The sliding window of memorize/audit/scoring.py: every token coded once, with the context promised."""
 
 import pytest
 

@@ -31,7 +31,7 @@ import math
 import numpy as np
 import torch
 
-from .models import ScoringModel
+from .scoring_model import ScoringModel
 from ..errors import ConfigError
 
 DEFAULT_PREFIXES = (8, 16, 32)

@@ -3,9 +3,12 @@
 A limit is METRIC OP NUMBER, OP one of > >= < <=, e.g. `auc>0.6`, `auc[loss]>=0.7`,
 `mem_u_bits_max>100`; several are given by repeating --fail-if or separating them with commas.
 The audit exits with status 1, after writing its results, where any limit is passed, with one
-line naming each passed limit and the value that passed it. An unknown metric, a metric this
-audit will not compute (no --reference, no extraction) or a malformed limit is a one-line error,
-exit status 2, before any model loads.
+line naming each passed limit and the value that passed it. audit.json's "fail_if" records the
+outcome (outcome()): "result" ("fail" where any limit is passed, else "pass"), the exit status,
+and per limit its condition, the value measured, where that value came from, and its own result
+(null where no --fail-if was given). An unknown metric, a metric this audit will not compute (no
+--reference, no extraction) or a malformed limit is a one-line error, exit status 2, before any
+model loads.
 
 The metrics (audit.json's fields they read):
 - auc, tpr_at_1pct_fpr, tpr_at_0.1pct_fpr: the highest over every attack in the attack table
@@ -58,7 +61,7 @@ class Limit:
 def parse_limits(specs) -> list[Limit]:
     """--fail-if's values (each maybe comma-separated) as Limits; ConfigError (exit 2) naming the bad one."""
     limits = []
-    for spec in specs or ():
+    for spec in [specs] if isinstance(specs, str) else specs or ():
         for part in str(spec).split(","):
             if not part.strip():
                 raise ConfigError(f"--fail-if {spec!r} has an empty limit; give e.g. 'auc>0.6,mem_u_bits>100'")
@@ -85,6 +88,13 @@ def _parse(text: str) -> Limit:
     if not math.isfinite(value):
         raise ConfigError(f"--fail-if {text.strip()!r}: the limit must be a finite number")
     return Limit(metric, attack, op, value, re.sub(r"\s+", "", text))
+
+
+def attacks_in_table(references: int, min_k_pp: bool, recall: bool) -> set[str]:
+    """The attacks an audit's table holds, with this many references and Min-K%++ and ReCaLL as asked."""
+    return {"loss", "zlib", "min_k", "dc_pdd", *(["min_k_pp"] if min_k_pp else []),
+            *(["reference"] if references else []), *(["recall"] if recall else []),
+            *(f"reference_{i + 1}" for i in range(references) if references > 1)}
 
 
 def check_available(limits: list[Limit], *, reference: bool, attacks: set[str], extraction: bool) -> None:
@@ -145,14 +155,31 @@ def extracted_members(summary: dict) -> tuple[int, int]:
     return int(members["extracted_any"]), int(members.get("samples", summary["sets"]["member"]["samples"]))
 
 
-def passed(limits: list[Limit], summary: dict, rows: list[dict]) -> list[str]:
-    """A phrase for each limit the audit passed, e.g. 'auc 0.998 > 0.6 (highest over the attacks: loss ...)'."""
-    out = []
+def outcome(limits: list[Limit], summary: dict, rows: list[dict]) -> dict | None:
+    """audit.json's "fail_if" (module docstring): each limit's measured value and result, and the audit's;
+    None without limits."""
+    if not limits:
+        return None
+    checks = []
     for limit in limits:
         value, where = value_of(limit, summary, rows)
-        if OPS[limit.op](value, limit.value):
-            out.append(f"{limit.name} {value:.6g} {limit.op} {limit.value:g} ({where})")
-    return out
+        checks.append({"condition": limit.text, "metric": limit.name, "op": limit.op, "threshold": limit.value,
+                       "measured": value, "measured_from": where,
+                       "result": "fail" if OPS[limit.op](value, limit.value) else "pass"})
+    failed = any(check["result"] == "fail" for check in checks)
+    return {"result": "fail" if failed else "pass", "exit_status": 1 if failed else 0, "limits": checks}
+
+
+def failures(record: dict | None) -> list[str]:
+    """A phrase for each limit of outcome()'s record the audit passed, e.g. 'auc 0.998 > 0.6 (highest over the
+    attacks: loss ...)'."""
+    return [f"{c['metric']} {c['measured']:.6g} {c['op']} {c['threshold']:g} ({c['measured_from']})"
+            for c in (record or {}).get("limits", ()) if c["result"] == "fail"]
+
+
+def passed(limits: list[Limit], summary: dict, rows: list[dict]) -> list[str]:
+    """A phrase for each limit the audit passed (failures() of outcome())."""
+    return failures(outcome(limits, summary, rows))
 
 
 def failure_line(phrases: list[str]) -> str:

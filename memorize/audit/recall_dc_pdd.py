@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .attacks import dc_pdd_score, recall_ratio, token_counts
-from .models import ScoringModel
+from .scoring_model import ScoringModel
 from .scoring import LN2, score_texts
 from ..errors import ConfigError, warn
 
@@ -50,7 +50,7 @@ class ExtraAttacks:
 
     def add_scores(self, rows: list[dict], token_ids: list[list[int]], scores) -> None:
         """rows[n]["attacks"] gains "dc_pdd" and "recall" (where set up) for the text of token_ids[n],
-        whose plain pass gave scores[n] (memorize.audit_scoring.TextScore)."""
+        whose plain pass gave scores[n] (memorize/audit/scoring.py's TextScore)."""
         prefixed = None
         if self.prefix is not None:
             prefixed = score_texts(self.model, [self.prefix + list(ids) for ids in token_ids], *self.window,

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .models import ScoringModel, token_logprobs
+from .scoring_model import ScoringModel, token_logprobs
 
 LN2 = math.log(2.0)
 
