@@ -3,6 +3,7 @@ the wall-clock scripts (ray_vs_local.py, preset_wall.py) share."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -93,11 +94,26 @@ def timed_command(command: str, preset: str, extra: list[str], env: dict, folder
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+BUSY_LOOP = "while True: pass"  # a process that keeps one core busy, as another user's job would
+
+
+@contextlib.contextmanager
+def busy_loops(count: int):
+    """`count` processes spinning on the CPU for as long as the block runs (none for 0); yields them."""
+    loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(count)]
+    try:
+        yield loops
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+
+
 def time_ways(preset: str, ways: dict[str, tuple[list[str], dict]],
-              command: str = "run-capacity") -> tuple[dict[str, dict], dict[str, dict]]:
+              command: str = "run-capacity", busy: int = 0) -> tuple[dict[str, dict], dict[str, dict]]:
     """Each way (name -> extra options, environment) of `memk COMMAND --preset PRESET` run in turn
-    into a fresh folder: its timing with what it measured (α, or the F1 law), and its rows
-    (run_rows), by name."""
+    into a fresh folder, beside `busy` busy loops (busy_loops): its timing with what it measured
+    (α, or the F1 law), and its rows (run_rows), by name."""
     key, science = SCIENCE[command]
     timings, rows = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +121,9 @@ def time_ways(preset: str, ways: dict[str, tuple[list[str], dict]],
             folder = os.path.join(tmp, name.replace(" ", "-"))
             click.echo(f"{name}: memk {command} --preset {preset} {' '.join(extra)} (load {load_average()[0]})",
                        err=True)
-            timings[name] = timed_command(command, preset, extra, env, folder)
+            with busy_loops(busy):
+                timings[name] = timed_command(command, preset, extra, env, folder)
+            timings[name]["busy_loops"] = busy
             timings[name][key] = science(folder)  # how far ensembles, threads or workers move the science
             rows[name] = run_rows(folder)
             click.echo(f"  {timings[name]['wall_s']} s", err=True)

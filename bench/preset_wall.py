@@ -2,6 +2,7 @@
 
     python -m memk.bench.preset_wall [--json bench/results/default-preset-wall-2core.json] [--smoke]
     python -m memk.bench.preset_wall --command run-generalization [--json ...] [--smoke]
+    python -m memk.bench.preset_wall --busy 1 --ways "side by side,default" [--json ...]
 
 Runs `memk run-capacity --preset default` (`--preset smoke` with --smoke: a test of the
 script, seconds) four ways, one after the other, each into a fresh folder:
@@ -25,7 +26,8 @@ each run trains on one thread either way (the capacity preset's small models; th
 generalization preset's V-2048 runs take two threads alone, so there the rows round
 float32 differently); ensembles round float32 a little differently too, so what the
 command measures (α, or the F1 law's coefficients) is reported for each. Run it on an
-idle machine: other work skews every figure.
+idle machine: other work skews every figure. `--busy N` times each way beside N processes
+spinning on the CPU, started before and ended after each command: a shared machine.
 """
 
 from __future__ import annotations
@@ -61,7 +63,9 @@ def generalization_ways(cores: int) -> dict[str, list[str]]:
 @click.option("--command", type=click.Choice(list(SCIENCE)), default="run-capacity", show_default=True,
               help="the experiment whose preset is timed")
 @click.option("--ways", help="only these ways, comma-separated (e.g. 'one at a time,default'); default: all")
-def main(json_path, smoke, command, ways):
+@click.option("--busy", type=click.IntRange(min=0), default=0, show_default=True,
+              help="time each way beside this many busy loops (processes spinning on a core), as on a shared machine")
+def main(json_path, smoke, command, ways, busy):
     check_writable(json_path)
     preset = "smoke" if smoke else "default"
     env = policy_env()
@@ -72,7 +76,8 @@ def main(json_path, smoke, command, ways):
     unknown = [w for w in chosen if w not in every]
     if unknown:
         raise click.UsageError(f"--ways: no way named {', '.join(unknown)}; choose among {', '.join(every)}")
-    report["runs"], rows = time_ways(preset, {name: (every[name], env) for name in chosen}, command)
+    report["busy_loops"] = busy
+    report["runs"], rows = time_ways(preset, {name: (every[name], env) for name in chosen}, command, busy)
     walls = {name: run["wall_s"] for name, run in report["runs"].items()}
     if "one at a time" in chosen:
         report["same_rows_as_one_at_a_time"] = {name: rows[name] == rows["one at a time"] for name in chosen
