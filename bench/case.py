@@ -203,7 +203,7 @@ def packed_attention_or_skip(name: str, device: torch.device, interpreter: bool 
         if not interpreter_active():
             raise Skip("--triton-interpreter needs TRITON_INTERPRET=1 in the environment before triton is imported")
         if dtype == "bfloat16":
-            raise Skip("Triton's interpreter computes bfloat16 dots wrongly (tests/test_attention.py says so); "
+            raise Skip("Triton's interpreter computes bfloat16 dots wrongly (tests/test_flash_attention.py says so); "
                        "bfloat16 runs on CUDA only")
     try:
         return kernels.packed_attention(name)

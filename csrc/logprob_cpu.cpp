@@ -149,24 +149,25 @@ struct OpsVec {
 
   MEMK_HD static F max(F a, F b) { return select(b > a, b, a); }  // as max_of: a NaN b is dropped
 
-  // exp(x): x = n ln2 + r, exp(r) by its Taylor series to r^7, 2^n built in the exponent field
-  // from the integer left in the low bits of x / ln2 + 1.5 * 2^23. Exactly 0 below -87.5 (and
-  // at -inf), +inf above 88.4, NaN for NaN.
+  // exp(x) as logprob_math.h's exp_poly, with its constants: x = n ln2 + r, exp(r) by its Taylor
+  // series to r^7, 2^n built in the exponent field from the integer left in the low bits of
+  // x / ln2 + 1.5 * 2^23. Exactly 0 below -87.5 (and at -inf), +inf above 88.4, NaN for NaN.
+  static constexpr float kExpClampHi = 89.0f;  // n up to 128, whose exponent field is inf's
   MEMK_HD static F exp(F x) {
-    const F lo = splat(-87.5f), hi = splat(89.0f);
+    const F lo = splat(kExpZeroBelow), hi = splat(kExpClampHi);
     const I below = x < lo;
     const F xc = select(below, lo, select(x > hi, hi, x));  // NaN passes
-    const F t = xc * 1.4426950408889634f + 12582912.0f;
-    const F n = t - 12582912.0f;                                        // round(x / ln2), in [-126, 128]
-    const F r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-6f;  // ln2 in two parts
-    F p = splat(1.0f / 5040.0f);
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    const F t = xc * kLog2e + kRoundToInt;
+    const F n = t - kRoundToInt;                   // round(x / ln2), in [-126, 128]
+    const F r = (xc - n * kLn2Hi) - n * kLn2Lo;  // ln2 in two parts
+    F p = splat(kExpTaylor[0]);
+    p = p * r + kExpTaylor[1];
+    p = p * r + kExpTaylor[2];
+    p = p * r + kExpTaylor[3];
+    p = p * r + kExpTaylor[4];
+    p = p * r + kExpTaylor[5];
+    p = p * r + kExpTaylor[6];
+    p = p * r + kExpTaylor[7];
     // t's bits are those of 1.5 * 2^23 plus n; shifted by 23 only n + 127 is left: 2^n (inf at 128).
     const F pow2n = reinterpret_cast<F>((reinterpret_cast<U>(t) + 127u) << 23);
     return reinterpret_cast<F>(~below & reinterpret_cast<I>(p * pow2n));
@@ -208,21 +209,21 @@ struct Ops : OpsVec<8> {
   MEMK_HD static void fence() { _mm_sfence(); }
   // vmaxps(b, a) = b > a ? b : a, and a where either is NaN: max_of.
   MEMK_HD static F max(F a, F b) { return reinterpret_cast<F>(_mm256_max_ps(m(b), m(a))); }
-  MEMK_HD static F exp(F x) {  // OpsVec::exp's steps
-    const __m256 lo = _mm256_set1_ps(-87.5f);
-    const __m256 xc = _mm256_min_ps(_mm256_set1_ps(89.0f), _mm256_max_ps(lo, m(x)));  // NaN passes
-    const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.4426950408889634f), _mm256_set1_ps(12582912.0f));
-    const __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(12582912.0f));
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), xc);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-6f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  MEMK_HD static F exp(F x) {  // OpsVec::exp's steps and constants, fused multiply-adds
+    const __m256 lo = _mm256_set1_ps(kExpZeroBelow);
+    const __m256 xc = _mm256_min_ps(_mm256_set1_ps(kExpClampHi), _mm256_max_ps(lo, m(x)));  // NaN passes
+    const __m256 t = _mm256_fmadd_ps(xc, _mm256_set1_ps(kLog2e), _mm256_set1_ps(kRoundToInt));
+    const __m256 n = _mm256_sub_ps(t, _mm256_set1_ps(kRoundToInt));
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+    __m256 p = _mm256_set1_ps(kExpTaylor[0]);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[1]));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[2]));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[3]));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[4]));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[5]));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[6]));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpTaylor[7]));
     const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127)), 23);
     const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(pow2n));
     return reinterpret_cast<F>(_mm256_andnot_ps(_mm256_cmp_ps(m(x), lo, _CMP_LT_OQ), e));  // 0 below lo
@@ -278,22 +279,23 @@ struct Ops {
   // vmaxps(b, a) = b > a ? b : a, and a where either is NaN: max_of.
   MEMK_HD static F max(F a, F b) { return _mm512_max_ps(b, a); }
 
-  // exp(x) as OpsVec::exp, with 2^n applied by vscalefps (which rounds results below 2^-149 to
-  // 0, so no select is needed: exactly 0 below -106 and at -inf, +inf above 88.7, NaN for NaN).
+  // exp(x) as OpsVec::exp, with its constants, and 2^n applied by vscalefps (which rounds results
+  // below 2^-149 to 0, so no select is needed: exactly 0 below -106 and at -inf, +inf above 88.7,
+  // NaN for NaN).
   MEMK_HD static F exp(F x) {
     const F xc = _mm512_min_ps(splat(100.0f), _mm512_max_ps(splat(-106.0f), x));  // NaN passes (second operand)
-    const F t = _mm512_fmadd_ps(xc, splat(1.4426950408889634f), splat(12582912.0f));
-    const F n = _mm512_sub_ps(t, splat(12582912.0f));  // round(x / ln2)
-    F r = _mm512_fnmadd_ps(n, splat(0.693145751953125f), xc);
-    r = _mm512_fnmadd_ps(n, splat(1.428606765330187e-6f), r);
-    F p = splat(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, splat(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, splat(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, splat(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, splat(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, splat(0.5f));
-    p = _mm512_fmadd_ps(p, r, splat(1.0f));
-    p = _mm512_fmadd_ps(p, r, splat(1.0f));
+    const F t = _mm512_fmadd_ps(xc, splat(kLog2e), splat(kRoundToInt));
+    const F n = _mm512_sub_ps(t, splat(kRoundToInt));  // round(x / ln2)
+    F r = _mm512_fnmadd_ps(n, splat(kLn2Hi), xc);
+    r = _mm512_fnmadd_ps(n, splat(kLn2Lo), r);
+    F p = splat(kExpTaylor[0]);
+    p = _mm512_fmadd_ps(p, r, splat(kExpTaylor[1]));
+    p = _mm512_fmadd_ps(p, r, splat(kExpTaylor[2]));
+    p = _mm512_fmadd_ps(p, r, splat(kExpTaylor[3]));
+    p = _mm512_fmadd_ps(p, r, splat(kExpTaylor[4]));
+    p = _mm512_fmadd_ps(p, r, splat(kExpTaylor[5]));
+    p = _mm512_fmadd_ps(p, r, splat(kExpTaylor[6]));
+    p = _mm512_fmadd_ps(p, r, splat(kExpTaylor[7]));
     return _mm512_scalef_ps(p, n);
   }
 

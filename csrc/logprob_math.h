@@ -158,9 +158,20 @@ struct Elem<f16_t> {
 // exp(x) for x <= 88 (the kernels pass x <= 0: a logit minus a running max, or less log_sum too).
 // On the GPU the hardware exp2 unit. On the CPU a branch-free polynomial: x = n ln2 + r,
 // |r| <= ln2/2, exp(r) by its Taylor series to r^7 (truncation < 1e-8 relative), times 2^n
-// built in the exponent field. exp(-inf) = 0 and exp(NaN) = NaN. This is the scalar one (the
-// CPU kernel's target entries); logprob_cpu.cpp takes the same steps on vectors of 4, 8 and
-// 16 floats.
+// built in the exponent field. exp(-inf) = 0 and exp(NaN) = NaN. The constants below are the
+// only copy: exp_poly (scalar: the CPU kernel's target entries) and logprob_cpu.cpp's vectors
+// of 4, 8 and 16 floats take the same steps with them.
+constexpr float kLog2e = 1.4426950408889634f;    // 1 / ln2
+constexpr float kRoundToInt = 12582912.0f;       // 1.5 * 2^23: (y + it) - it is y rounded to an integer
+constexpr float kLn2Hi = 0.693145751953125f;     // ln2 = kLn2Hi + kLn2Lo; kLn2Hi's few bits keep n * kLn2Hi exact
+constexpr float kLn2Lo = 1.428606765330187e-6f;
+constexpr float kExpZeroBelow = -87.5f;          // exp(x) is 0 below: 2^n would leave the normal floats
+// exp(r) = sum_k r^k / k!, k = 7 down to 0: the coefficients in the order Horner's rule takes them.
+// Every path writes the seven steps out: as a loop, GCC allocates registers differently (same arithmetic).
+constexpr int kExpTerms = 8;
+constexpr float kExpTaylor[kExpTerms] = {1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f,
+                                         1.0f / 6.0f,    0.5f,          1.0f,          1.0f};
+
 template <typename F>
 MEMK_HD F splat(float c) {
   return c;
@@ -171,26 +182,26 @@ MEMK_HD float pow2i(float n) {  // 2^n for integral n in [-126, 127]
 
 template <typename F>
 MEMK_HD F exp_poly(F x) {
-  const F lo = splat<F>(-87.5f), hi = splat<F>(88.0f), zero = splat<F>(0.0f);
+  const F lo = splat<F>(kExpZeroBelow), hi = splat<F>(88.0f), zero = splat<F>(0.0f);
   const F xc = x < lo ? lo : (x > hi ? hi : x);  // NaN passes through
   const F xn = xc == xc ? xc : zero;              // no NaN into the float -> int conversion
-  const F n = (xn * 1.4426950408889634f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
-  const F r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-6f;  // ln2 in two parts
-  F p = splat<F>(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const F n = (xn * kLog2e + kRoundToInt) - kRoundToInt;  // round(x / ln2)
+  const F r = (xc - n * kLn2Hi) - n * kLn2Lo;             // ln2 in two parts
+  F p = splat<F>(kExpTaylor[0]);
+  p = p * r + kExpTaylor[1];
+  p = p * r + kExpTaylor[2];
+  p = p * r + kExpTaylor[3];
+  p = p * r + kExpTaylor[4];
+  p = p * r + kExpTaylor[5];
+  p = p * r + kExpTaylor[6];
+  p = p * r + kExpTaylor[7];
   const F e = p * pow2i(n);
   return x < lo ? zero : (x > hi ? splat<F>(HUGE_VALF) : e);
 }
 
 MEMK_HD float fast_exp(float x) {
 #if defined(__CUDA_ARCH__)
-  return exp2f(x * 1.4426950408889634f);
+  return exp2f(x * kLog2e);
 #else
   return exp_poly(x);
 #endif

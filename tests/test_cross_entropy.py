@@ -8,7 +8,6 @@ rounding of the gradient's own dtype), scaled by the size of the logits.
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 
 import pytest
@@ -479,36 +478,8 @@ def test_hf_gpt2_loss_equals_cross_entropy_of_its_logits(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------
-# Backend wiring
+# In a model (loading and the backend registry: test_fused_logprob.py, test_backends.py)
 # --------------------------------------------------------------------------------------
-def test_fused_backend_and_default():
-    ops = kernels.logprob_ops("fused")
-    assert ops.cross_entropy is kernels.cross_entropy
-    assert "fused" in kernels.logprob_backends()
-    assert kernels.default_logprob_backend("cpu") == "fused"
-
-
-def test_no_compiler_is_a_clear_error_not_a_fallback(monkeypatch):
-    monkeypatch.setenv("CXX", "/nonexistent/c++")
-    assert not ce.can_build("cpu")
-    assert kernels.default_logprob_backend("cpu") == "reference"
-    monkeypatch.setattr(ce._Extension, "loaded", False)
-    monkeypatch.setattr(ce._Extension, "error", None)
-    with pytest.raises(kernels.BackendUnavailable, match="reference"):
-        ce.load_extension()
-    with pytest.raises(kernels.BackendUnavailable, match="C\\+\\+ compiler"):
-        kernels.token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
-
-
-def test_importing_memk_kernels_compiles_nothing():
-    code = (
-        "import importlib, memk.kernels as k; "
-        "k.default_logprob_backend('cpu'); "
-        "assert not importlib.import_module('memk.kernels.fused_logprob')._Extension.loaded"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
 def test_gpt_model_fused_matches_reference_backend():
     from memk.memorize.model import GPT, GPTConfig
 

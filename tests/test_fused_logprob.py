@@ -1,205 +1,84 @@
-"""Building the fused log-prob kernels (memk.kernels.fused_logprob): where, and what an
-interrupted build leaves behind.
+"""memk.kernels.fused_logprob's own machinery: loading the kernels once and saying why they
+cannot load, and the formula that differentiates the backward (second derivatives).
 
-torch.utils.cpp_extension marks a build in progress with a plain file, `lock`, in the build
-folder, and every later build waits for it to disappear, forever. A build killed hard
-(SIGKILL, the OOM killer, a closed terminal) leaves it behind. These tests reproduce that and
-check that memk recovers, and that one process waiting for another says so and gives up in
-the end with an error naming the lock.
+The ops' values against float64 are tested in test_cross_entropy.py, each CPU instruction set's
+path in test_cpu_kernel_paths.py, and how the library is built in test_native_build.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 import torch
 
-from memk.kernels import BackendUnavailable
+from memk import kernels
 from memk.kernels import fused_logprob as ce
 
-pytestmark = pytest.mark.skipif(
-    ce.missing_build_requirements("cpu") is not None,
-    reason=f"cannot build the fused kernels here: {ce.missing_build_requirements('cpu')}",
-)
 
-# Generous: a build takes 20-40 s on 2 cores. Only a hang comes near it.
-BUILD_TIMEOUT_S = 600
-
-# Build, then check the op against torch's log_softmax in float64 on the same logits.
-USE_THE_OP = """
-import torch
-from memk.kernels import fused_logprob as ce
-ce.load_extension()
-x = torch.randn(5, 300, dtype=torch.float64).float()
-t = torch.randint(0, 300, (5,))
-want = torch.log_softmax(x.double(), -1).gather(-1, t[:, None])[:, 0]
-torch.testing.assert_close(ce.token_logprobs(x, t).double(), want, rtol=1e-5, atol=2e-5)
-print("op ok")
-"""
+@pytest.fixture
+def not_loaded(monkeypatch):
+    """This process as if the kernels had never been asked for (restored afterwards)."""
+    monkeypatch.setattr(ce._Extension, "loaded", False)
+    monkeypatch.setattr(ce._Extension, "error", None)
 
 
-def _env(extensions_dir: Path) -> dict[str, str]:
-    return {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions_dir)}
+def test_without_a_compiler_the_ops_raise_naming_the_reference_backend(monkeypatch, not_loaded):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert not ce.can_build("cpu")
+    with pytest.raises(kernels.BackendUnavailable, match="reference"):
+        ce.load_extension()
+    with pytest.raises(kernels.BackendUnavailable, match="C\\+\\+ compiler"):
+        kernels.token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
 
 
-def _wait_for(condition, what: str, proc: subprocess.Popen, limit_s: float = BUILD_TIMEOUT_S):
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"the first build exited (code {proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
+def test_a_failed_load_is_said_once_and_not_tried_again(monkeypatch, not_loaded):
+    tries = []
+
+    def load_library():
+        tries.append(1)
+        raise kernels.BackendUnavailable("building the fused log-prob kernels failed (test); use 'reference'")
+
+    monkeypatch.setattr(ce, "load_library", load_library)
+    with pytest.raises(kernels.BackendUnavailable) as first:
+        ce.load_extension()
+    with pytest.raises(kernels.BackendUnavailable) as second:
+        ce.cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    assert second.value is first.value and tries == [1]
 
 
-@pytest.mark.slow
-def test_next_run_completes_after_a_first_build_is_killed(tmp_path):
-    root = tmp_path / "extensions"
-    first = subprocess.Popen(
-        [sys.executable, "-c", "from memk.kernels import fused_logprob as ce; ce.load_extension()"],
-        env=_env(root),
-        start_new_session=True,  # its own process group: the compilers die with it
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def batons() -> list[Path]:
-        # Mid-build: torch has taken its lock and written the ninja file, so the compilers run.
-        return [p for p in root.rglob("lock") if (p.parent / "build.ninja").exists()]
-
-    try:
-        _wait_for(batons, "the build to start", first)
-        baton = batons()[0]
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # already gone: _wait_for says why
-            os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
-    assert baton.exists(), "the killed build should have left torch's lock behind (the case under test)"
-
-    second = subprocess.run(
-        [sys.executable, "-c", USE_THE_OP], env=_env(root), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
-    )
-    assert second.returncode == 0, second.stderr
-    assert "op ok" in second.stdout
-    assert str(baton) in second.stderr, f"the removed stale lock should be named: {second.stderr}"
-    assert not baton.exists()
+def _backward_in_float64(g, logits, targets, ignore_index):
+    """logprob_bwd written out: G_ij = g_i ([j == t_i] - softmax(x_i)_j), 0 for ignored rows."""
+    onehot = torch.nn.functional.one_hot(targets.clamp(0, logits.shape[-1] - 1), logits.shape[-1]).double()
+    used = (targets != ignore_index).double().unsqueeze(-1)
+    return used * g.unsqueeze(-1) * (onehot - torch.softmax(logits, dim=-1))
 
 
-def test_build_folder_is_per_environment_torch_version_and_sources(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
-    here = ce.build_directory(with_cuda=False)
-    assert here.parent == tmp_path / "extensions" / "memk" and torch.__version__ in here.name
-    assert ce.build_directory(with_cuda=False) == here  # stable
-    assert ce.build_directory(with_cuda=True) != here
+def test_the_backwards_derivative_matches_autograd_of_the_backward_in_float64():
+    gen = torch.Generator().manual_seed(7)
+    rows, vocab, ignore = 6, 11, -100
+    logits = torch.randn(rows, vocab, generator=gen, dtype=torch.float64) * 3
+    g = torch.randn(rows, generator=gen, dtype=torch.float64)
+    v = torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    targets[2] = ignore
 
-    def folder_with(obj, name, value):
-        with monkeypatch.context() as m:
-            m.setattr(obj, name, value)
-            return ce.build_directory(with_cuda=False)
+    x, gg = logits.clone().requires_grad_(), g.clone().requires_grad_()
+    want_g, want_x = torch.autograd.grad((v * _backward_in_float64(gg, x, targets, ignore)).sum(), (gg, x))
+    got_g, got_x = ce._logprob_bwd_backward(v, g, logits, targets, ignore)
+    torch.testing.assert_close(got_g, want_g, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_x, want_x, rtol=1e-12, atol=1e-12)
+    assert got_g[2] == 0 and (got_x[2] == 0).all()  # the ignored row
 
-    assert folder_with(sys, "prefix", str(tmp_path / "another-venv")) != here
-    assert folder_with(torch, "__version__", "0.0.1") != here
-    # A copy of the sources builds in the same folder, until one header changes.
-    sources = tmp_path / "csrc"
-    sources.mkdir()
-    for f in ce._csrc_dir().iterdir():
-        if f.is_file():
-            (sources / f.name).write_bytes(f.read_bytes())
-    assert folder_with(ce, "_csrc_dir", lambda: sources) == here
-    (sources / "logprob_math.h").write_text((sources / "logprob_math.h").read_text() + "\n// changed\n")
-    assert folder_with(ce, "_csrc_dir", lambda: sources) != here
-
-
-LOCK_HOLDER = """
-import sys
-from pathlib import Path
-from memk.kernels import fused_logprob as ce
-with ce._build_lock(Path(sys.argv[1])):
-    print("holding", flush=True)
-    sys.stdin.read()  # until the test closes our stdin
-"""
+    # A target outside [0, V) is NaN in its row, as the kernels' backward is; other rows keep their values.
+    targets[4] = vocab
+    bad_g, bad_x = ce._logprob_bwd_backward(v, g, logits, targets, ignore)
+    assert bad_g[4].isnan() and bad_x[4].isnan().all()
+    keep = [0, 1, 2, 3, 5]
+    torch.testing.assert_close(bad_g[keep], got_g[keep], rtol=0, atol=0)
+    torch.testing.assert_close(bad_x[keep], got_x[keep], rtol=0, atol=0)
 
 
-def test_waiting_for_another_build_says_so_and_gives_up_naming_the_lock(monkeypatch, tmp_path, capfd):
-    build_dir = tmp_path / "build"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", LOCK_HOLDER, str(build_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "holding"
-        monkeypatch.setattr(ce, "BUILD_WAIT_NOTICE_S", 0.0)
-        monkeypatch.setattr(ce, "BUILD_WAIT_LIMIT_S", 0.5)
-        with pytest.raises(BackendUnavailable) as err:
-            with ce._build_lock(build_dir):
-                pass
-        message = str(err.value)
-        lock = str(ce._lock_path(build_dir))
-        assert lock in message and str(holder.pid) in message and "reference" in message
-        notice = capfd.readouterr().err
-        assert "waiting" in notice and lock in notice and str(holder.pid) in notice
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=60)
-    # Once the holder has gone (its lock went with it), the lock is free at once.
-    with ce._build_lock(build_dir):
-        pass
-
-
-def test_a_dead_builders_lock_never_blocks(tmp_path):
-    build_dir = tmp_path / "build"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", LOCK_HOLDER, str(build_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert holder.stdout.readline().strip() == "holding"
-    holder.kill()
-    holder.wait()
-    assert ce._lock_path(build_dir).exists()  # the file stays; the lock on it died with its process
-    with ce._build_lock(build_dir):
-        pass
-
-
-def test_stale_torch_lock_is_removed_with_a_warning(tmp_path, capfd):
-    build_dir = tmp_path / "build"
-    build_dir.mkdir()
-    baton = build_dir / "lock"
-    baton.touch()  # what a build killed hard leaves behind
-    with ce._build_lock(build_dir):
-        ce._remove_stale_baton(build_dir)
-    assert not baton.exists()
-    err = capfd.readouterr().err
-    assert str(baton) in err and err.count("\n") == 1
-
-
-def test_stale_torch_lock_waits_for_the_dead_builders_compilers(monkeypatch, tmp_path, capfd):
-    # A builder killed alone leaves ninja and the compilers running in the build folder; a
-    # stand-in that works there until its stdin closes.
-    build_dir = tmp_path / "build"
-    build_dir.mkdir()
-    baton = build_dir / "lock"
-    baton.touch()
-    orphan = subprocess.Popen(
-        [sys.executable, "-c", "import sys; print('working', flush=True); sys.stdin.read()"],
-        cwd=build_dir, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert orphan.stdout.readline().strip() == "working"
-        monkeypatch.setattr(ce, "BUILD_WAIT_NOTICE_S", 0.0)
-        monkeypatch.setattr(ce, "BUILD_WAIT_LIMIT_S", 0.5)
-        with ce._build_lock(build_dir):
-            with pytest.raises(BackendUnavailable, match=rf"{orphan.pid}.*{build_dir}.*kill"):
-                ce._remove_stale_baton(build_dir)
-        assert baton.exists()  # not removed while something may still write there
-        assert "waiting" in capfd.readouterr().err
-    finally:
-        orphan.stdin.close()
-        orphan.wait(timeout=60)
-    with ce._build_lock(build_dir):
-        ce._remove_stale_baton(build_dir)
-    assert not baton.exists()
+def test_the_backwards_derivative_keeps_the_dtypes_of_its_inputs():
+    logits = torch.randn(3, 5).to(torch.bfloat16)
+    g = torch.randn(3)
+    grad_g, grad_x = ce._logprob_bwd_backward(torch.randn(3, 5), g, logits, torch.tensor([0, 4, 2]), None)
+    assert grad_g.dtype == torch.float32 and grad_x.dtype == torch.bfloat16

@@ -1,6 +1,7 @@
-"""bench/gpu_acceptance.sh and its Python pieces (memk.bench.acceptance): the acceptance selection,
-the verdict on the issue's targets, the tests' counts, the science stage's α, and the driver's
-promise that a failing stage never stops the next while the exit status still says it failed.
+"""bench/gpu_acceptance.sh and its Python pieces (memk.bench.acceptance and the acceptance_* modules
+it calls): the acceptance selection, the verdict on the issue's targets, the tests' counts, the
+science stage's α, and the driver's promise that a failing stage never stops the next while the
+exit status still says it failed.
 
 The whole CPU mode runs in CI (.ci/run); here each piece is checked on its own, on hand-made
 inputs whose right answer is worked out independently.
@@ -17,6 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from memk.bench import acceptance as A
+from memk.bench import acceptance_junit, acceptance_science, acceptance_verdict
 from memk.bench import cases as C
 from memk.bench import run, timing
 from memk.bench.case import interpreter_active
@@ -139,7 +141,7 @@ def _fake_gpu_run(tmp_path, ce_median, seq64_ratios, flash_1024, train_ratio):
 
 
 def _statuses(out_dir):
-    rows, _ = A.verdict_rows(str(out_dir))
+    rows, _ = acceptance_verdict.verdict_rows(str(out_dir))
     return {r.target: r for r in rows}
 
 
@@ -215,7 +217,7 @@ def test_verdict_of_a_cpu_run_shows_figures_but_judges_nothing(tmp_path):
     report = json.loads(path.read_text())
     report["env"].update(device_type="cpu", device_name="AMD EPYC")
     path.write_text(json.dumps(report))
-    statuses = {r.status for r in A.verdict_rows(str(out))[0]}
+    statuses = {r.status for r in acceptance_verdict.verdict_rows(str(out))[0]}
     assert "PASS" not in statuses and "FAIL" not in statuses and "cpu" in statuses
 
 
@@ -230,13 +232,13 @@ def test_junit_counts_per_file(tmp_path):
 <testcase classname="tests.test_cross_entropy.TestX" name="test_c"><failure message="bad"/></testcase>
 <testcase classname="" name="tests.test_broken"><error message="collection failure"/></testcase>
 </testsuite></testsuites>""")
-    counts = A.junit_counts(str(xml))
+    counts = acceptance_junit.junit_counts(str(xml))
     assert counts == {
         "tests/test_attention.py": {"passed": 1, "failed": 0, "errors": 0, "skipped": 1},
         "tests/test_cross_entropy.py": {"passed": 0, "failed": 1, "errors": 0, "skipped": 0},
         "tests/test_broken.py": {"passed": 0, "failed": 0, "errors": 1, "skipped": 0},
     }
-    assert A.format_counts(counts).splitlines()[-1] == "all: 1 passed, 1 failed, 1 errors, 1 skipped"
+    assert acceptance_junit.format_counts(counts).splitlines()[-1] == "all: 1 passed, 1 failed, 1 errors, 1 skipped"
 
 
 def _capacity_row(precision, name, parameters, n, memorized):
@@ -253,7 +255,7 @@ def test_science_alpha_from_the_finished_runs_of_a_stopped_capacity_run(tmp_path
         _capacity_row("bfloat16", "a", 1000, 8, 3500.0), _capacity_row("bfloat16", "b", 2000, 16, 7000.0),
     ]
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = A.science_alpha(str(tmp_path))
+    result = acceptance_science.science_alpha(str(tmp_path))
     f32 = (1000 * 3800 + 2000 * 7600) / (1000**2 + 2000**2)
     bf16 = (1000 * 3500 + 2000 * 7000) / (1000**2 + 2000**2)
     assert result["alpha"]["float32"] == pytest.approx(f32)

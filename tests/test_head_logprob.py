@@ -1,9 +1,12 @@
-"""memk.kernels.head_token_logprobs against log_softmax of the full logits in float64."""
+"""memk.kernels.head_logprob: head_token_logprobs against log_softmax of the full logits in float64,
+and logprob_moments against the moments' formulas."""
+
+import math
 
 import pytest
 import torch
 
-from memk.kernels import head_token_logprobs, logprob_backends
+from memk.kernels import head_token_logprobs, logprob_backends, logprob_moments
 
 
 def float64_truth(hidden, weight, targets, bias=None):
@@ -89,6 +92,35 @@ def test_bad_shapes_are_named():
         head_token_logprobs(torch.zeros(3, 4), torch.zeros(5, 3), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="targets must be"):
         head_token_logprobs(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"bias must be \(V,\) = \(5,\), got \(4,\)"):
+        head_token_logprobs(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long), torch.zeros(4))
+    with pytest.raises(ValueError, match="block_bytes must be positive, got 0"):
+        head_token_logprobs(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long), block_bytes=0)
+
+
+def test_logprob_moments_of_batched_logits_match_float64():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3, 41, generator=g) * 4
+    mean, std = logprob_moments(logits)
+    logp = torch.log_softmax(logits.double(), -1)
+    want_mean = (logp.exp() * logp).sum(-1)
+    want_std = (logp.exp() * (logp - want_mean[..., None]) ** 2).sum(-1).sqrt()
+    assert mean.shape == std.shape == (2, 3) and mean.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), want_mean, rtol=0, atol=2e-5)
+    torch.testing.assert_close(std.double(), want_std, rtol=0, atol=2e-5)
+
+
+def test_logprob_moments_known_answers():
+    # p = (1/4, 3/4): mean = E[log p], std = |log(3/4) - log(1/4)| sqrt(p (1 - p)) = log 3 * sqrt(3) / 4
+    mean, std = logprob_moments(torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64))
+    assert mean.dtype == torch.float64
+    assert mean.item() == pytest.approx(0.25 * math.log(0.25) + 0.75 * math.log(0.75), abs=1e-12)
+    assert std.item() == pytest.approx(math.log(3.0) * math.sqrt(3.0) / 4, abs=1e-12)
+    # uniform over V: every log p is -log V, so mean = -log V (minus the entropy) and std = 0; in float32,
+    # to the rounding of log-sum-exp = 7 + log 64 (a few float32 units of 11)
+    mean, std = logprob_moments(torch.full((4, 64), 7.0))
+    torch.testing.assert_close(mean, torch.full((4,), -math.log(64.0)), rtol=0, atol=2e-5)
+    torch.testing.assert_close(std, torch.zeros(4), rtol=0, atol=2e-5)
 
 
 @pytest.mark.cuda
