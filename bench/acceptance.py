@@ -122,14 +122,17 @@ def build_command(device, triton_interpreter):
 
 @main.command("clear-build-lock")
 def clear_build_lock():
-    """Remove the lock a build killed mid-way leaves in torch's extension cache (the next build would wait on it forever)."""
-    from torch.utils import cpp_extension
+    """Remove the marker a build killed mid-way leaves in memk's build folders (torch's next build
+    would wait on it forever), under memk's own build lock, as memk's build does itself."""
+    from memk.kernels import native_build
 
-    for name in ("memk_logprob_cpu", "memk_logprob_cuda"):
-        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
-        if lock.exists():
-            lock.unlink()
-            click.echo(f"removed {lock}")
+    for with_cuda in (False, True):
+        folder = native_build.build_directory(with_cuda)
+        baton = folder / "lock"
+        if baton.exists():
+            with native_build.build_lock(folder):
+                native_build.remove_stale_baton(folder)
+            click.echo(f"removed {baton}" if not baton.exists() else f"{baton} is still held")
 
 
 # ---- the tests' counts, α, the plan and the verdict -----------------------------------

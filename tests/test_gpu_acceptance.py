@@ -324,3 +324,17 @@ def test_passing_stages_pass(tmp_path):
 def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
     done = _script(tmp_path, *args)
     assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_clear_build_lock_removes_a_killed_builds_marker_from_memks_own_build_folder(tmp_path, monkeypatch):
+    from memk.kernels import native_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = native_build.build_directory(False)
+    folder.mkdir(parents=True)
+    (folder / "lock").write_text("")  # torch's marker, left by a build killed mid-way
+    result = CliRunner().invoke(A.main, ["clear-build-lock"])
+    assert result.exit_code == 0, result.output
+    assert not (folder / "lock").exists() and f"removed {folder / 'lock'}" in result.output
+    again = CliRunner().invoke(A.main, ["clear-build-lock"])  # nothing left: nothing said
+    assert again.exit_code == 0 and again.output == ""
