@@ -94,7 +94,20 @@ def packed_causal_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
     return merge_heads(attention(*split_heads(qkv, n_head), causal=True))
 
 
+# torch's CPU flash attention takes 4-8x longer for its backward in bfloat16 or float16 than in
+# float32 (torch 2.13, Xeon with AVX-512 BF16 and AMX; bench/results/precision-step-cpu-2core.json):
+# on the CPU, attention over 16-bit inputs runs in float32, its output rounded to their dtype once.
+CPU_ATTENTION_IN_FLOAT32 = (torch.bfloat16, torch.float16)
+
+
 def packed_causal_attention_sdpa(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
     """Same as packed_causal_attention, through torch's scaled_dot_product_attention."""
+    if qkv.device.type == "cpu" and qkv.dtype in CPU_ATTENTION_IN_FLOAT32:
+        with torch.autocast("cpu", enabled=False):  # autocast would run it in 16 bits again
+            return _sdpa(qkv.float(), n_head).to(qkv.dtype)
+    return _sdpa(qkv, n_head)
+
+
+def _sdpa(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
     q, k, v = split_heads(qkv, n_head)
     return merge_heads(F.scaled_dot_product_attention(q, k, v, is_causal=True))

@@ -92,3 +92,35 @@ class BFloat16AdamW(torch.optim.Optimizer):
                 state["exp_avg"].copy_(m)
                 state["exp_avg_sq"].copy_(v)
         return loss
+
+
+# The CPU flags (Linux /proc/cpuinfo) that mean bfloat16 arithmetic in hardware: AVX-512 BF16 or
+# AMX on x86-64, BF16 on Arm. Without them torch emulates bfloat16 in float32 and converts at
+# every op, which costs more than float32 itself.
+BFLOAT16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU does bfloat16 arithmetic in hardware (BFLOAT16_CPU_FLAGS); None where
+    /proc/cpuinfo cannot be read (not Linux). `cpuinfo`: its text, for tests."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags = set()
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):  # x86-64, Arm
+            flags.update(value.split())
+    return any(flag in flags for flag in BFLOAT16_CPU_FLAGS)
+
+
+def bfloat16_cpu_note(device_type: str, precisions, cpuinfo: str | None = None) -> str | None:
+    """The one line to show where bfloat16 is asked for on a CPU without bfloat16 instructions; None otherwise."""
+    asked = [p for p in precisions if p.startswith("bfloat16")]
+    if device_type != "cpu" or not asked or cpu_has_bfloat16(cpuinfo) is not False:
+        return None
+    return (f"this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX on x86, BF16 on Arm), so {', '.join(asked)} "
+            "runs emulated here, slower than float32; use --precision float32 unless you need bfloat16's arithmetic")

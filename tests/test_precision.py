@@ -121,3 +121,29 @@ def test_a_bfloat16_run_trains_bfloat16_weights_and_memorizes():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     # 16 sequences of 7 tokens of 4 bits: 448 bits; a 1x16 model holds a good share of them
     assert outcome.memorized_bits > 100
+
+
+XEON = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+EPYC_ZEN2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+ARM_V8_2 = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32\n"
+ARM_V8_6 = "processor\t: 0\nFeatures\t: fp asimd bf16 i8mm sve2\n"
+
+
+def test_bfloat16_instructions_are_read_from_the_cpus_flags():
+    from memk.memorize.precision import cpu_has_bfloat16
+
+    assert cpu_has_bfloat16(XEON) is True
+    assert cpu_has_bfloat16(ARM_V8_6) is True
+    assert cpu_has_bfloat16(EPYC_ZEN2) is False
+    assert cpu_has_bfloat16(ARM_V8_2) is False
+
+
+def test_bfloat16_on_a_cpu_without_its_instructions_gets_one_line_suggesting_float32():
+    from memk.memorize.precision import bfloat16_cpu_note
+
+    note = bfloat16_cpu_note("cpu", ["float32", "bfloat16"], EPYC_ZEN2)
+    assert "no bfloat16 instructions" in note and "--precision float32" in note and "\n" not in note
+    assert bfloat16_cpu_note("cpu", ["bfloat16-autocast"], ARM_V8_2) is not None
+    assert bfloat16_cpu_note("cpu", ["bfloat16"], XEON) is None  # the hardware has them
+    assert bfloat16_cpu_note("cpu", ["float32"], EPYC_ZEN2) is None  # not asked for
+    assert bfloat16_cpu_note("cuda", ["bfloat16"], EPYC_ZEN2) is None  # not on the CPU
