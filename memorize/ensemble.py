@@ -1,12 +1,12 @@
 """K GPTs of one shape trained as one: every parameter stacked on a leading member axis.
 
-`EnsembleGPT` holds K members of one GPTConfig. Each parameter of GPT (memorize/model.py)
-becomes one tensor of shape (K, ...) under the same name, so member k's plain GPT state
-dict is `{name: tensor[k]}`: `export_member(k)` gives it and `import_member(k, state)`
-takes one. The projections run as batched matrix products (torch.baddbmm), LayerNorms
-and embeddings per member; attention and the log-prob ops are memk.kernels' own,
-unchanged, because they work per sequence and per row: the ensemble hands them K·batch
-sequences. Members never mix: member k's outputs depend on member k's weights and inputs
+`EnsembleGPT` holds K members of one GPTConfig. Each parameter of GPT (memorize/model.py's
+parameter_shapes) becomes one tensor of shape (K, ...) under the same name, so member k's
+plain GPT state dict is `{name: tensor[k]}`: `export_member(k)` gives it and
+`import_member(k, state)` takes one. Its forward is GPT's own (model.gpt_logits) over
+`StackedOps`: the projections as batched matrix products (torch.baddbmm), LayerNorms and
+embeddings per member; attention and the log-prob ops are memk.kernels' own, unchanged,
+because they work per sequence and per row: the ensemble hands them K·batch sequences. Members never mix: member k's outputs depend on member k's weights and inputs
 only, so the gradient of the sum of the members' losses is, member by member, each
 member's own gradient.
 
@@ -16,10 +16,15 @@ graphs: the ways the ensemble executor may run it on CUDA.
 `EnsembleAdamW` is torch.optim.AdamW's update (decoupled weight decay, bias corrections,
 eps) written on the stacked tensors with a learning rate, weight decay, step count and
 gradient-norm clip per member, and an `active` mask: members outside it are not touched.
+
+`EnsembleStep` is the two as the training loop's TrainingStep (memorize/train.py), a run in
+each slot; its checkpoints are a plain GPT's and torch.optim.AdamW's state dicts, as a run
+alone writes them, so a run resumes under either.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -27,28 +32,11 @@ import torch.nn.functional as F
 
 from memk import kernels
 
-from .model import GPTConfig
+from .model import GPT, LAYER_NORM_EPS, GPTConfig, gpt_logits, parameter_shapes
+from .schedule import TrainConfig
+from .train import GLOBAL_RNG, seeded_gpt
 
 IGNORE = -100  # target of a padding row: the log-prob ops skip it (their ignore_index)
-LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, as GPT's LayerNorms use
-
-
-def parameter_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """GPT(config)'s state dict, name -> shape, in its order (tests check it against GPT itself)."""
-    d, V, S = config.d_model, config.vocab_size, config.seq_len
-    shapes = {"wte.weight": (V, d), "wpe.weight": (S, d)}
-    for i in range(config.n_layer):
-        b = f"blocks.{i}."
-        shapes.update({
-            b + "ln_1.weight": (d,), b + "ln_1.bias": (d,),
-            b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,),
-            b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,),
-            b + "ln_2.weight": (d,), b + "ln_2.bias": (d,),
-            b + "mlp.fc.weight": (4 * d, d), b + "mlp.fc.bias": (4 * d,),
-            b + "mlp.proj.weight": (d, 4 * d), b + "mlp.proj.bias": (d,),
-        })
-    shapes.update({"ln_f.weight": (d,), "ln_f.bias": (d,)})
-    return shapes
 
 
 def _per_member(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -56,17 +44,41 @@ def _per_member(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape + (1,) * (like.dim() - t.dim()))
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Member k's nn.Linear on member k's rows: x (K, B, T, in), weight (K, out, in), bias (K, out)."""
-    K, B, T, n_in = x.shape
-    y = torch.baddbmm(bias.unsqueeze(1), x.reshape(K, B * T, n_in), weight.transpose(1, 2))
-    return y.reshape(K, B, T, -1)
+class StackedOps:
+    """model.TransformerOps of K stacked GPTs: member k's layers on member k's rows, x (K, B, T, ...)."""
 
+    def __init__(self, attend: Callable[[torch.Tensor, int], torch.Tensor]):
+        self.attend_sequences = attend
 
-def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Member k's nn.LayerNorm: normalise each row, then member k's scale and shift."""
-    normed = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
-    return torch.addcmul(bias[:, None, None, :], normed, weight[:, None, None, :])
+    @staticmethod
+    def embed(wte: torch.Tensor, wpe: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        K, V, d = wte.shape
+        # Member k's token table sits at rows k·V .. k·V+V-1 of the flattened tables.
+        offsets = torch.arange(K, device=idx.device).view(K, 1, 1) * V
+        return F.embedding(idx + offsets, wte.reshape(K * V, d)) + wpe[:, None, :idx.shape[2], :]
+
+    @staticmethod
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Member k's nn.Linear on member k's rows: x (K, B, T, in), weight (K, out, in), bias (K, out)."""
+        K, B, T, n_in = x.shape
+        y = torch.baddbmm(bias.unsqueeze(1), x.reshape(K, B * T, n_in), weight.transpose(1, 2))
+        return y.reshape(K, B, T, -1)
+
+    @staticmethod
+    def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Member k's nn.LayerNorm: normalise each row, then member k's scale and shift."""
+        normed = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
+        return torch.addcmul(bias[:, None, None, :], normed, weight[:, None, None, :])
+
+    def attend(self, qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+        """Every member's sequences through the kernels' attention as K·B sequences."""
+        K, B, T, width = qkv.shape
+        return self.attend_sequences(qkv.reshape(K * B, T, width), n_head).reshape(K, B, T, width // 3)
+
+    @staticmethod
+    def head(hidden: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
+        K, B, T, d = hidden.shape
+        return torch.bmm(hidden.reshape(K, B * T, d), wte.transpose(1, 2)).reshape(K, B, T, -1)
 
 
 class EnsembleGPT:
@@ -78,7 +90,7 @@ class EnsembleGPT:
             raise ValueError(f"an ensemble needs at least one member, got {members}")
         self.config = config
         self.attention_backend, self.logprob_backend = attention_backend, logprob_backend
-        self.attend = kernels.packed_attention(attention_backend)
+        self.ops = StackedOps(kernels.packed_attention(attention_backend))
         self.logprob = kernels.logprob_ops(logprob_backend)
         self.params = {
             name: torch.zeros((members, *shape), device=device, dtype=dtype, requires_grad=True)
@@ -125,25 +137,9 @@ class EnsembleGPT:
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (K, B, t, V) for token ids (K, B, t): row b of member k through member k."""
         K, B, T = idx.shape
-        c, p = self.config, self.params
-        if K != self.members or T > c.seq_len:
-            raise ValueError(f"idx must be ({self.members}, batch, t) with t <= {c.seq_len}, got {tuple(idx.shape)}")
-        # Member k's token table sits at rows k·V .. k·V+V-1 of the flattened tables.
-        offsets = torch.arange(K, device=idx.device).view(K, 1, 1) * c.vocab_size
-        h = F.embedding(idx + offsets, p["wte.weight"].reshape(K * c.vocab_size, c.d_model))
-        h = h + p["wpe.weight"][:, None, :T, :]
-        for i in range(c.n_layer):
-            b = f"blocks.{i}."
-            qkv = _linear(_layer_norm(h, p[b + "ln_1.weight"], p[b + "ln_1.bias"]),
-                          p[b + "attn.qkv.weight"], p[b + "attn.qkv.bias"])
-            y = self.attend(qkv.reshape(K * B, T, 3 * c.d_model), c.n_head).reshape(K, B, T, c.d_model)
-            h = h + _linear(y, p[b + "attn.proj.weight"], p[b + "attn.proj.bias"])
-            u = _linear(_layer_norm(h, p[b + "ln_2.weight"], p[b + "ln_2.bias"]),
-                        p[b + "mlp.fc.weight"], p[b + "mlp.fc.bias"])
-            h = h + _linear(F.gelu(u, approximate="tanh"), p[b + "mlp.proj.weight"], p[b + "mlp.proj.bias"])
-        h = _layer_norm(h, p["ln_f.weight"], p["ln_f.bias"])
-        logits = torch.bmm(h.reshape(K, B * T, c.d_model), p["wte.weight"].transpose(1, 2))  # head tied to wte
-        return logits.reshape(K, B, T, c.vocab_size)
+        if K != self.members or T > self.config.seq_len:
+            raise ValueError(f"idx must be ({self.members}, batch, t) with t <= {self.config.seq_len}, got {tuple(idx.shape)}")
+        return gpt_logits(self.ops, self.params, self.config, idx)
 
     def member_losses(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Each member's mean next-token cross-entropy (nats) over tokens 1..S-1 of its first
@@ -284,3 +280,100 @@ def compiled_losses(model: EnsembleGPT, mode: str = "default") -> Callable:
         return compiled(x, rows)
 
     return graphed
+
+
+# ---------------------------------------------------------------------------------------
+# The ensemble as the training loop's step (memorize/train.py's TrainingStep)
+
+
+class EnsembleStep:
+    """train.TrainingStep of up to K runs of one shape: an EnsembleGPT and its EnsembleAdamW, a run a slot.
+
+    A fresh run starts from the weights it would start from alone (train.seeded_gpt of its seed);
+    checkpoints hold a GPT state dict and a torch.optim.AdamW state dict, as train.AloneStep
+    writes them with float32 weights, so a run checkpointed by either resumes under the other."""
+
+    def __init__(self, config: GPTConfig, slots: int, attention_backend: str, logprob_backend: str,
+                 betas: tuple[float, float], device: torch.device, compile_mode: str | None = None):
+        # GPT's parameters take torch's default dtype; the members must too, to start from its weights.
+        self.model = EnsembleGPT(config, slots, attention_backend, logprob_backend, device=device,
+                                 dtype=torch.get_default_dtype())
+        self.optimizer = EnsembleAdamW(self.model, betas)
+        self.member_losses = self.model.member_losses if compile_mode is None else compiled_losses(self.model, compile_mode)
+        self.names = list(self.model.params)
+        with GLOBAL_RNG, torch.random.fork_rng(devices=[]):  # building it must not move the global generator
+            self.template = GPT(config, attention_backend=attention_backend,
+                                logprob_backend=logprob_backend).to(device=device, dtype=self.model.dtype)
+
+    @property
+    def slots(self) -> int:
+        return self.model.members
+
+    def load(self, k: int, cfg: TrainConfig, checkpoint: dict | None) -> None:
+        m = self.model
+        if checkpoint is None:
+            fresh = seeded_gpt(m.config, cfg.seed, m.attention_backend, m.logprob_backend, m.device)
+            m.import_member(k, fresh.state_dict())
+            self.optimizer.reset_member(k)
+            return
+        m.import_member(k, checkpoint["model"])
+        moments = moments_from_adamw_state(checkpoint["optimizer"], self.names)
+        if moments is None:
+            self.optimizer.reset_member(k)
+        else:
+            self.optimizer.import_member(k, *moments)
+
+    def gpt(self, k: int) -> GPT:
+        """Member k as a plain GPT of its own (later steps do not change it)."""
+        gpt = copy.deepcopy(self.template)
+        gpt.load_state_dict(self.model.export_member(k))
+        return gpt
+
+    def checkpoint(self, k: int, gpt: GPT, cfg: TrainConfig, lr: float) -> dict:
+        step, exp_avg, exp_avg_sq = self.optimizer.export_member(k)
+        return {"model": gpt.state_dict(), "optimizer": torch_adamw_state(gpt, cfg, lr, step, exp_avg, exp_avg_sq)}
+
+    def losses(self, batches: list[torch.Tensor | None]) -> torch.Tensor:
+        rows = [len(b) if b is not None else 0 for b in batches]
+        width = max(rows)
+        filler = next(b for b in batches if b is not None)[:1]
+        # Members with fewer sequences than the widest batch (n < batch_size) are padded with
+        # rows whose targets the loss ignores; empty slots are all padding.
+        x = torch.stack([
+            torch.cat([b if b is not None else filler[:0], filler.expand(width - r, -1)]) for b, r in zip(batches, rows)
+        ])
+        return self.member_losses(x, torch.tensor(rows, device=self.model.device))
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def clip_gradients(self, max_norm: list[float]) -> None:
+        self.optimizer.clip_gradients(max_norm)
+
+    def step(self, lr: list[float], weight_decay: list[float], active: list[bool]) -> None:
+        self.optimizer.step(lr, weight_decay, active)
+
+    def keep(self, slots: list[int]) -> None:
+        self.model.keep_members(slots)
+        self.optimizer.keep_members(slots)
+
+
+def torch_adamw_state(gpt: GPT, cfg: TrainConfig, lr: float, step: int, exp_avg: dict, exp_avg_sq: dict) -> dict:
+    """A torch.optim.AdamW state dict for `gpt` holding these moments: what a run alone checkpoints."""
+    optimizer = torch.optim.AdamW(gpt.parameters(), lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if step > 0:  # AdamW creates its state on the first step; a checkpoint at step 0 has none
+        for name, p in gpt.named_parameters():
+            optimizer.state[p] = {"step": torch.tensor(float(step)), "exp_avg": exp_avg[name],
+                                  "exp_avg_sq": exp_avg_sq[name]}
+    return optimizer.state_dict()
+
+
+def moments_from_adamw_state(state: dict, names: list[str]) -> tuple[int, dict, dict] | None:
+    """(step, exp_avg, exp_avg_sq) by parameter name from a torch AdamW state dict; None before the first step."""
+    per_index = state["state"]
+    if not per_index:
+        return None
+    order = state["param_groups"][0]["params"]  # the indices of GPT.parameters(), in order
+    step = int(per_index[order[0]]["step"])
+    return (step, {n: per_index[i]["exp_avg"] for n, i in zip(names, order)},
+            {n: per_index[i]["exp_avg_sq"] for n, i in zip(names, order)})

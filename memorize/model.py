@@ -4,12 +4,19 @@ Pre-LayerNorm blocks, causal self-attention, a 4x GELU MLP, learned position
 embeddings, and an output head tied to the token embedding; no dropout. Attention
 and the loss go through memk.kernels by backend name, so the model never names an
 implementation.
+
+The transformer is written once: its layers, names and shapes (`gpt_layers`), and its
+forward (`gpt_logits`) over a name -> tensor mapping and a few `TransformerOps` (linear,
+LayerNorm, embeddings, attention, head). `GPT`, a plain nn.Module, holds the layers as
+torch.nn modules and runs the forward with `PlainOps`; memorize/ensemble.py stacks the
+same layers for K GPTs and runs the same forward with its batched ops.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable, Mapping, Protocol
 
 import torch
 import torch.nn as nn
@@ -77,39 +84,108 @@ def training_flops_per_sequence(config: GPTConfig) -> float:
     return training_flops_per_token(config) * (config.seq_len - 1)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, attention_backend: str):
-        super().__init__()
-        self.n_head = config.n_head
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
-        self.proj = nn.Linear(config.d_model, config.d_model)
-        self.attend = kernels.packed_attention(attention_backend)
+# ---------------------------------------------------------------------------------------
+# The transformer, written once: its layers (names and shapes) and its forward, over a few
+# operations that one GPT (PlainOps, below) and K stacked GPTs (memorize/ensemble.py) each supply.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.attend(self.qkv(x), self.n_head))
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default
 
 
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.fc = nn.Linear(config.d_model, 4 * config.d_model)
-        self.proj = nn.Linear(4 * config.d_model, config.d_model)
+@dataclass(frozen=True)
+class Layer:
+    """One layer: its parameters are `name`.weight, of `shape`, and (but for an embedding) `name`.bias."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+    name: str
+    kind: str  # "embedding" (shape: rows, d), "layer_norm" (d,) or "linear" (out, in: nn.Linear's weight)
+    shape: tuple[int, ...]
+
+    @property
+    def parameters(self) -> dict[str, tuple[int, ...]]:
+        if self.kind == "embedding":
+            return {f"{self.name}.weight": self.shape}
+        return {f"{self.name}.weight": self.shape, f"{self.name}.bias": self.shape[:1]}
+
+    def module(self) -> nn.Module:
+        """The torch.nn module GPT holds it in (its constructor draws the default init, as GPT always has)."""
+        if self.kind == "embedding":
+            return nn.Embedding(*self.shape)
+        if self.kind == "layer_norm":
+            return nn.LayerNorm(self.shape, eps=LAYER_NORM_EPS)
+        return nn.Linear(self.shape[1], self.shape[0])
 
 
-class Block(nn.Module):
-    def __init__(self, config: GPTConfig, attention_backend: str):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(config.d_model)
-        self.attn = CausalSelfAttention(config, attention_backend)
-        self.ln_2 = nn.LayerNorm(config.d_model)
-        self.mlp = MLP(config)
+def embedding_layers(config: GPTConfig) -> list[Layer]:
+    return [Layer("wte", "embedding", (config.vocab_size, config.d_model)),
+            Layer("wpe", "embedding", (config.seq_len, config.d_model))]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+
+def block_layers(d: int) -> list[Layer]:
+    """One block's layers, by their names inside the block."""
+    return [Layer("ln_1", "layer_norm", (d,)), Layer("attn.qkv", "linear", (3 * d, d)),
+            Layer("attn.proj", "linear", (d, d)), Layer("ln_2", "layer_norm", (d,)),
+            Layer("mlp.fc", "linear", (4 * d, d)), Layer("mlp.proj", "linear", (d, 4 * d))]
+
+
+def final_layers(d: int) -> list[Layer]:
+    return [Layer("ln_f", "layer_norm", (d,))]
+
+
+def gpt_layers(config: GPTConfig) -> list[Layer]:
+    """Every layer of GPT(config), in the order it builds them (its init draws in this order)."""
+    blocks = [Layer(f"blocks.{i}.{layer.name}", layer.kind, layer.shape)
+              for i in range(config.n_layer) for layer in block_layers(config.d_model)]
+    return [*embedding_layers(config), *blocks, *final_layers(config.d_model)]
+
+
+def parameter_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """GPT(config)'s state dict, name -> shape, in its order: what an ensemble stacks."""
+    return {name: shape for layer in gpt_layers(config) for name, shape in layer.parameters.items()}
+
+
+class TransformerOps(Protocol):
+    """The operations whose form depends on how the parameters are held (one GPT's, or K stacked);
+    the rest of the forward is gpt_logits'. Parameters come as gpt_layers names them."""
+
+    def embed(self, wte: torch.Tensor, wpe: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of idx plus the position embeddings of positions 0..t-1."""
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor: ...
+
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor: ...
+
+    def attend(self, qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+        """Causal self-attention of the packed q, k, v of each sequence."""
+
+    def head(self, hidden: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
+        """Logits of the output head tied to the token embedding."""
+
+
+Parameters = Mapping[str, torch.Tensor]
+
+
+def gpt_block(ops: TransformerOps, p: Parameters, h: torch.Tensor, n_head: int, prefix: str = "") -> torch.Tensor:
+    """One pre-LayerNorm block: causal self-attention, then a 4x GELU MLP, each added to the residual
+    stream; its parameters are p[prefix + a name of block_layers]."""
+    def layer(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return p[f"{prefix}{name}.weight"], p[f"{prefix}{name}.bias"]
+
+    qkv = ops.linear(ops.layer_norm(h, *layer("ln_1")), *layer("attn.qkv"))
+    h = h + ops.linear(ops.attend(qkv, n_head), *layer("attn.proj"))
+    u = ops.linear(ops.layer_norm(h, *layer("ln_2")), *layer("mlp.fc"))
+    return h + ops.linear(F.gelu(u, approximate="tanh"), *layer("mlp.proj"))
+
+
+def gpt_hidden_states(ops: TransformerOps, p: Parameters, config: GPTConfig, idx: torch.Tensor) -> torch.Tensor:
+    """The final (layer-normed) hidden states the output head reads: embeddings, the blocks, ln_f."""
+    h = ops.embed(p["wte.weight"], p["wpe.weight"], idx)
+    for i in range(config.n_layer):
+        h = gpt_block(ops, p, h, config.n_head, f"blocks.{i}.")
+    return ops.layer_norm(h, p["ln_f.weight"], p["ln_f.bias"])
+
+
+def gpt_logits(ops: TransformerOps, p: Parameters, config: GPTConfig, idx: torch.Tensor) -> torch.Tensor:
+    """The logits of token ids idx: the hidden states through the head tied to the token embedding."""
+    return ops.head(gpt_hidden_states(ops, p, config, idx), p["wte.weight"])
 
 
 class TiedHead(torch.autograd.Function):
@@ -136,6 +212,49 @@ def tied_head(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return TiedHead.apply(hidden, weight) if hidden.device.type == "cpu" else F.linear(hidden, weight)
 
 
+class PlainOps:
+    """TransformerOps of one GPT: torch.nn.functional's, as nn.Embedding, nn.Linear and nn.LayerNorm call
+    them; the attention of a memk.kernels backend; the tied head."""
+
+    def __init__(self, attend: Callable[[torch.Tensor, int], torch.Tensor]):
+        self.attend = attend
+
+    @staticmethod
+    def embed(wte: torch.Tensor, wpe: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, wte) + F.embedding(torch.arange(idx.shape[1], device=idx.device), wpe)
+
+    linear = staticmethod(F.linear)
+    head = staticmethod(tied_head)
+
+    @staticmethod
+    def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, weight.shape, weight, bias, LAYER_NORM_EPS)
+
+
+def add_layers(owner: nn.Module, layers: list[Layer]) -> None:
+    """Each layer's module under `owner` at its dotted name (plain containers in between), in order."""
+    for layer in layers:
+        *path, leaf = layer.name.split(".")
+        parent = owner
+        for part in path:
+            if part not in parent._modules:
+                parent.add_module(part, nn.Module())
+            parent = parent._modules[part]
+        parent.add_module(leaf, layer.module())
+
+
+class Block(nn.Module):
+    """One block's layers (block_layers); called on hidden states (batch, t, d), it is gpt_block."""
+
+    def __init__(self, config: GPTConfig, ops: PlainOps):
+        super().__init__()
+        self.n_head, self.ops = config.n_head, ops
+        add_layers(self, block_layers(config.d_model))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return gpt_block(self.ops, dict(self.named_parameters()), h, self.n_head)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, attention_backend: str = "sdpa", logprob_backend: str = "reference"):
         """Backends are memk.kernels names; kernels.default_*_backend(device) picks the best for a device."""
@@ -144,10 +263,11 @@ class GPT(nn.Module):
         self.attention_backend = attention_backend
         self.logprob_backend = logprob_backend
         self.logprob = kernels.logprob_ops(self.logprob_backend)
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.seq_len, config.d_model)
-        self.blocks = nn.ModuleList(Block(config, self.attention_backend) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.d_model)
+        self.ops = PlainOps(kernels.packed_attention(self.attention_backend))
+        # gpt_layers' modules, in its order: wte and wpe, the blocks (a ModuleList: model.blocks[i]), ln_f
+        add_layers(self, embedding_layers(config))
+        self.blocks = nn.ModuleList(Block(config, self.ops) for _ in range(config.n_layer))
+        add_layers(self, final_layers(config.d_model))
         self.apply(self._init_weights)
         # GPT-2's scaled init for the projections that write into the residual stream.
         for name, p in self.named_parameters():
@@ -163,17 +283,17 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Logits (batch, t, V) for token ids (batch, t), t <= seq_len; position i sees tokens 0..i."""
-        return tied_head(self.hidden_states(idx), self.wte.weight)
+        self._check(idx)
+        return gpt_logits(self.ops, dict(self.named_parameters()), self.config, idx)
 
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         """The final (layer-normed) hidden states (batch, t, d) the output head reads."""
+        self._check(idx)
+        return gpt_hidden_states(self.ops, dict(self.named_parameters()), self.config, idx)
+
+    def _check(self, idx: torch.Tensor) -> None:
         if idx.dim() != 2 or idx.shape[1] > self.config.seq_len:
             raise ValueError(f"idx must be (batch, t) with t <= {self.config.seq_len}, got {tuple(idx.shape)}")
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        h = self.wte(idx) + self.wpe(pos)
-        for block in self.blocks:
-            h = block(h)
-        return self.ln_f(h)
 
     def next_token_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (batch, S-1, V) predicting tokens 1..S-1 of x (batch, S): the tokens memk codes."""

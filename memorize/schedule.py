@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from .constants import PRECISIONS  # noqa: F401  (re-exported: options and the CLI import it from here)
 from .precision import check_precision
 
 

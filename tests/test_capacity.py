@@ -1,4 +1,6 @@
-from dataclasses import replace
+import json
+from dataclasses import fields, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ from memk.memorize.bits import uniform_sequence_entropy_bits
 from memk.memorize.data import uniform_random_sequences
 from memk.memorize.errors import ConfigError
 from memk.memorize.model import count_parameters
-from memk.memorize.schedule import TrainConfig
+from memk.memorize.experiments.knobs import CapacityKnobs, TrainingKnobs
+from memk.memorize.schedule import RunOutcome, TrainConfig
 from memk.memorize.runtime import Backends
 
 
@@ -74,6 +77,7 @@ def test_paper_preset_is_the_papers_grid():
 
 
 BACKENDS = Backends("sdpa", "reference")
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def test_plan_is_every_precision_model_and_size_once_with_ids_that_follow_what_shapes_the_result():
@@ -111,10 +115,12 @@ def test_uniform_workload_trains_on_the_seeded_stream():
 
 
 def _row(name, params, n, dataset_bits, mem, precision="float32"):
+    # A row as memk wrote them before the saturation verdict (no saturation_gain, an empty curve).
     return dict(
         run_id=f"{name}-{n}-{precision}", model_name=name, model={}, parameters=params, n_sequences=n,
-        precision=precision, dataset_bits=dataset_bits, memorized_bits=mem, fraction_memorized=mem / dataset_bits,
-        steps=1, stop_reason="plateau",
+        precision=precision, seed=0, dataset_bits=dataset_bits, memorized_bits=mem, memorized_bits_final=mem,
+        fraction_memorized=mem / dataset_bits, model_bits_per_sequence=1.0, steps=1, stop_reason="plateau",
+        final_loss=0.1, train_seconds=1.0, bits_curve=[], train_config={},
     )
 
 
@@ -131,6 +137,12 @@ def test_summary_takes_the_plateau_as_capacity_and_fits_per_precision():
     assert summary["precisions"]["float32"]["fit"]["through_origin"]["alpha"] == pytest.approx(3.6)
     assert summary["precisions"]["bfloat16"]["models"][0]["capacity_bits"] == 300
     assert "α through origin: 3.600" in capacity.format_table(summary)
+
+
+def _knobs(**options) -> CapacityKnobs:
+    """The knobs of these command-line values by name, the training ones in their group."""
+    training = {k: options.pop(k) for k in [f.name for f in fields(TrainingKnobs)] if k in options}
+    return CapacityKnobs(**options, training=TrainingKnobs(**training))
 
 
 @pytest.mark.parametrize(
@@ -156,5 +168,51 @@ def test_summary_takes_the_plateau_as_capacity_and_fits_per_precision():
 )
 def test_bad_options_are_config_errors(options, message):
     options = {"preset_name": "smoke", **options}
+    preset_name = options.pop("preset_name")
     with pytest.raises(ConfigError, match=message):
-        capacity.experiment_from_options(**options)
+        capacity.validate(capacity.experiment_from_options(preset_name, _knobs(**options)))
+
+
+def test_the_knobs_override_the_preset_and_nothing_else():
+    smoke = capacity.preset("smoke")
+    assert capacity.experiment_from_options("smoke") == smoke
+    exp = capacity.experiment_from_options("smoke", _knobs(models="2x16", vocab_size=32, sizes="7,3", precision="both",
+                                                           max_steps=60, lr=0.5, seed=4, device="cpu"))
+    assert [(m.n_layer, m.d_model, m.vocab_size, m.seq_len) for m in exp.models] == [(2, 16, 32, 8)]
+    assert exp.dataset_sizes == (7, 3) and exp.precisions == ("float32", "bfloat16")
+    assert (exp.train.max_steps, exp.train.cooldown_steps, exp.train.lr) == (60, 12, 0.5)  # the cool-down's share kept
+    assert (exp.seed, exp.device, exp.size_factors, exp.attention_backend) == (4, "cpu", smoke.size_factors, "auto")
+    checked = capacity.validate(exp)
+    assert checked.experiment is exp and checked.device == torch.device("cpu")
+
+
+# ---- the typed row
+
+
+def test_a_row_of_runs_jsonl_reads_as_a_capacity_row_and_writes_back_key_for_key():
+    stored = json.loads((DOCS / "default-run" / "runs.jsonl").read_text().splitlines()[0])
+    row = capacity.CapacityRow.from_dict(stored)
+    written = row.to_dict()
+    assert list(written) == [f.name for f in fields(capacity.CapacityRow)]
+    assert written == {k: stored[k] for k in written}  # the stored row's keys in its order, then provenance
+    assert list(stored)[: len(written)] == list(written)
+
+
+def test_a_row_of_earlier_memk_gets_its_saturation_verdict_from_its_curve():
+    curve = [[100, 50.0], [200, 100.0], [400, 101.0]]  # the last doubling gained 1%: saturated
+    row = capacity.CapacityRow.from_dict({**_row("a", 100, 4, 800, 101.0), "bits_curve": curve})
+    assert row.saturation_gain == pytest.approx(0.01) and row.saturated
+    assert capacity.CapacityRow.from_dict(_row("a", 100, 4, 800, 1.0)).saturation_gain is None  # no curve: no verdict
+
+
+def test_the_workload_s_row_is_a_capacity_row_in_its_key_order():
+    run = capacity.plan(capacity.preset("smoke"), BACKENDS)[0]
+    outcome = RunOutcome(steps=30, stop_reason="step_cap", memorized_bits=80.0, memorized_bits_final=79.0,
+                         model_bits_per_sequence=12.5, final_loss=2.0, curve=[(10, 40.0), (20, 70.0), (30, 80.0)],
+                         train_seconds=1.5, saturation_gain=0.6)
+    row = capacity.UniformWorkload().result(run, None, outcome, None)
+    assert list(row) == [f.name for f in fields(capacity.CapacityRow)]
+    bits = run.n_sequences * 7 * 4  # (S-1)·log2 V with S = 8, V = 16
+    assert row["dataset_bits"] == bits and row["fraction_memorized"] == 80.0 / bits
+    assert (row["saturated"], row["seed"], row["precision"]) == (False, 0, "float32")
+    assert capacity.CapacityRow.from_dict(row).to_dict() == row

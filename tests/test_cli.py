@@ -77,38 +77,6 @@ def _one_line_error(result, needle):
     assert needle in lines[0]
 
 
-def _listing(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
-
-
-@pytest.mark.slow
-def test_dry_run_into_a_finished_folder_plans_only_what_remains(tmp_path):
-    out = tmp_path / "runs"
-    result = memk("run-capacity", "--preset", "smoke", "--out", str(out), "--no-progress")
-    assert result.returncode == 0, result.stderr
-    finished = rows(out)
-    assert len(finished) == 4
-
-    before = _listing(out)
-    result = memk("run-capacity", "--preset", "smoke", "--out", str(out), "--dry-run")
-    assert result.returncode == 0, result.stderr
-    assert "0 runs to train" in result.stdout and "4 of 4 runs finished" in result.stdout, result.stdout
-    assert _listing(out) == before  # read, not written: no lock file, no folder, nothing set aside
-
-    # One run's row gone (the real command would train it again): that run alone is planned.
-    (out / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in finished[1:]))
-    result = memk("run-capacity", "--preset", "smoke", "--out", str(out), "--dry-run")
-    assert result.returncode == 0, result.stderr
-    assert "1 run to train" in result.stdout and finished[0]["run_id"] in result.stdout, result.stdout
-    assert not any(r["run_id"] in result.stdout for r in finished[1:])
-
-    # A folder that does not exist: everything to train, and the dry run creates nothing.
-    fresh = tmp_path / "fresh"
-    result = memk("run-capacity", "--preset", "smoke", "--out", str(fresh), "--dry-run")
-    assert result.returncode == 0, result.stderr
-    assert "4 runs to train" in result.stdout and not fresh.exists()
-
-
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -217,3 +185,16 @@ def test_a_refused_start_leaves_no_output_folder(tmp_path, args, needle):
     out = tmp_path / "made" / "gen-missing"
     _one_line_error(memk("run-generalization", "--preset", "smoke", "--out", str(out), *args), needle)
     assert list(tmp_path.iterdir()) == []  # neither the folder nor the one made above it
+
+
+def test_each_command_s_options_are_its_knobs_in_their_order_with_their_help():
+    from memk.cli.main import cli
+    from memk.memorize.experiments.knobs import CapacityKnobs, ExecutionKnobs, GeneralizationKnobs, declared
+
+    for command, groups in (("run-capacity", (CapacityKnobs, ExecutionKnobs)),
+                            ("run-generalization", (GeneralizationKnobs, ExecutionKnobs))):
+        params = cli.get_command(None, command).params
+        knobs = [d for group in groups for d in declared(group)]
+        assert [p.name for p in params] == ["preset_name", *[d.name for d in knobs]]
+        for param, knob in zip(params[1:], knobs):
+            assert (param.opts, param.help, param.default) == ([knob.flag.name], knob.flag.help, knob.default)

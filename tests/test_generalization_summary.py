@@ -1,8 +1,14 @@
 """run-generalization's summary on hand-made rows: the peaks, the F1 law's check, the reference check."""
 
+import json
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 
-from memk.memorize.experiments.generalization_summary import format_summary, summarize
+from memk.memorize.experiments.generalization_summary import GeneralizationRow, format_summary, summarize
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def _row(run_id, role, name, n, ratio, heldout, unintended, f1, exact=None):
@@ -12,6 +18,7 @@ def _row(run_id, role, name, n, ratio, heldout, unintended, f1, exact=None):
         "capacity_over_dataset": 1 / ratio, "train_bits_per_token": 1.0, "heldout_bits_per_token": heldout,
         "total_memorization_bits": 500.0, "unintended_bits": unintended, "unintended_reference_bits": unintended,
         "generalization_bits": 500.0 - unintended, "f1": f1, "auc": f1, "steps": 10, "stop_reason": "plateau",
+        "model": {}, "attack": {}, "train_seconds": 1.0, "train_config": {},
     }
     if exact is not None:
         row["unintended_exact_bits"] = exact
@@ -42,3 +49,15 @@ def test_summary_finds_the_peaks_and_compares_predictions_with_measurements():
                                            "alpha": {"value": 2.0, "source": "x"},
                                            "reference": {"model_name": "r", "trained_on_sequences": 1,
                                                          "heldout_bits_per_token": 1.0}})
+
+
+@pytest.mark.parametrize("run, exact", [("generalization-default", False), ("generalization-markov", True)])
+def test_a_row_of_runs_jsonl_reads_as_a_generalization_row_and_writes_back_key_for_key(run, exact):
+    for line in (DOCS / run / "runs.jsonl").read_text().splitlines()[:3]:
+        stored = json.loads(line)
+        written = GeneralizationRow.from_dict(stored).to_dict()
+        assert list(stored)[: len(written)] == list(written)  # the stored row's keys in its order, then provenance
+        assert written == {k: stored[k] for k in written}
+        assert ("unintended_exact_bits" in written) == exact  # only where the generator is known
+    names = [f.name for f in fields(GeneralizationRow)]
+    assert list(written) == (names if exact else [n for n in names if n != "unintended_exact_bits"])

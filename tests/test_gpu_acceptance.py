@@ -242,9 +242,13 @@ def test_junit_counts_per_file(tmp_path):
 
 
 def _capacity_row(precision, name, parameters, n, memorized):
-    return {"run_id": f"{name}-{n}-{precision}", "precision": precision, "model_name": name, "model": {},
-            "parameters": parameters, "n_sequences": n, "dataset_bits": 1000.0 * n, "memorized_bits": memorized,
-            "fraction_memorized": memorized / (1000.0 * n), "steps": 10, "stop_reason": "step_cap"}
+    """A whole row of runs.jsonl as a capacity run records it (memorize/experiments/capacity.py's CapacityRow)."""
+    return {"run_id": f"{name}-{n}-{precision}", "model": {}, "model_name": name, "parameters": parameters,
+            "n_sequences": n, "precision": precision, "seed": 0, "dataset_bits": 1000.0 * n,
+            "memorized_bits": memorized, "memorized_bits_final": memorized,
+            "fraction_memorized": memorized / (1000.0 * n), "model_bits_per_sequence": 1000.0 - memorized / n,
+            "steps": 10, "stop_reason": "step_cap", "saturation_gain": None, "saturated": False, "final_loss": 1.0,
+            "train_seconds": 1.0, "bits_curve": [[10, memorized]], "train_config": {}}
 
 
 def test_science_alpha_from_the_finished_runs_of_a_stopped_capacity_run(tmp_path):

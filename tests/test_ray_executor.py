@@ -20,8 +20,9 @@ from memk.cli.main import main, report_failures
 from memk.memorize.experiments import capacity, generalization
 from memk.memorize.experiments.capacity import UniformWorkload
 from memk.memorize.errors import ConfigError
-from memk.memorize.runs import ray_executor as ray_executor_module
-from memk.memorize.runs.ensemble_executor import MEMORY_FRACTION, EnsembleExecutor, member_bytes
+from memk.memorize.runs import packing
+from memk.memorize.runs.ensemble_executor import EnsembleExecutor
+from memk.memorize.runs.packing import MEMORY_FRACTION, member_bytes
 from memk.memorize.runs.ray_executor import RayExecutor, ray_executor
 from memk.memorize.runtime import resolve_backends
 from memk.memorize.runs.store import RunStore
@@ -137,7 +138,7 @@ def test_ensembles_of_tasks_side_by_side_plan_for_their_share_of_the_memory(monk
     assert max(sizes) < 2 * min(sizes)  # so one budget below fits one member of every model
     # A task with the machine to itself has room for two members of every model; one of
     # `cores` one-CPU tasks has 1/cores of that: room for one member of every model.
-    monkeypatch.setattr(ray_executor_module, "free_memory_bytes", lambda device: int(2 * max(sizes) / MEMORY_FRACTION))
+    monkeypatch.setattr(packing, "free_memory_bytes", lambda device: int(2 * max(sizes) / MEMORY_FRACTION))
     alone = RayExecutor(CPU, 0, os.cpu_count(), ensemble=2).plans(runs)
     shared = RayExecutor(CPU, 0, 1, ensemble=2).plans(runs)
     assert [p.slots for p in alone] == [2, 2]

@@ -1,5 +1,6 @@
 """The run store: the folder's lock and kind, runs.jsonl written as runs finish, resume, damaged
-rows set aside, temporaries removed, checkpoints, provenance."""
+rows set aside, temporaries removed, checkpoints, provenance; and the JobStore interface that both
+RunStore and a Ray task's store give the jobs they train."""
 
 import json
 
@@ -8,7 +9,7 @@ import torch
 
 from memk.memorize.errors import ConfigError
 from memk.memorize.runtime import Backends
-from memk.memorize.runs.store import RunStore, provenance
+from memk.memorize.runs.store import JobStore, RunStore, provenance
 
 SDPA = Backends("sdpa", "reference")
 
@@ -147,6 +148,28 @@ def test_json_files_round_trip_and_a_damaged_one_is_set_aside(tmp_path, capsys):
         assert store.read_json("prediction.json") is None
     assert "prediction.json is damaged" in capsys.readouterr().err
     assert (tmp_path / "prediction.json.damaged").exists() and not (tmp_path / "prediction.json").exists()
+
+
+def test_the_run_store_and_a_ray_tasks_store_are_both_job_stores(tmp_path):
+    import inspect
+
+    from memk.memorize.runs.ray_executor import TaskStore  # Ray itself is imported only when the executor is built
+
+    task = TaskStore({"a": str(tmp_path / "node" / "checkpoints" / "a.pt")})
+    with RunStore(tmp_path / "out", "capacity") as store:
+        for job_store in (store, task):
+            assert isinstance(job_store, JobStore)
+            for method in ("checkpoint_path", "record"):  # the same parameters, so a job may call either
+                declared = list(inspect.signature(getattr(JobStore, method)).parameters)[1:]  # less self
+                assert list(inspect.signature(getattr(job_store, method)).parameters) == declared, method
+        assert store.checkpoint_path("a") == tmp_path / "out" / "checkpoints" / "a.pt"
+        assert task.checkpoint_path("a") == tmp_path / "node" / "checkpoints" / "a.pt"
+        assert (tmp_path / "node" / "checkpoints").is_dir()  # made for a node that does not share the folder
+        for job_store in (store, task):
+            job_store.record({"run_id": "a", "bits": 1.5})
+        assert store.rows == [{"run_id": "a", "bits": 1.5}]
+    assert [{k: v for k, v in row.items() if k != "host"} for row in task.rows] == [{"run_id": "a", "bits": 1.5}]
+    assert task.rows[0]["host"]  # which machine trained it: the driver records the task's rows as they are
 
 
 def test_provenance_names_device_backends_torch_and_the_finish_time():

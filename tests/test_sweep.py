@@ -2,7 +2,9 @@
 
 import math
 import pickle
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,9 @@ from memk.memorize.schedule import TrainConfig
 from memk.memorize.runs.store import RunStore
 from memk.memorize.runs.sweep import LocalExecutor, Run, SweepProgress, train_run
 from memk.memorize.train import train_to_saturation, uniform_code_signal
+
+sys.path.append(str(Path(__file__).parent))  # for ensemble_runs.py: pytest's importlib mode puts no test folder on sys.path
+from ensemble_runs import CPU, RUNS, KeepingWorkload, Killed, KillingProgress, quiet  # noqa: E402
 
 MODEL = GPTConfig(1, 8, 1, 16, 8)
 TRAIN = TrainConfig(lr=1e-2, warmup_steps=2, batch_size=8, max_steps=20, cooldown_steps=4, min_steps=10, eval_every=5)
@@ -157,3 +162,30 @@ def test_ctrl_c_side_by_side_keeps_finished_rows_and_a_rerun_ends_as_an_uninterr
     for a, b in zip(resumed, straight):
         assert (a["run_id"], a["steps"]) == (b["run_id"], b["steps"])
         assert math.isclose(a["memorized_bits"], b["memorized_bits"], rel_tol=1e-6)
+
+
+def test_a_run_resumes_on_the_threads_it_started_with(tmp_path, monkeypatch):
+    # Side by side, runs train on one thread each; a rerun with one run left would give it every core
+    # (here: the policy made to say 2). Float32 rounding depends on the thread count: it keeps 1.
+    import memk.memorize.runtime as runtime
+
+    runs = RUNS[:2]
+    killed = KeepingWorkload()
+    with RunStore(tmp_path, "capacity") as store:
+        with pytest.raises(Killed):
+            LocalExecutor(CPU, workers=2).execute(runs, killed, store, KillingProgress("big", 55))
+    monkeypatch.setattr(runtime, "ONE_THREAD_BELOW_FLOPS", 0.0)
+    monkeypatch.setattr(runtime, "cpu_cores", lambda: 2)
+    monkeypatch.delenv("MEMK_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with RunStore(tmp_path, "capacity") as store:
+        todo = store.todo(runs)  # "big", and "small" where the kill stopped it first
+        assert "big" in [r.name for r in todo]
+        LocalExecutor(CPU, workers="auto").execute(todo, killed, store, quiet(len(runs)))
+        row = store.row_of(runs[0])
+    assert row["torch_threads"] == 1
+    whole = KeepingWorkload()
+    with RunStore(tmp_path / "whole", "capacity") as store:
+        with runtime.cpu_threads_pinned(1):
+            LocalExecutor(CPU).execute(runs[:1], whole, store, quiet(1))
+    assert all(torch.equal(killed.models["big"][k], w) for k, w in whole.models["big"].items())

@@ -1,4 +1,6 @@
+import inspect
 import math
+from collections import deque
 
 import numpy as np
 import pytest
@@ -7,8 +9,9 @@ import torch
 from memk.memorize.bits import model_sequence_bits
 from memk.memorize.data import uniform_random_sequences
 from memk.memorize.model import GPT, GPTConfig
-from memk.memorize.schedule import TrainConfig
-from memk.memorize.train import MemorizedBits, train_to_saturation, uniform_code_signal
+from memk.memorize.schedule import TrainConfig, batch_indices
+from memk.memorize.train import (AloneStep, MemorizedBits, TrainingLoop, TrainingStep, start_member, train_to_saturation,
+                                 uniform_code_signal)
 
 
 class Killed(Exception):
@@ -104,3 +107,63 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_starts_over(tmp_path, cap
     assert (tmp_path / "run.pt.damaged").exists()
     assert resumed.steps == straight.steps
     np.testing.assert_allclose([b for _, b in resumed.curve], [b for _, b in straight.curve], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# The one loop and its steps
+
+
+def test_a_run_alone_and_an_ensemble_step_offer_the_same_training_step():
+    from memk.memorize.ensemble import EnsembleStep
+
+    declared = {name for name in vars(TrainingStep) if not name.startswith("_")}
+    assert declared == {"slots", "load", "gpt", "checkpoint", "losses", "zero_grad", "clip_gradients", "step", "keep"}
+    for implementation in (AloneStep, EnsembleStep):
+        for name in declared - {"slots"}:
+            want = list(inspect.signature(getattr(TrainingStep, name)).parameters)
+            assert list(inspect.signature(getattr(implementation, name)).parameters) == want, (implementation, name)
+        assert hasattr(implementation, "slots")
+
+
+class RecordingAdamW(torch.optim.AdamW):
+    """torch's AdamW, keeping the learning rate and the gradient norm of every step it takes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        self.seen.append((self.param_groups[0]["lr"], norm))
+        return super().step(closure)
+
+
+def test_the_loop_steps_at_the_schedules_rate_on_the_runs_batches_clipped_to_its_norm():
+    config = GPTConfig(1, 8, 1, 16, 8)
+    data = uniform_random_sequences(20, 16, 8, seed=0)
+    cfg = TrainConfig(lr=1e-2, warmup_steps=4, batch_size=8, max_steps=12, cooldown_steps=4, min_steps=12,
+                      eval_every=5, grad_clip=1e-3, seed=2)
+    torch.manual_seed(0)
+    model = GPT(config)
+    optimizer = RecordingAdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas)
+    step = AloneStep(model, optimizer)
+    batches, outcomes = [], []
+    real_loss = model.loss
+
+    def loss(x):
+        batches.append(x.clone())
+        return real_loss(x)
+
+    model.loss = loss
+    measure = lambda m: MemorizedBits(1.0, 2.0)  # noqa: E731
+    start = lambda k: start_member(step, k, cfg, data, measure, torch.device("cpu"), None,  # noqa: E731
+                                   on_finish=lambda gpt, outcome: outcomes.append(outcome))
+    TrainingLoop(step, torch.device("cpu"), "float32", deque([start])).run()
+    assert outcomes[0].steps == 12 and [s for s, _ in outcomes[0].curve] == [0, 5, 10, 12]
+    # warm-up over 4 steps, constant, then the cool-down from step 8 (max_steps - cooldown_steps) to 0
+    assert [lr for lr, _ in optimizer.seen] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2, 1e-2, 1e-2,
+                                                              1e-2, 7.5e-3, 5e-3, 2.5e-3], rel=1e-12)
+    assert all(norm == pytest.approx(1e-3, rel=1e-5) for _, norm in optimizer.seen)  # every step clipped to 1e-3
+    for s, x in enumerate(batches):
+        assert torch.equal(x, data[batch_indices(s, 20, 8, 2)])

@@ -4,7 +4,8 @@ What must hold: jobs really overlap (a barrier only two concurrent jobs can pass
 costliest start first, each trains on one thread and torch's count comes back after; a
 failing job or Ctrl-C stops the others at their next step and is raised; the option's
 bad values and conflicts are named. That runs side by side give the rows of runs trained
-one at a time is checked in test_sweep.py (local executor) and test_ensemble.py (ensembles).
+one at a time is checked in test_sweep.py (local executor) and test_ensemble_executor.py (ensembles);
+which executor --workers gives with --executor, in test_launchers.py.
 """
 
 import os
@@ -19,7 +20,6 @@ import torch
 from memk.memorize.runs import workers as workers_module
 from memk.memorize.errors import ConfigError
 from memk.memorize.model import GPTConfig
-from memk.memorize.runs.launchers import executor_from_options
 from memk.memorize.runtime import Backends
 from memk.memorize.schedule import TrainConfig
 from memk.memorize.runs.sweep import Run, SweepProgress, training_flops
@@ -84,8 +84,6 @@ def test_workers_that_cannot_be_honoured_are_named(monkeypatch, no_pinned_thread
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     with pytest.raises(ConfigError, match="MEMK_NUM_THREADS or OMP_NUM_THREADS asks for 2; unset it"):
         workers_for(2, CPU, [TINY], training_flops)
-    with pytest.raises(ConfigError, match="--workers is for --executor local"):  # before Ray is imported
-        executor_from_options("ray", CPU, "off", workers=2)
 
 
 def quiet():

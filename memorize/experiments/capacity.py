@@ -6,15 +6,18 @@ Capacity is the plateau of memorized bits: the most bits any dataset size got
 memorized (Capacity(θ̂) = max over X of mem(X, θ̂)). α, bits per parameter, is fitted
 across model sizes, through the origin and with an intercept.
 
-The output folder holds: experiment.json (what was asked), runs.jsonl (a row per
-finished run, rewritten atomically as each finishes), checkpoints/ (the run in
+The output folder holds: experiment.json (what was asked), runs.jsonl (a `CapacityRow`
+per finished run, rewritten atomically as each finishes), checkpoints/ (the run in
 progress), summary.json, capacity_curves.png, capacity_vs_params.png.
+
+`memk run-capacity` enters here once (`run_command`): its knobs over a preset, validated once,
+planned, handed to the executor the launcher factory builds, summarized and printed.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -23,16 +26,20 @@ import torch
 from scipy import stats
 
 from ..bits import uniform_sequence_entropy_bits
-from ..constants import PAPER_ALPHA
+from ..constants import BOTH_PRECISIONS, PAPER_ALPHA
 from ..data import uniform_random_sequences
 from ..model import GPT, GPTConfig, count_parameters
-from .options import check_experiment, choose_sizes, override_training, parse_models, pick_preset, reshape_models
-from ..runtime import Backends, check_fits, resolve_backends, training_memory_bytes
-from ..constants import BOTH_PRECISIONS
+from ..runtime import Backends, check_fits, training_memory_bytes
 from ..schedule import SATURATED_BELOW, RunOutcome, TrainConfig, doubling_gain, saturated
+from ..runs.launchers import executor_from_options
 from ..runs.store import RunStore
 from ..runs.sweep import Executor, LocalExecutor, Run, SweepProgress, require_rows
 from ..train import StopSignal, uniform_code_signal
+from .knobs import CapacityKnobs, ExecutionKnobs
+from .options import (
+    Checked, CommandResult, check_experiment, choose_sizes, output_folder, override_common, override_training,
+    parse_models, pick_preset, reshape_models,
+)
 
 @dataclass(frozen=True)
 class CapacityExperiment:
@@ -113,13 +120,13 @@ def dataset_sizes_for(model: GPTConfig, exp: CapacityExperiment) -> list[int]:
     return sorted({max(1, round(f * expected / bits_per_sequence)) for f in exp.size_factors})
 
 
-def validate(exp: CapacityExperiment) -> torch.device:
-    """Check everything that can be checked before training; return the device."""
-    return check_experiment(
+def validate(exp: CapacityExperiment) -> Checked[CapacityExperiment]:
+    """Check everything that can be checked before training, once; the experiment with its device and backends."""
+    return Checked.of(exp, check_experiment(
         models=exp.models, precisions=exp.precisions, dataset_sizes=exp.dataset_sizes,
         size_factors={"size factors": exp.size_factors}, seed=exp.seed, device=exp.device,
         attention_backend=exp.attention_backend, logprob_backend=exp.logprob_backend,
-    )
+    ))
 
 
 def plan(exp: CapacityExperiment, backends: Backends) -> list[Run]:
@@ -131,6 +138,48 @@ def plan(exp: CapacityExperiment, backends: Backends) -> list[Run]:
             for n in dataset_sizes_for(m, exp):
                 runs.append(Run(f"{m.name}-N{n}-{precision}-seed{exp.seed}", m, n, train, backends, role="capacity"))
     return runs
+
+
+@dataclass(frozen=True, kw_only=True)
+class CapacityRow:
+    """One capacity run's row of runs.jsonl, in the order of its keys there (the store adds its
+    provenance after them: memorize/runs/store.py)."""
+
+    run_id: str
+    model: dict  # GPTConfig.to_dict()
+    model_name: str
+    parameters: int
+    n_sequences: int
+    precision: str
+    seed: int
+    dataset_bits: float  # n_sequences · (S-1)·log2 V: exact for uniform tokens
+    memorized_bits: float  # the best evaluation's: the run's capacity estimate
+    memorized_bits_final: float
+    fraction_memorized: float
+    model_bits_per_sequence: float
+    steps: int
+    stop_reason: str
+    # how far from saturation it stopped: the bits gained over the last doubling of steps
+    # before the cool-down, as a share (schedule.doubling_gain); saturated below SATURATED_BELOW
+    saturation_gain: float | None
+    saturated: bool
+    final_loss: float
+    train_seconds: float
+    bits_curve: list  # (step, memorized bits) at each evaluation
+    train_config: dict  # TrainConfig.to_dict()
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, row: dict) -> CapacityRow:
+        """A row as runs.jsonl holds it, its provenance left out. Rows of earlier memk lack the saturation
+        verdict: it is computed from their curve up to their cool-down's start, which is unknown there,
+        so the whole curve stands in."""
+        if "saturation_gain" not in row:
+            gain = doubling_gain([tuple(point) for point in row.get("bits_curve", [])])
+            row = {**row, "saturation_gain": gain, "saturated": saturated(gain)}
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -146,36 +195,26 @@ class UniformWorkload:
 
     def result(self, run: Run, model: GPT, outcome: RunOutcome, data: torch.Tensor) -> dict:
         dataset_bits = run.n_sequences * uniform_sequence_entropy_bits(run.model.vocab_size, run.model.seq_len)
-        return {
-            "run_id": run.run_id,
-            "model": run.model.to_dict(),
-            "model_name": run.model.name,
-            "parameters": count_parameters(run.model),
-            "n_sequences": run.n_sequences,
-            "precision": run.train.precision,
-            "seed": run.train.seed,
-            "dataset_bits": dataset_bits,
-            "memorized_bits": outcome.memorized_bits,
-            "memorized_bits_final": outcome.memorized_bits_final,
-            "fraction_memorized": outcome.memorized_bits / dataset_bits,
-            "model_bits_per_sequence": outcome.model_bits_per_sequence,
-            "steps": outcome.steps,
-            "stop_reason": outcome.stop_reason,
-            # how far from saturation it stopped: the bits gained over the last doubling of steps
-            # before the cool-down, as a share (schedule.doubling_gain); saturated below SATURATED_BELOW
-            "saturation_gain": outcome.saturation_gain,
-            "saturated": saturated(outcome.saturation_gain),
-            "final_loss": outcome.final_loss,
-            "train_seconds": outcome.train_seconds,
-            "bits_curve": outcome.curve,
-            "train_config": run.train.to_dict(),
-        }
+        return CapacityRow(
+            run_id=run.run_id, model=run.model.to_dict(), model_name=run.model.name,
+            parameters=count_parameters(run.model), n_sequences=run.n_sequences, precision=run.train.precision,
+            seed=run.train.seed, dataset_bits=dataset_bits, memorized_bits=outcome.memorized_bits,
+            memorized_bits_final=outcome.memorized_bits_final,
+            fraction_memorized=outcome.memorized_bits / dataset_bits,
+            model_bits_per_sequence=outcome.model_bits_per_sequence, steps=outcome.steps,
+            stop_reason=outcome.stop_reason, saturation_gain=outcome.saturation_gain,
+            saturated=saturated(outcome.saturation_gain), final_loss=outcome.final_loss,
+            train_seconds=outcome.train_seconds, bits_curve=outcome.curve, train_config=run.train.to_dict(),
+        ).to_dict()
 
 
-def run_capacity(exp: CapacityExperiment, out_dir: Path, progress: bool = True, executor: Executor | None = None) -> dict:
-    """Run (or resume) every planned run, then fit and write the summary and plots."""
-    device = validate(exp)
-    runs = plan(exp, resolve_backends(device, exp.attention_backend, exp.logprob_backend))
+def run_capacity(exp: CapacityExperiment | Checked[CapacityExperiment], out_dir: Path, progress: bool = True,
+                 executor: Executor | None = None) -> dict:
+    """Run (or resume) every planned run, then fit and write the summary and plots. The experiment is
+    validated here unless it comes validated already (a `Checked`, as the command line's does)."""
+    checked = exp if isinstance(exp, Checked) else validate(exp)
+    exp, device = checked.experiment, checked.device
+    runs = plan(exp, checked.backends)
     largest = max(runs, key=lambda r: training_memory_bytes(r.model, r.n_sequences, r.train.batch_size))
     check_fits(training_memory_bytes(largest.model, largest.n_sequences, largest.train.batch_size), device,
                f"{largest.model.name} on {largest.n_sequences:,} sequences",
@@ -237,37 +276,34 @@ def fit_alpha(parameters: Iterable[float], capacities: Iterable[float], confiden
     return {"n_models": n, "confidence": confidence, "through_origin": origin, "with_intercept": intercept}
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Capacity per (precision, model) and the α fits, one per precision."""
+def summarize(rows: Iterable[dict]) -> dict:
+    """Capacity per (precision, model) and the α fits, one per precision, from rows as runs.jsonl holds them."""
+    rows = [CapacityRow.from_dict(r) for r in rows]
     out: dict = {"paper_alpha": PAPER_ALPHA, "precisions": {}}
-    for precision in sorted({r["precision"] for r in rows}):
+    for precision in sorted({r.precision for r in rows}):
         models = []
-        for name in dict.fromkeys(r["model_name"] for r in rows if r["precision"] == precision):
-            runs = sorted(
-                (r for r in rows if r["precision"] == precision and r["model_name"] == name),
-                key=lambda r: r["n_sequences"],
-            )
-            best = max(runs, key=lambda r: r["memorized_bits"])
-            parameters = runs[0]["parameters"]
+        for name in dict.fromkeys(r.model_name for r in rows if r.precision == precision):
+            runs = sorted((r for r in rows if r.precision == precision and r.model_name == name),
+                          key=lambda r: r.n_sequences)
+            best = max(runs, key=lambda r: r.memorized_bits)
+            parameters = runs[0].parameters
             models.append(
                 {
                     "model_name": name,
-                    "model": runs[0]["model"],
+                    "model": runs[0].model,
                     "parameters": parameters,
-                    "capacity_bits": best["memorized_bits"],
-                    "bits_per_parameter": best["memorized_bits"] / parameters,
-                    "capacity_at_n_sequences": best["n_sequences"],
+                    "capacity_bits": best.memorized_bits,
+                    "bits_per_parameter": best.memorized_bits / parameters,
+                    "capacity_at_n_sequences": best.n_sequences,
                     # The plateau is seen when some dataset held clearly more bits than the model stored.
-                    "plateau_seen": runs[-1]["dataset_bits"] >= 1.5 * best["memorized_bits"],
+                    "plateau_seen": runs[-1].dataset_bits >= 1.5 * best.memorized_bits,
                     # The capacity is a lower bound unless the run that set it was trained to saturation.
-                    "saturation_gain": _saturation_gain(best),
-                    "saturated": saturated(_saturation_gain(best)),
+                    "saturation_gain": best.saturation_gain,
+                    "saturated": saturated(best.saturation_gain),
                     "points": [
-                        {
-                            **{k: r[k] for k in ("n_sequences", "dataset_bits", "memorized_bits", "fraction_memorized",
-                                                 "steps", "stop_reason")},
-                            "saturation_gain": _saturation_gain(r),
-                        }
+                        {"n_sequences": r.n_sequences, "dataset_bits": r.dataset_bits,
+                         "memorized_bits": r.memorized_bits, "fraction_memorized": r.fraction_memorized,
+                         "steps": r.steps, "stop_reason": r.stop_reason, "saturation_gain": r.saturation_gain}
                         for r in runs
                     ],
                 }
@@ -275,14 +311,6 @@ def summarize(rows: list[dict]) -> dict:
         fit = fit_alpha([m["parameters"] for m in models], [m["capacity_bits"] for m in models])
         out["precisions"][precision] = {"models": models, "fit": fit}
     return out
-
-
-def _saturation_gain(row: dict) -> float | None:
-    """A row's saturation gain; rows of earlier memk lack it and have it computed from their curve
-    up to their cool-down's start, which is unknown there: the whole curve stands in."""
-    if "saturation_gain" in row:
-        return row["saturation_gain"]
-    return doubling_gain([tuple(point) for point in row.get("bits_curve", [])])
 
 
 def format_table(summary: dict) -> str:
@@ -316,41 +344,40 @@ def _alpha_text(f: dict) -> str:
     return f"{f['alpha']:.3f} bits/param {ci}, R² {r2}"
 
 
-def experiment_from_options(
-    preset_name: str,
-    models: str | None = None,
-    vocab_size: int | None = None,
-    seq_len: int | None = None,
-    sizes: str | None = None,
-    size_factors: str | None = None,
-    precision: str | None = None,
-    device: str | None = None,
-    max_steps: int | None = None,
-    cooldown_steps: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    seed: int | None = None,
-    attention_backend: str | None = None,
-    logprob_backend: str | None = None,
-) -> CapacityExperiment:
-    """A preset with the command line's overrides applied; every problem is a ConfigError."""
+def experiment_from_options(preset_name: str, knobs: CapacityKnobs = CapacityKnobs()) -> CapacityExperiment:
+    """A preset with the command line's knobs applied (validate checks the result); a knob that
+    cannot be read is a ConfigError."""
     exp = preset(preset_name)
     base = exp.models[0]
-    vocab = vocab_size if vocab_size is not None else base.vocab_size
-    length = seq_len if seq_len is not None else base.seq_len
+    vocab = knobs.vocab_size if knobs.vocab_size is not None else base.vocab_size
+    length = knobs.seq_len if knobs.seq_len is not None else base.seq_len
     changes: dict = {}
-    if models is not None:
-        changes["models"] = parse_models(models, vocab, length)
-    elif vocab_size is not None or seq_len is not None:
+    if knobs.models is not None:
+        changes["models"] = parse_models(knobs.models, vocab, length)
+    elif knobs.vocab_size is not None or knobs.seq_len is not None:
         changes["models"] = reshape_models(exp.models, vocab, length)
-    changes.update(choose_sizes(sizes, size_factors))
-    if precision is not None:
-        changes["precisions"] = BOTH_PRECISIONS if precision == "both" else (precision,)
-    for key, value in (("device", device), ("seed", seed), ("attention_backend", attention_backend),
-                       ("logprob_backend", logprob_backend)):
-        if value is not None:
-            changes[key] = value
-    changes["train"] = override_training(exp.train, max_steps, cooldown_steps, lr, batch_size)
-    exp = replace(exp, **changes)
-    validate(exp)
-    return exp
+    changes.update(choose_sizes(knobs.sizes, knobs.size_factors))
+    if knobs.precision is not None:
+        changes["precisions"] = BOTH_PRECISIONS if knobs.precision == "both" else (knobs.precision,)
+    override_common(changes, knobs.training, knobs.seed)
+    changes["train"] = override_training(exp.train, knobs.training, knobs.cooldown_steps)
+    return replace(exp, **changes)
+
+
+def from_command_line(preset_name: str, knobs: CapacityKnobs) -> tuple[Checked[CapacityExperiment], Path]:
+    """`memk run-capacity`'s experiment, validated once, and its output folder (its run and its dry
+    run both start here)."""
+    checked = validate(experiment_from_options(preset_name, knobs))
+    return checked, output_folder(knobs.out, Path("runs") / f"capacity-{preset_name}")
+
+
+def run_command(preset_name: str, knobs: CapacityKnobs, execution: ExecutionKnobs) -> CommandResult:
+    """`memk run-capacity`: the experiment trained by the executor the command line asks for, and its table."""
+    checked, out = from_command_line(preset_name, knobs)
+    executor = executor_from_options(execution.executor_name, checked.device, execution.ensemble,
+                                     execution.ray_address, execution.gpus_per_task, execution.cpus_per_task,
+                                     execution.workers)
+    summary = run_capacity(checked, out, execution.progress, executor)
+    text = (f"{format_table(summary)}\n"
+            f"results in {out}/: runs.jsonl, summary.json, capacity_curves.png, capacity_vs_params.png")
+    return CommandResult(text, out, summary)

@@ -1,10 +1,12 @@
 """--dry-run: an experiment's plan, printed without training anything.
 
-The runs, how the executor that --ensemble asks for groups them, and an estimate of the
-wall-clock from a short probe of each group's training step on this device (memorize/
-ensemble_executor.py); a step too long to time in a second or so is timed at fewer rows
-and extrapolated (ensemble_probe.DRY_RUN_PROBE). The estimate counts training steps
-at each run's step cap: runs that plateau end sooner, and evaluations add a few per cent.
+Contract: it plans through the code that executes: the experiment's own validation and plan
+(capacity.from_command_line and plan; generalization's source, reference and plan functions), the
+run store's todo, and the `plans` of the executor the launcher factory builds for --ensemble.
+Then it estimates the wall-clock from a short probe of each group's training step on this device;
+a step too long to time in a second or so is timed at fewer rows and extrapolated
+(ensemble_probe.DRY_RUN_PROBE). The estimate counts training steps at each run's step cap: runs
+that plateau end sooner, and evaluations add a few per cent.
 """
 
 from __future__ import annotations
@@ -13,23 +15,24 @@ import contextlib
 import heapq
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from . import capacity, generalization
-from ..runs.ensemble_executor import EnsembleExecutor, EnsemblePlan, plan_ensembles
-from ..runs.ensemble_probe import DRY_RUN_PROBE, ProbeLimits, probe_rows, probe_step_seconds
-from .reference import FOLDER as REFERENCE_FOLDER
-from .reference import reference_id
-from ..runtime import cpu_threads_pinned, resolve_backends
-from ..sources import load_source
 from ..outputs import split_rows
+from ..runs.ensemble_probe import DRY_RUN_PROBE, ProbeLimits, probe_rows, probe_step_seconds
+from ..runs.launchers import executor_from_options
+from ..runs.packing import EnsembleChoice, read_ensemble
 from ..runs.store import PACKING, ROWS, RunStore, is_run_row
 from ..runs.sweep import Run, batch_rows, training_flops
 from ..runs.workers import workers_for
+from ..runtime import cpu_threads_pinned
+from .knobs import CapacityKnobs, ExecutionKnobs, GeneralizationKnobs
+from .options import Checked
+from .reference import reference_id, stored_reference
 
 
 def wall_seconds(step_caps: list[int], slots: int, alone: float, together: float) -> float:
@@ -81,17 +84,18 @@ class Estimate(NamedTuple):
     one_at_a_time_s: float  # ... and with every run alone, one at a time
 
 
-def describe(runs: list[Run], choice: str | int, device: torch.device, title: str,
+def describe(runs: list[Run], choice: EnsembleChoice | str | int, device: torch.device, title: str,
              first: Run | None = None, workers_choice: str | int = 1) -> str:
     """The plan as text: each group, its runs, its probe and the two estimates (as planned on the
     workers, one at a time); `first` is a run that trains alone before them (run-generalization's reference)."""
     return estimate(runs, choice, device, title, first, workers_choice).text
 
 
-def estimate(runs: list[Run], choice: str | int, device: torch.device, title: str,
+def estimate(runs: list[Run], choice: EnsembleChoice | str | int, device: torch.device, title: str,
              first: Run | None = None, workers_choice: str | int = 1, recorded: dict | None = None) -> Estimate:
     """describe's plan, with its two estimates in seconds; runs the `recorded` packing (recorded_packing)
     holds are planned as the rerun would resume them."""
+    choice = read_ensemble(choice)  # as the command line read it, or as a library caller wrote it
     workers = workers_for(workers_choice, device, runs, training_flops)
     lines = [f"{title}: {_runs(len(runs))} to train on {device}, --ensemble {choice}, {workers} "
              f"{'worker' if workers == 1 else 'workers, one thread each'}"]
@@ -102,26 +106,35 @@ def estimate(runs: list[Run], choice: str | int, device: torch.device, title: st
                      f"at most {first.train.max_steps} steps; estimate {_minutes(before)}"
                      f"{_extrapolated(first, 1, limits)}")
     with cpu_threads_pinned(1) if workers > 1 else contextlib.nullcontext():  # as the workers would train
-        groups, planned, alone = _describe_groups(runs, choice, device, workers, before, limits, recorded)
+        groups, planned, alone = _describe_groups(runs, choice, device, workers, before, limits, recorded,
+                                                  workers_choice)
     return Estimate("\n".join(lines + groups), planned, alone)
 
 
-def _describe_groups(runs: list[Run], choice: str | int, device: torch.device, workers: int,
-                     before: float, limits: ProbeLimits, recorded: dict | None) -> tuple[list[str], float, float]:
-    if choice == "off":
-        plans = plan_ensembles(runs, 1, None)
-    else:  # eager probes only: compiling each group costs tens of seconds (a run tries it, per group)
-        executor = EnsembleExecutor(device, max_members=None if choice == "auto" else int(choice),
-                                    choose_faster=choice == "auto", try_compile=False,
-                                    probe_limits=limits)
-        plans = executor.plans(runs, workers, recorded)
+def planner(choice: EnsembleChoice | str | int, device: torch.device, workers_choice: str | int, limits: ProbeLimits):
+    """The executor --ensemble asks for, as the launcher factory builds it, to plan with: its `plans`
+    are what it trains by. Probed eagerly, with the dry run's probe limits: compiling each group
+    costs tens of seconds (a run tries it, per group). --ensemble off trains each run alone: its
+    runs are shown grouped by shape, one slot each, as an ensemble of at most one member plans them."""
+    choice = read_ensemble(choice)
+    executor = executor_from_options("local", device, EnsembleChoice(max_members=1) if choice.off else choice,
+                                     workers=workers_choice)
+    return replace(executor, try_compile=False, probe_limits=limits)
+
+
+def _describe_groups(runs: list[Run], choice: EnsembleChoice, device: torch.device, workers: int,
+                     before: float, limits: ProbeLimits, recorded: dict | None,
+                     workers_choice: str | int) -> tuple[list[str], float, float]:
+    grouping = planner(choice, device, workers_choice, limits)
+    # --ensemble off resumes no recorded ensemble: LocalExecutor trains every run alone
+    plans = grouping.plans(runs, workers, None if choice.off else recorded)
     lines, jobs, total_alone = [], [], 0.0
     for i, plan in enumerate(plans, 1):
         first = plan.runs[0]
         if plan.probe is not None:  # --ensemble auto measured it already
             members, alone, together = plan.probe
         else:  # measure at the slots the group has, or would have as an ensemble
-            members = plan.slots if plan.slots > 1 else _possible_slots(plan, device)
+            members = plan.slots if plan.slots > 1 else _possible_slots(plan, grouping)
             alone, together = probe_step_seconds(plan.widest, members, device, limits=limits)
             together = together if members > 1 else None
         caps = [r.train.max_steps for r in plan.runs]
@@ -163,9 +176,9 @@ def _extrapolated(run: Run, members: int, limits: ProbeLimits) -> str:
     return f" (steps timed at 1 and {fewer} of the batch's {batch_rows(run)} rows and extrapolated)"
 
 
-def _possible_slots(plan: EnsemblePlan, device: torch.device) -> int:
+def _possible_slots(plan, grouping) -> int:
     """The slots the group would get as an ensemble with no --ensemble cap (memory still caps it)."""
-    return EnsembleExecutor(device, try_compile=False).plans(plan.runs)[0].slots
+    return replace(grouping, max_members=None, choose_faster=False).plans(plan.runs)[0].slots
 
 
 def finished_rows(folder: Path) -> list[dict]:
@@ -201,46 +214,64 @@ def remaining_runs(runs: list[Run], folder: Path | None, experiment: str) -> lis
     return view.todo(runs)
 
 
-def capacity_plan(exp: capacity.CapacityExperiment, choice: str | int, workers: str | int = 1,
+def capacity_command(preset_name: str, knobs: CapacityKnobs, execution: ExecutionKnobs) -> str:
+    """`memk run-capacity --dry-run`: the plan of what remains to train into --out."""
+    checked, out = capacity.from_command_line(preset_name, knobs)
+    return _capacity_estimate(checked, execution.ensemble, execution.workers, out).text
+
+
+def capacity_plan(exp: capacity.CapacityExperiment, choice: EnsembleChoice | str | int, workers: str | int = 1,
                   out_dir: Path | None = None) -> str:
     return capacity_estimate(exp, choice, workers, out_dir).text
 
 
-def capacity_estimate(exp: capacity.CapacityExperiment, choice: str | int, workers: str | int = 1,
+def capacity_estimate(exp: capacity.CapacityExperiment, choice: EnsembleChoice | str | int, workers: str | int = 1,
                       out_dir: Path | None = None) -> Estimate:
     """The plan of the runs still to train into out_dir (None: all of them, as into an empty folder)."""
-    device = capacity.validate(exp)
-    runs = capacity.plan(exp, resolve_backends(device, exp.attention_backend, exp.logprob_backend))
+    return _capacity_estimate(capacity.validate(exp), choice, workers, out_dir)
+
+
+def _capacity_estimate(checked: Checked[capacity.CapacityExperiment], choice: EnsembleChoice | str | int, workers: str | int,
+                       out_dir: Path | None) -> Estimate:
+    runs = capacity.plan(checked.experiment, checked.backends)
     todo = remaining_runs(runs, out_dir, "capacity")
     title = "run-capacity plan"
     if len(todo) < len(runs):  # a resume: say what is done already, as the real command's progress bar would
         title += f" ({len(runs) - len(todo)} of {_runs(len(runs))} finished in {out_dir})"
     if not todo:
         return Estimate(f"{title}: 0 runs to train; running it would only write the summary and plots", 0.0, 0.0)
-    return estimate(todo, choice, device, title, workers_choice=workers, recorded=recorded_packing(out_dir))
+    return estimate(todo, choice, checked.device, title, workers_choice=workers, recorded=recorded_packing(out_dir))
 
 
-def generalization_plan(exp: generalization.GeneralizationExperiment, choice: str | int, out_dir: Path,
+def generalization_command(preset_name: str, knobs: GeneralizationKnobs, execution: ExecutionKnobs) -> str:
+    """`memk run-generalization --dry-run`: the reference (where --out holds none trained), then the runs."""
+    checked, out = generalization.from_command_line(preset_name, knobs)
+    return _generalization_plan(checked, execution.ensemble, out, execution.workers)
+
+
+def generalization_plan(exp: generalization.GeneralizationExperiment, choice: EnsembleChoice | str | int, out_dir: Path,
                         workers: str | int = 1) -> str:
+    return _generalization_plan(generalization.validate(exp), choice, out_dir, workers)
+
+
+def _generalization_plan(checked: Checked[generalization.GeneralizationExperiment], choice: EnsembleChoice | str | int,
+                         out_dir: Path, workers: str | int) -> str:
     """The sweep and check runs. Their sizes need H(x | θ) per sequence: exact for the Markov chain,
     the reference model's where --out holds it trained, else the most a sequence can carry (the
     smallest sizes the plan can have)."""
-    device = generalization.validate(exp)
-    backends = resolve_backends(device, exp.attention_backend, exp.logprob_backend)
+    exp = checked.experiment
     with tempfile.TemporaryDirectory() as scratch:  # a text corpus is prepared here, not in --out
-        data = load_source(exp.source, exp.n_heldout, exp.seed, Path(scratch))
-    ref_config, ref_train = exp.reference_model_config(), exp.reference_train_config()
-    ref_id = reference_id(ref_config, ref_train, data)
-    stored = Path(out_dir) / REFERENCE_FOLDER
-    meta, bits_file = stored / "reference.json", stored / "bits.npz"
-    trained = meta.exists() and bits_file.exists() and json.loads(meta.read_text()).get("reference_id") == ref_id
+        data = generalization.source_data(exp, Path(scratch))
+    first = generalization.reference_run(checked, data)
+    ref_id = reference_id(first.model, first.train, data)
+    trained = stored_reference(out_dir, first.model, ref_id, set_aside=False)  # read, never set aside
+    bits = generalization.source_bits_per_sequence(data, trained)
     if data.exact is not None:
-        bits, basis = data.most_bits_per_sequence(), "exact (Markov chain)"
-    elif trained:
-        bits, basis = float(np.load(bits_file)["heldout"].mean()), "the trained reference in --out"
+        basis = "exact (Markov chain)"
+    elif trained is not None:
+        basis = "the trained reference in --out"
     else:
-        bits, basis = data.most_bits_per_sequence(), "at most, until the reference is trained: the sizes are the smallest"
-    runs = generalization.plan(exp, bits, len(data.train_pool), ref_id, backends)
-    reference = None if trained else Run("reference", ref_config, len(data.train_pool), ref_train, backends)
+        basis = "at most, until the reference is trained: the sizes are the smallest"
+    runs = generalization.plan(exp, bits, len(data.train_pool), ref_id, checked.backends)
     title = f"run-generalization plan (H(x | θ) = {bits:.1f} bits per sequence, {basis})"
-    return describe(runs, choice, device, title, first=reference, workers_choice=workers)
+    return describe(runs, choice, checked.device, title, first=None if trained else first, workers_choice=workers)

@@ -1,7 +1,9 @@
-"""Memorization against generalization: reference models, unintended memorization,
-double descent and membership inference (PAPER.md; Morris et al. 2025, sections 4-6).
+"""run-generalization, run and measured: a validated experiment (generalization_experiment.py) in,
+its source loaded, θ trained or reused, its runs planned, executed and measured, its summary out.
 
-One experiment, on one data source:
+Memorization against generalization: reference models, unintended memorization, double descent
+and membership inference (PAPER.md; Morris et al. 2025, sections 4-6). One experiment, on one
+data source:
 - text (a UTF-8 file, a Hugging Face dataset, or the built-in corpus), tokenized with a
   byte-level BPE trained on it, cut into S-token sequences, deduplicated, with a fixed
   held-out split; or a sparse random Markov chain whose H(x | θ) is exact
@@ -24,8 +26,9 @@ One experiment, on one data source:
   written to prediction.json before those runs train, then compared with what they give
   (memorize/experiments/generalization_summary.py).
 
-The runs go through the sweep layer (memorize/runs/sweep.py): planned as Runs, trained by an
-executor, their rows kept by the run store. The output folder holds: experiment.json, the corpus (tokenizer.json, corpus.npz,
+`memk run-generalization` enters here once (`run_command`). The runs go through the sweep
+layer (memorize/runs/sweep.py): planned as Runs, trained by an executor, their rows kept by the
+run store. The output folder holds: experiment.json, the corpus (tokenizer.json, corpus.npz,
 corpus.json) or nothing for the Markov source, reference/ (model and its code lengths),
 runs.jsonl (a row per finished run, rewritten atomically as each finishes),
 prediction.json, summary.json, and three PNG plots (four for the Markov source).
@@ -33,201 +36,31 @@ prediction.json, summary.json, and three PNG plots (four for the Markov source).
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..bits import model_sequence_bits, uniform_sequence_entropy_bits, unintended_memorization
-from ..constants import PAPER_ALPHA
 from ..errors import ConfigError
-from .generalization_summary import fit_law, summarize
 from ..membership import f1_law, loss_threshold_attack
 from ..model import GPT, GPTConfig, count_parameters
-from .options import (
-    check_experiment, choose_sizes, override_training, parse_models, parse_numbers, pick_preset, reshape_models,
-)
 from ..outputs import content_digest
-from .reference import Reference, reference_id, train_reference
-from ..runtime import Backends, check_fits, resolve_backends, training_memory_bytes, use_cpu_threads
-from ..schedule import RunOutcome, TrainConfig
-from ..sources import SourceData, SourceSpec, check_source, load_source, read_documents
+from ..runtime import Backends, check_fits, training_memory_bytes, use_cpu_threads
+from ..schedule import RunOutcome
+from ..sources import SourceData, load_source, read_documents
+from ..runs.launchers import executor_from_options
 from ..runs.store import RunStore
 from ..runs.sweep import Executor, LocalExecutor, Run, SweepProgress, require_rows
 from ..train import StopSignal, uniform_code_signal
-
-# α of the default capacity run (docs/default-run/summary.json: float32, 2-core CPU, 2026-11-25),
-# used for capacity = α · parameters unless --alpha or --capacity-summary says otherwise.
-DEFAULT_ALPHA = 2.33
-
-
-@dataclass(frozen=True)
-class GeneralizationExperiment:
-    source: SourceSpec
-    models: tuple[GPTConfig, ...]  # the sweep; the F1 law is fitted on these runs
-    train: TrainConfig
-    # Dataset sizes as multiples of each model's capacity, both in bits ...
-    size_factors: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
-    # ... or explicit numbers of sequences, the same for every model (overrides size_factors).
-    dataset_sizes: tuple[int, ...] | None = None
-    check_models: tuple[GPTConfig, ...] = ()  # runs outside the fit whose F1 the law predicts
-    check_size_factors: tuple[float, ...] = (1.0,)
-    reference_model: GPTConfig | None = None  # None: the largest model of the run
-    reference_train: TrainConfig | None = None  # None: the same as the sweep
-    n_heldout: int = 256  # sequences held out, never trained on
-    n_attack: int = 256  # at most this many members and as many non-members per attack
-    alpha: float = DEFAULT_ALPHA
-    alpha_source: str = "default capacity run (docs/default-run/summary.json)"
-    precision: str = "float32"
-    device: str = "auto"
-    seed: int = 0
-    attention_backend: str = "auto"
-    logprob_backend: str = "auto"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["models"] = [m.to_dict() for m in self.models]
-        d["check_models"] = [m.to_dict() for m in self.check_models]
-        d["reference_model"] = self.reference_model_config().to_dict()
-        d["reference_train"] = self.reference_train_config().to_dict()
-        return d
-
-    def reference_model_config(self) -> GPTConfig:
-        if self.reference_model is not None:
-            return self.reference_model
-        return max(self.models + self.check_models, key=count_parameters)
-
-    def reference_train_config(self) -> TrainConfig:
-        return replace(self.reference_train or self.train, precision=self.precision, seed=self.seed)
-
-    def train_config(self) -> TrainConfig:
-        return replace(self.train, precision=self.precision, seed=self.seed)
-
-
-def _shape(n_layer: int, d_model: int, n_head: int, source: SourceSpec) -> GPTConfig:
-    return GPTConfig(n_layer=n_layer, d_model=d_model, n_head=n_head, vocab_size=source.vocab_size, seq_len=source.seq_len)
-
-
-def _default() -> GeneralizationExperiment:
-    # Built-in text (2,010 sequences), V=2048 BPE, S=64: two one-layer models (18K and 27K
-    # parameters, mostly embedding) on datasets from 1/4 to 8x their capacity, a third model
-    # as the check, and a larger reference; about a quarter of an hour on a 2-core CPU.
-    src = SourceSpec()
-    return GeneralizationExperiment(
-        source=src,
-        models=(_shape(1, 8, 1, src), _shape(1, 12, 2, src)),
-        size_factors=(0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
-        check_models=(_shape(1, 16, 2, src),),
-        check_size_factors=(2.0, 5.0),
-        reference_model=_shape(1, 32, 2, src),
-        train=TrainConfig(
-            lr=1e-2, warmup_steps=50, batch_size=64, max_steps=1000, cooldown_steps=250, min_steps=300, eval_every=50
-        ),
-        reference_train=TrainConfig(
-            lr=1e-2, warmup_steps=50, batch_size=64, max_steps=2000, cooldown_steps=500, min_steps=300, eval_every=100
-        ),
-    )
-
-
-def _markov() -> GeneralizationExperiment:
-    # The default's design on a Markov chain of 256 states, 8 successors each, whose H(x | θ)
-    # is exact: the reference model's estimate is checked against it.
-    src = SourceSpec(kind="markov", vocab_size=256, markov_branching=8, markov_sequences=4096)
-    base = _default()
-    return replace(
-        base,
-        source=src,
-        models=(_shape(1, 8, 1, src), _shape(1, 16, 2, src)),
-        check_models=(_shape(1, 24, 2, src),),
-        reference_model=_shape(1, 32, 2, src),
-    )
-
-
-def _gpu() -> GeneralizationExperiment:
-    # Paper-scale for one GPU: 1-4 layers, d 64-256, V=2048, S=64, bfloat16, batch 512.
-    # Give it a large corpus (--text or --hf-dataset): the built-in one is too small.
-    src = SourceSpec(markov_sequences=200_000)
-    return GeneralizationExperiment(
-        source=src,
-        models=tuple(_shape(L, d, max(1, d // 32), src) for L, d in ((1, 64), (2, 128), (4, 128), (4, 256))),
-        check_models=(_shape(2, 256, 8, src),),
-        check_size_factors=(0.5, 1.0, 2.0),
-        size_factors=(0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0),
-        train=TrainConfig(
-            lr=1e-3, warmup_steps=500, batch_size=512, max_steps=100_000, cooldown_steps=5000, min_steps=5000,
-            eval_every=1000, plateau_window=5, plateau_rel_tol=0.002,
-        ),
-        n_heldout=4096,
-        n_attack=2048,
-        alpha=PAPER_ALPHA,
-        alpha_source=f"the paper's {PAPER_ALPHA} bits/param (bfloat16); use --capacity-summary for a measured one",
-        precision="bfloat16",
-    )
-
-
-def _smoke() -> GeneralizationExperiment:
-    # Seconds-long, for tests: a small BPE, two tiny models, three sizes each.
-    src = SourceSpec(vocab_size=300, seq_len=16, markov_sequences=3000)
-    fast = TrainConfig(lr=1e-2, warmup_steps=5, batch_size=32, max_steps=40, cooldown_steps=10, min_steps=10, eval_every=10)
-    return GeneralizationExperiment(
-        source=src,
-        models=(_shape(1, 8, 1, src), _shape(1, 16, 2, src)),
-        check_models=(_shape(2, 8, 1, src),),
-        size_factors=(0.25, 1.0, 4.0),
-        train=fast,
-        n_heldout=64,
-        n_attack=64,
-    )
-
-
-PRESETS: dict[str, Callable[[], GeneralizationExperiment]] = {
-    "default": _default,
-    "markov": _markov,
-    "gpu": _gpu,
-    "smoke": _smoke,
-}
-
-
-def preset(name: str) -> GeneralizationExperiment:
-    return pick_preset(PRESETS, name)
-
-
-def validate(exp: GeneralizationExperiment) -> torch.device:
-    """Check everything that can be checked before any data is read; return the device."""
-    src = exp.source
-    check_source(src, exp.n_heldout)
-    for m in exp.models + exp.check_models + (exp.reference_model_config(),):
-        if (m.vocab_size, m.seq_len) != (src.vocab_size, src.seq_len):
-            raise ConfigError(f"model {m.name} does not match the data (V={src.vocab_size}, S={src.seq_len})")
-    if exp.n_attack < 1:
-        raise ConfigError(f"the attack needs at least 1 member and 1 non-member, got {exp.n_attack}")
-    if not (exp.alpha > 0 and math.isfinite(exp.alpha)):
-        raise ConfigError(f"alpha (bits per parameter) must be a positive finite number, got {exp.alpha}")
-    twice = sorted({m.name for m in exp.check_models if exp.check_models.count(m) > 1})
-    if twice:
-        raise ConfigError(f"check model {', '.join(twice)} is named twice; give each model once")
-    return check_experiment(
-        models=exp.models, precisions=(exp.precision,), dataset_sizes=exp.dataset_sizes,
-        size_factors={"size factors": exp.size_factors, "check size factors": exp.check_size_factors},
-        seed=exp.seed, device=exp.device, attention_backend=exp.attention_backend, logprob_backend=exp.logprob_backend,
-    )
-
-
-def alpha_from_capacity_summary(path: Path, precision: str) -> float:
-    """α through the origin from a `memk run-capacity` summary.json, for this precision."""
-    try:
-        summary = json.loads(Path(path).read_text())
-        return float(summary["precisions"][precision]["fit"]["through_origin"]["alpha"])
-    except OSError as e:
-        raise ConfigError(f"cannot read capacity summary {str(path)!r} ({e.strerror}); give run-capacity's summary.json") from e
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(
-            f"{str(path)!r} holds no {precision} α fit; give the summary.json of a run-capacity run in {precision}"
-        ) from e
+from .generalization_experiment import (  # noqa: F401  (DEFAULT_ALPHA, PRESETS, preset: callers name them here)
+    DEFAULT_ALPHA, PRESETS, GeneralizationExperiment, experiment_from_options, preset, validate,
+)
+from .generalization_summary import GeneralizationRow, fit_law, format_summary, summarize
+from .knobs import ExecutionKnobs, GeneralizationKnobs
+from .options import Checked, CommandResult, output_folder
+from .reference import Reference, reference_id, train_reference
 
 
 # ---------------------------------------------------------------------------------------
@@ -238,11 +71,26 @@ def capacity_bits(model: GPTConfig, alpha: float) -> float:
     return alpha * count_parameters(model)
 
 
-def source_bits_per_sequence(data: SourceData, reference: Reference) -> float:
-    """H(x | θ) of one sequence: exact for the Markov chain, the reference's held-out mean for text."""
+def source_bits_per_sequence(data: SourceData, reference: Reference | None) -> float:
+    """H(x | θ) of one sequence: exact for the Markov chain, the reference's held-out mean for text,
+    and before the reference is trained the most a sequence can carry (the plan's smallest sizes)."""
     if data.exact is not None:
         return data.exact.sequence_entropy_bits(int(data.train_pool.shape[1]))
+    if reference is None:
+        return data.most_bits_per_sequence()
     return float(reference.heldout_bits.mean())
+
+
+def source_data(exp: GeneralizationExperiment, folder: Path, documents: list[str] | None = None) -> SourceData:
+    """The training pool and held-out split of the experiment's source (a text corpus prepared in `folder`)."""
+    return load_source(exp.source, exp.n_heldout, exp.seed, folder, documents)
+
+
+def reference_run(checked: Checked[GeneralizationExperiment], data: SourceData) -> Run:
+    """θ's training as a run: its shape and schedule on the whole training pool, before the sweep."""
+    exp = checked.experiment
+    return Run("reference", exp.reference_model_config(), len(data.train_pool), exp.reference_train_config(),
+               checked.backends)
 
 
 def plan(
@@ -299,25 +147,19 @@ class SourceWorkload:
         return uniform_code_signal(data, run.train.precision)
 
     def result(self, run: Run, model: GPT, outcome: RunOutcome, data: torch.Tensor) -> dict:
-        return {
-            "run_id": run.run_id,
-            "role": run.role,
-            "model": run.model.to_dict(),
-            "model_name": run.model.name,
-            "parameters": count_parameters(run.model),
-            "n_sequences": run.n_sequences,
-            "size_factor": run.size_factor,
+        return GeneralizationRow(
+            run_id=run.run_id, role=run.role, model=run.model.to_dict(), model_name=run.model.name,
+            parameters=count_parameters(run.model), n_sequences=run.n_sequences, size_factor=run.size_factor,
             **measure(model, data, self.data, self.reference, self.bits_per_sequence, self.exp, run.train.precision),
-            "steps": outcome.steps,
-            "stop_reason": outcome.stop_reason,
-            "train_seconds": outcome.train_seconds,
-            "train_config": run.train.to_dict(),
-        }
+            steps=outcome.steps, stop_reason=outcome.stop_reason, train_seconds=outcome.train_seconds,
+            train_config=run.train.to_dict(),
+        ).to_dict()
 
 
 def measure(model: GPT, x: torch.Tensor, data: SourceData, reference: Reference, bits_per_sequence: float,
             exp: GeneralizationExperiment, precision: str) -> dict:
-    """Everything one trained model tells: losses, the split of its memorization, the attack."""
+    """Everything one trained model tells (the measured fields of its GeneralizationRow): losses, the
+    split of its memorization, the attack."""
     n, seq_len = x.shape
     coded = seq_len - 1
     vocab = model.config.vocab_size
@@ -358,7 +200,7 @@ def measure(model: GPT, x: torch.Tensor, data: SourceData, reference: Reference,
 # The F1 law's prediction, made before the check runs train
 
 
-def predict_checks(sweep_rows: list[dict], planned: list[Run], exp, bits_per_sequence: float) -> dict:
+def predict_checks(sweep_rows: list[GeneralizationRow], planned: list[Run], exp, bits_per_sequence: float) -> dict:
     """F1 the law fitted on the sweep predicts for every check run, written before they train."""
     law = fit_law(sweep_rows)
     predictions = []
@@ -383,26 +225,29 @@ def predict_checks(sweep_rows: list[dict], planned: list[Run], exp, bits_per_seq
 
 
 def run_generalization(
-    exp: GeneralizationExperiment, out_dir: Path, progress: bool = True, executor: Executor | None = None
+    exp: GeneralizationExperiment | Checked[GeneralizationExperiment], out_dir: Path, progress: bool = True,
+    executor: Executor | None = None,
 ) -> dict:
-    """Run (or resume) the reference, the sweep, the prediction and the check runs; summarise."""
-    device = validate(exp)
-    backends = resolve_backends(device, exp.attention_backend, exp.logprob_backend)
+    """Run (or resume) the reference, the sweep, the prediction and the check runs; summarise. The
+    experiment is validated here unless it comes validated already (a `Checked`, as the command line's)."""
+    checked = exp if isinstance(exp, Checked) else validate(exp)
+    exp, device, backends = checked.experiment, checked.device, checked.backends
     if exp.source.kind == "markov":  # the chain is sampled, deduplicated and split on the CPU: ~4 copies at once
         check_fits(4 * exp.source.markov_sequences * exp.source.seq_len * 8, torch.device("cpu"),
                    f"drawing {exp.source.markov_sequences:,} Markov sequences", "lower --markov-sequences")
     documents = read_documents(exp.source)  # a missing --text or an unloadable dataset: refused before --out is made
     with RunStore(out_dir, "generalization") as store:
         store.write_experiment(exp.to_dict())
-        data = load_source(exp.source, exp.n_heldout, exp.seed, store.folder, documents)
+        data = source_data(exp, store.folder, documents)
         del documents  # the corpus is tokenized: the text itself is not needed again
         # Fail before training the reference where the pool cannot hold the sizes even at the
         # most bits a sequence can carry.
-        plan(exp, data.most_bits_per_sequence(), len(data.train_pool), ref_id="")
-        ref_config, ref_train = exp.reference_model_config(), exp.reference_train_config()
-        ref_checkpoint = store.checkpoint_path(f"reference-{reference_id(ref_config, ref_train, data)}")
-        use_cpu_threads(device, ref_config, ref_train.batch_size)
-        reference = train_reference(ref_config, ref_train, data, store.folder, ref_checkpoint, device, backends, progress)
+        plan(exp, source_bits_per_sequence(data, None), len(data.train_pool), ref_id="")
+        ref = reference_run(checked, data)
+        ref_checkpoint = store.checkpoint_path(f"reference-{reference_id(ref.model, ref.train, data)}")
+        use_cpu_threads(device, ref.model, ref.train.batch_size)
+        reference = train_reference(ref.model, ref.train, data, store.folder, ref_checkpoint, device, backends,
+                                    progress)
         store.keep()  # the trained reference is work a rerun reuses, whatever fails next
         bits_per_sequence = source_bits_per_sequence(data, reference)
         runs = plan(exp, bits_per_sequence, len(data.train_pool), reference.reference_id, backends)
@@ -444,101 +289,29 @@ def _prediction(store: RunStore, runs: list[Run], exp, bits_per_sequence: float)
     plan_id = content_digest(sorted(r.run_id for r in runs))
     prediction = store.read_json("prediction.json", then="and the prediction is made again from the sweep")
     if prediction is None or prediction["plan_id"] != plan_id:  # none yet, or made for another plan
-        sweep_rows = store.rows_of(r for r in runs if r.role == "sweep")
+        sweep_rows = [GeneralizationRow.from_dict(row) for row in store.rows_of(r for r in runs if r.role == "sweep")]
         prediction = {"plan_id": plan_id, **predict_checks(sweep_rows, runs, exp, bits_per_sequence)}
         store.write_json("prediction.json", prediction)
     return prediction
 
 
 # ---------------------------------------------------------------------------------------
-# The command line's options
+# The command
 
 
-def experiment_from_options(
-    preset_name: str,
-    source: str | None = None,
-    text: str | None = None,
-    hf_dataset: str | None = None,
-    hf_split: str | None = None,
-    hf_column: str | None = None,
-    vocab_size: int | None = None,
-    seq_len: int | None = None,
-    markov_branching: int | None = None,
-    markov_sequences: int | None = None,
-    models: str | None = None,
-    check_models: str | None = None,
-    reference_model: str | None = None,
-    sizes: str | None = None,
-    size_factors: str | None = None,
-    check_size_factors: str | None = None,
-    heldout: int | None = None,
-    alpha: float | None = None,
-    capacity_summary: str | None = None,
-    precision: str | None = None,
-    device: str | None = None,
-    max_steps: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    seed: int | None = None,
-    attention_backend: str | None = None,
-    logprob_backend: str | None = None,
-) -> GeneralizationExperiment:
-    """A preset with the command line's overrides applied; every problem is a ConfigError."""
-    exp = preset(preset_name)
-    src_changes: dict = {}
-    if source is not None:
-        src_changes["kind"] = source
-        if source == "markov" and exp.source.kind != "markov":  # the chain of the markov preset
-            chain = PRESETS["markov"]().source
-            src_changes.update(vocab_size=chain.vocab_size, markov_branching=chain.markov_branching)
-    if text is not None or hf_dataset is not None:
-        src_changes.setdefault("kind", "text")
-    for key, value in (("text_path", text), ("hf_dataset", hf_dataset), ("hf_split", hf_split), ("hf_column", hf_column),
-                       ("vocab_size", vocab_size), ("seq_len", seq_len), ("markov_branching", markov_branching),
-                       ("markov_sequences", markov_sequences)):
-        if value is not None:
-            src_changes[key] = value
-    src = replace(exp.source, **src_changes)
-    changes: dict = {"source": src}
+def from_command_line(preset_name: str, knobs: GeneralizationKnobs) -> tuple[Checked[GeneralizationExperiment], Path]:
+    """`memk run-generalization`'s experiment, validated once, and its output folder (its run and its
+    dry run both start here)."""
+    checked = validate(experiment_from_options(preset_name, knobs))
+    return checked, output_folder(knobs.out, Path("runs") / f"generalization-{preset_name}")
 
-    def shapes(spec: str | None, current: tuple[GPTConfig, ...]) -> tuple[GPTConfig, ...]:
-        if spec is not None:
-            return parse_models(spec, src.vocab_size, src.seq_len) if spec.strip() else ()
-        return reshape_models(current, src.vocab_size, src.seq_len)
 
-    changes["models"] = shapes(models, exp.models)
-    changes["check_models"] = shapes(check_models, exp.check_models)
-    if reference_model is not None:
-        parsed = parse_models(reference_model, src.vocab_size, src.seq_len)
-        if len(parsed) != 1:
-            raise ConfigError(f"--reference-model takes one model, got {reference_model!r}")
-        changes["reference_model"] = parsed[0]
-    elif exp.reference_model is not None:
-        changes["reference_model"] = shapes(None, (exp.reference_model,))[0]
-    changes.update(choose_sizes(sizes, size_factors))
-    if check_size_factors is not None:
-        changes["check_size_factors"] = parse_numbers(check_size_factors, float, "check size factors")
-    if heldout is not None:
-        changes["n_heldout"] = heldout
-        changes["n_attack"] = min(exp.n_attack, heldout)
-    if precision is not None:
-        changes["precision"] = precision
-    if alpha is not None and capacity_summary is not None:
-        raise ConfigError("give either --alpha or --capacity-summary, not both")
-    if alpha is not None:
-        changes.update(alpha=alpha, alpha_source="--alpha")
-    if capacity_summary is not None:
-        changes.update(
-            alpha=alpha_from_capacity_summary(Path(capacity_summary), precision or exp.precision),
-            alpha_source=f"fit in {capacity_summary}",
-        )
-    for key, value in (("device", device), ("seed", seed), ("attention_backend", attention_backend),
-                       ("logprob_backend", logprob_backend)):
-        if value is not None:
-            changes[key] = value
-    changes["train"] = override_training(exp.train, max_steps, None, lr, batch_size)
-    if exp.reference_train is not None and max_steps is not None:
-        changes["reference_train"] = override_training(exp.reference_train, max_steps)
-    exp = replace(exp, **changes)
-    validate(exp)
-    return exp
+def run_command(preset_name: str, knobs: GeneralizationKnobs, execution: ExecutionKnobs) -> CommandResult:
+    """`memk run-generalization`: the experiment trained by the executor the command line asks for, and its summary."""
+    checked, out = from_command_line(preset_name, knobs)
+    executor = executor_from_options(execution.executor_name, checked.device, execution.ensemble,
+                                     execution.ray_address, execution.gpus_per_task, execution.cpus_per_task,
+                                     execution.workers)
+    summary = run_generalization(checked, out, execution.progress, executor)
+    text = f"{format_summary(summary)}\nresults in {out}/: runs.jsonl, summary.json, prediction.json, reference/, *.png"
+    return CommandResult(text, out, summary)

@@ -1,5 +1,6 @@
-"""What the command line gives an experiment: presets, model and number lists, training
-overrides, and the checks every experiment makes before it starts.
+"""What the command line gives an experiment and gets back: presets, model and number lists,
+training overrides, the checks every experiment makes before it starts (once), what they resolve
+(`Checked`) and what a command prints (`CommandResult`).
 
 Every problem is a ConfigError whose message names the option and the fix.
 """
@@ -7,16 +8,19 @@ Every problem is a ConfigError whose message names the option and the fix.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Generic, Iterable, TypeVar
 
 import torch
 
-from ..errors import ConfigError
+from ..constants import PRECISIONS
+from ..errors import ConfigError, warn
 from ..model import GPTConfig
-from ..runtime import check_backends, resolve_device
-from ..schedule import PRECISIONS, TrainConfig
+from ..precision import bfloat16_cpu_note
+from ..runtime import Backends, check_backends, resolve_backends, resolve_device
+from ..schedule import TrainConfig
+from .knobs import TrainingKnobs
 
 E = TypeVar("E")
 SEED_LIMIT = 2**32  # seeds feed numpy's and torch's generators, and batch seeds scale them by ~10^6
@@ -65,15 +69,10 @@ def parse_numbers(spec: str, kind: type, what: str) -> tuple:
         raise ConfigError(f"cannot read {what} {spec!r}: give comma-separated numbers, e.g. 10,20,40") from e
 
 
-def override_training(
-    train: TrainConfig,
-    max_steps: int | None = None,
-    cooldown_steps: int | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-) -> TrainConfig:
+def override_training(train: TrainConfig, knobs: TrainingKnobs, cooldown_steps: int | None = None) -> TrainConfig:
     """The command line's changes to a preset's schedule: a new step cap keeps the preset's
     proportions (cool-down share, min_steps within the cap) unless the cool-down is given."""
+    max_steps, lr = knobs.max_steps, knobs.lr
     if max_steps is not None and max_steps < 1:
         raise ConfigError(f"--max-steps must be >= 1 (the step cap, cool-down included), got {max_steps}")
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
@@ -83,9 +82,19 @@ def override_training(
             train = train.with_step_cap(max_steps, cooldown_steps)
         elif cooldown_steps is not None:
             train = replace(train, cooldown_steps=cooldown_steps)
-        return replace(train, **{k: v for k, v in (("lr", lr), ("batch_size", batch_size)) if v is not None})
+        return replace(train, **{k: v for k, v in (("lr", lr), ("batch_size", knobs.batch_size)) if v is not None})
     except ValueError as e:
         raise ConfigError(str(e)) from e
+
+
+def override_common(changes: dict, knobs: TrainingKnobs, seed: int | None) -> dict:
+    """`changes` to an experiment, with the knobs every experiment has as a field of its own (device,
+    kernel backends, seed) where given."""
+    for key, value in (("device", knobs.device), ("seed", seed), ("attention_backend", knobs.attention_backend),
+                       ("logprob_backend", knobs.logprob_backend)):
+        if value is not None:
+            changes[key] = value
+    return changes
 
 
 def choose_sizes(sizes: str | None, size_factors: str | None) -> dict:
@@ -147,5 +156,33 @@ def check_experiment(
             if not factors or any(not (f > 0 and math.isfinite(f)) for f in factors):
                 raise ConfigError(f"{what} must be positive finite numbers, got {list(factors)}")
     dev = resolve_device(device)
+    note = bfloat16_cpu_note(dev.type, list(precisions))
+    if note:  # said once: an experiment is checked once
+        warn(note)
     check_backends(attention_backend, logprob_backend)
     return dev
+
+
+@dataclass(frozen=True)
+class Checked(Generic[E]):
+    """An experiment validated once, with what its checks resolved: the device and the kernel backends."""
+
+    experiment: E
+    device: torch.device
+    backends: Backends
+
+    @classmethod
+    def of(cls, experiment: E, device: torch.device) -> Checked[E]:
+        """The experiment on its validated device, with the backends its options pick there."""
+        return cls(experiment, device, resolve_backends(device, experiment.attention_backend,
+                                                        experiment.logprob_backend))
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What an experiment command hands back to the command line: the text it prints, its output
+    folder, and its summary (whose failed_runs a rerun retries)."""
+
+    text: str
+    out: Path
+    summary: dict

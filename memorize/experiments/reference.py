@@ -27,6 +27,7 @@ from ..sources import SourceData
 from ..train import train_to_saturation
 
 FOLDER = "reference"
+DESCRIPTION, WEIGHTS, BITS = "reference.json", "model.pt", "bits.npz"  # its files in FOLDER
 
 
 @dataclass
@@ -53,13 +54,10 @@ def train_reference(
     ref_id = reference_id(config, train, data)
     folder = Path(out_dir) / FOLDER
     folder.mkdir(exist_ok=True)
-    meta_path, weights_path, bits_path = folder / "reference.json", folder / "model.pt", folder / "bits.npz"
-    retrain = "and the reference is trained again"
-    meta = read_state(meta_path, lambda p: json.loads(p.read_text()), "reference description", retrain)
-    if isinstance(meta, dict) and meta.get("reference_id") == ref_id:
-        bits = read_state(bits_path, _load_bits, "reference code lengths", retrain)
-        if bits is not None:
-            return Reference(config, bits["pool"], bits["heldout"], meta)
+    stored = stored_reference(out_dir, config, ref_id)
+    if stored is not None:
+        return stored
+    weights_path, bits_path, meta_path = folder / WEIGHTS, folder / BITS, folder / DESCRIPTION
 
     bar = progress_bar(total=train.max_steps, desc=f"reference {config.name}", unit="step", leave=False,
                        disable=not progress)
@@ -95,6 +93,27 @@ def train_reference(
     return Reference(config, pool_bits, heldout_bits, description)
 
 
+def stored_reference(out_dir: Path, config: GPTConfig, ref_id: str, set_aside: bool = True) -> Reference | None:
+    """θ of this id as out_dir holds it (its description and code lengths), or None. A damaged file is
+    set aside (train_reference then trains θ again); with set_aside False (a dry run) it is left as it is."""
+    folder = Path(out_dir) / FOLDER
+    retrain = "and the reference is trained again"
+
+    def read(path: Path, load, what: str):
+        if set_aside:
+            return read_state(path, load, what, retrain)
+        try:
+            return load(path)
+        except Exception:  # noqa: BLE001 - missing or damaged: the run would train θ (again)
+            return None
+
+    meta = read(folder / DESCRIPTION, lambda p: json.loads(p.read_text()), "reference description")
+    if not (isinstance(meta, dict) and meta.get("reference_id") == ref_id):
+        return None
+    bits = read(folder / BITS, _load_bits, "reference code lengths")
+    return None if bits is None else Reference(config, bits["pool"], bits["heldout"], meta)
+
+
 def _load_bits(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as npz:
         return {"pool": npz["pool"], "heldout": npz["heldout"]}
@@ -104,9 +123,9 @@ def load_reference_model(out_dir: Path, device="cpu") -> GPT:
     """The stored reference θ, for reuse (e.g. as the reference of another experiment)."""
     folder = Path(out_dir) / FOLDER
     try:
-        meta = json.loads((folder / "reference.json").read_text())
+        meta = json.loads((folder / DESCRIPTION).read_text())
         model = GPT(GPTConfig(**meta["model"]))
-        model.load_state_dict(torch.load(folder / "model.pt", map_location=device))
+        model.load_state_dict(torch.load(folder / WEIGHTS, map_location=device))
     except Exception as e:  # noqa: BLE001 - missing or damaged: one message naming the folder
         raise ConfigError(
             f"no readable reference model in {folder} ({type(e).__name__}); run run-generalization there again"

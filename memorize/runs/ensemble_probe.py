@@ -1,8 +1,8 @@
 """Measuring on this device: a run's training step alone against an ensemble of K such runs.
 
-`probe_step_seconds` is what `--ensemble auto` decides by (memorize/runs/ensemble_executor.py),
+`probe_step_seconds` is what `--ensemble auto` decides by (memorize/runs/packing.py's Packer),
 and what --dry-run estimates wall-clock from (memorize/experiments/dry_run.py): each side's own loop
-step (forward, backward, clip, AdamW) on random tokens, warmed up, then timed in turn.
+step (train.training_step: forward, backward, clip, AdamW) on random tokens, warmed up, then timed in turn.
 
 A run decides at its batch's own rows. The dry run caps a probe's step (ProbeLimits): the
 paper's 8-layer models at batch 2048 take minutes a step on a CPU, so there a step is timed
@@ -12,16 +12,15 @@ cost plus a cost per row.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable, NamedTuple
 
 import torch
 
-from ..precision import autocast_context
-from ..ensemble import EnsembleAdamW, EnsembleGPT, compiled_losses
+from ..ensemble import EnsembleStep
 from ..model import GPT, training_flops_per_sequence
 from ..runtime import use_cpu_threads
+from ..train import AloneStep, TrainingStep, training_step
 from .sweep import Run, batch_rows
 
 
@@ -98,45 +97,33 @@ def extrapolate(at_one: float, at_some: float, some: int, rows: int) -> float:
 
 def _probe_at(run: Run, members: int, device: torch.device, modes: tuple[str | None, ...], budget_s: float,
               rows: int) -> tuple[float, dict[str | None, float]]:
-    """probe_modes with every member's batch `rows` rows (the threads still those of the run's own batch)."""
+    """probe_modes with every member's batch `rows` rows (the threads still those of the run's own batch):
+    the training loop's own step (train.training_step) of the run alone and of each ensemble."""
     c, cfg = run.model, run.train
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
-        gpt = GPT(c, attention_backend=run.backends.attention, logprob_backend=run.backends.logprob).to(device)
-        optimizer = torch.optim.AdamW(gpt.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         x = torch.randint(0, c.vocab_size, (members, rows, c.seq_len), device=device)
+        gpt = GPT(c, attention_backend=run.backends.attention, logprob_backend=run.backends.logprob).to(device)
+        alone = AloneStep(gpt, torch.optim.AdamW(gpt.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                                  weight_decay=cfg.weight_decay))
 
-        def single_step():
-            use_cpu_threads(device, c, batch_rows(run))  # each side at the threads it would train with
-            with autocast_context(device, cfg.precision):
-                loss = gpt.loss(x[0])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(gpt.parameters(), cfg.grad_clip or math.inf)
-            optimizer.step()
-            float(loss.detach())
+        def timed(step: TrainingStep, threads_rows: int, batches: list[torch.Tensor]) -> Callable[[], None]:
+            def one_step():
+                use_cpu_threads(device, c, threads_rows)  # each side at the threads it would train with
+                slots = len(batches)
+                losses = training_step(step, device, cfg.precision, batches, [cfg.grad_clip] * slots,
+                                       [cfg.lr] * slots, [cfg.weight_decay] * slots)
+                losses.tolist()  # waits for the device
 
-        ensemble = EnsembleGPT(c, members, run.backends.attention, run.backends.logprob, device,
-                               torch.get_default_dtype())
-        for k in range(members):
-            ensemble.import_member(k, gpt.state_dict())
-        ensemble_optimizer = EnsembleAdamW(ensemble, cfg.betas)
-        member_rows = torch.full((members,), rows, device=device)
+            return one_step
 
-        def ensemble_step(mode: str | None) -> Callable[[], None]:
-            member_losses = ensemble.member_losses if mode is None else compiled_losses(ensemble, mode)
+        def ensemble(mode: str | None) -> TrainingStep:
+            together = EnsembleStep(c, members, run.backends.attention, run.backends.logprob, cfg.betas, device, mode)
+            for k in range(members):
+                together.load(k, cfg, None)
+            return together
 
-            def step():
-                use_cpu_threads(device, c, members * batch_rows(run))
-                with autocast_context(device, cfg.precision):
-                    losses = member_losses(x, member_rows)
-                ensemble_optimizer.zero_grad()
-                losses.sum().backward()
-                ensemble_optimizer.clip_gradients([cfg.grad_clip] * members)
-                ensemble_optimizer.step([cfg.lr] * members, [cfg.weight_decay] * members, [True] * members)
-                losses.tolist()
-
-            return step
-
-        alone, *together = _median_seconds([single_step, *map(ensemble_step, modes)], budget_s, 50)
-        return alone, dict(zip(modes, together))
+        steps = [timed(alone, batch_rows(run), [x[0]]),
+                 *(timed(ensemble(mode), members * batch_rows(run), list(x)) for mode in modes)]
+        alone_s, *together_s = _median_seconds(steps, budget_s, 50)
+        return alone_s, dict(zip(modes, together_s))

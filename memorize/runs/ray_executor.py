@@ -1,8 +1,8 @@
 """The Ray executor: a sweep's runs as tasks of a Ray cluster (the GPUs of one machine, or many machines).
 
 `RayExecutor` takes the runs an experiment hands any executor (memorize/runs/sweep.py) and submits
-each run, or with --ensemble each ensemble plan (memorize/runs/ensemble_executor.py), as one Ray
-task with declared resources: GPUs per task (a fraction lets small tasks share a GPU) and
+each run, or with --ensemble each ensemble plan (memorize/runs/packing.py, the packing the local
+executors use), as one Ray task with declared resources: GPUs per task (a fraction lets small tasks share a GPU) and
 CPUs per task (the worker's torch threads are pinned to match through MEMK_NUM_THREADS, so
 tasks side by side do not oversubscribe the cores).
 
@@ -35,11 +35,11 @@ from pathlib import Path
 
 import torch
 
-from .ensemble_executor import (EnsembleExecutor, EnsemblePlan, EnsembleTrainer, MEMORY_FRACTION, packing_entries,
-                                repack_fraction_for)
+from .ensemble_executor import EnsembleTrainer, repack_fraction_for
 from ..errors import ConfigError
 from .ray_watchdog import MARKER
-from ..runtime import THREADS_ENV, free_memory_bytes
+from .packing import EnsembleChoice, EnsemblePlan, Packer, packing_entries, read_ensemble
+from ..runtime import THREADS_ENV
 from .store import RunStore
 from .sweep import Run, SweepProgress, Workload, train_run
 
@@ -143,14 +143,14 @@ def task_slots(ray, device: torch.device, gpus_per_task: float, cpus_per_task: i
 
 @dataclass
 class TaskStore:
-    """What a task needs of the run store: its runs' checkpoint paths (absolute, from the
-    driver's RunStore). The rows it finishes go back to the driver, which records them."""
+    """The store a task's jobs train with (a store.JobStore): its runs' checkpoint paths (absolute, from
+    the driver's RunStore). The rows it finishes go back to the driver, which records them."""
 
     checkpoints: dict[str, str]  # run_id -> checkpoint path
     rows: list[dict] = field(default_factory=list)
 
-    def checkpoint_path(self, run_id: str) -> Path:
-        path = Path(self.checkpoints[run_id])
+    def checkpoint_path(self, name: str) -> Path:
+        path = Path(self.checkpoints[name])
         path.parent.mkdir(parents=True, exist_ok=True)  # a node that does not share the output folder
         return path
 
@@ -195,28 +195,31 @@ def describe_failure(error: BaseException) -> str:
 
 @dataclass
 class RayExecutor:
-    """Runs (or ensemble plans) as Ray tasks; build it with `ray_executor`, which connects."""
+    """Runs packed by its `packer` (memorize/runs/packing.py), placed as Ray tasks, one a plan; build it
+    with `ray_executor`, which connects."""
 
     device: torch.device
     gpus_per_task: float
     cpus_per_task: int
-    ensemble: str | int = "off"  # --ensemble: which runs share a task
+    ensemble: EnsembleChoice | str | int = "off"  # --ensemble: which runs share a task (read into an EnsembleChoice)
     max_retries: int = DEFAULT_RETRIES
     slots: int = 1  # tasks the cluster runs at once, when it was connected
+
+    def __post_init__(self):
+        self.ensemble = read_ensemble(self.ensemble)
+
+    @property
+    def packer(self) -> Packer:
+        # The memory free is measured in the driver: its machine stands for the workers'. Tasks side by
+        # side share a GPU's (or a machine's) memory: each plans for its share.
+        share = self.gpus_per_task if self.device.type == "cuda" else self.cpus_per_task / os.cpu_count()
+        return Packer(self.device, self.ensemble, memory_share=min(1.0, share))
 
     def plans(self, runs: list[Run], recorded: dict[str, dict] | None = None) -> list[EnsemblePlan]:
         """One plan a task: a run alone, or an ensemble of runs where --ensemble groups them (runs
         the `recorded` packing holds as it planned them)."""
-        if self.ensemble == "off":
-            return [EnsemblePlan([run], 1) for run in runs]
-        grouping = EnsembleExecutor(self.device, max_members=None if self.ensemble == "auto" else int(self.ensemble),
-                                    choose_faster=self.ensemble == "auto")
-        free = free_memory_bytes(self.device)  # measured here: the driver's machine stands for the workers'
-        if free is not None:  # tasks side by side share a GPU's (or a machine's) memory: each plans for its share
-            share = self.gpus_per_task if self.device.type == "cuda" else self.cpus_per_task / os.cpu_count()
-            grouping.memory_budget = int(MEMORY_FRACTION * free * min(1.0, share))
         plans = []
-        for plan in grouping.plans(runs, recorded=recorded):
+        for plan in self.packer.plans(runs, recorded=recorded):
             plans.extend([plan] if plan.slots > 1 else [EnsemblePlan([run], 1) for run in plan.runs])
         return plans
 
@@ -230,7 +233,7 @@ class RayExecutor:
         )
         shared = ray.put(workload)  # once into the object store, not once per task
         pending = {}
-        plans = self.plans(runs, store.packing())
+        plans = self.plans(runs, recorded=store.packing())
         # Threads are the task's CPUs (train_task): only which runs share an ensemble is recorded.
         store.record_packing({k: v for plan in plans
                               for k, v in packing_entries(plan, {r.run_id: None for r in plan.runs}).items()})
@@ -266,7 +269,7 @@ class RayExecutor:
 
 
 def ray_executor(device: torch.device, address: str | None = None, gpus_per_task: float | None = None,
-                 cpus_per_task: int = 1, ensemble: str | int = "off",
+                 cpus_per_task: int = 1, ensemble: EnsembleChoice | str | int = "off",
                  max_retries: int = DEFAULT_RETRIES) -> RayExecutor:
     """Check the options, connect to Ray (a local instance unless an address is given), check the
     cluster can run a task, and return the executor."""

@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, runtime_checkable
 
 import torch
 
@@ -34,7 +34,7 @@ CHECKPOINTS = "checkpoints"
 EXPERIMENT = "experiment.json"
 FAILURES = "failures.json"
 # How each planned run trains (which job, how many slots, threads): executors record it before training,
-# so a rerun resumes a run in the same packing and arithmetic (memorize/runs/ensemble_executor.py).
+# so a rerun resumes a run in the same packing and arithmetic (memorize/runs/packing.py).
 PACKING = "packing.json"
 
 
@@ -42,6 +42,18 @@ class PlannedRun(Protocol):
     run_id: str
     legacy_run_id: str
     backends: Backends
+
+
+@runtime_checkable
+class JobStore(Protocol):
+    """What training a job needs of a store, wherever the job trains: `RunStore` in this process,
+    ray_executor.TaskStore in a Ray task (which hands its rows back to the driver's RunStore)."""
+
+    def checkpoint_path(self, name: str) -> Path:
+        """Where run `name` (its run_id) checkpoints; a job resumes from the file found there."""
+
+    def record(self, row: dict) -> None:
+        """Keep a finished run's row (and drop its checkpoint)."""
 
 
 def provenance(backends: Backends, device: torch.device, trained_as: str = "alone") -> dict:

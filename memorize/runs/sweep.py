@@ -25,7 +25,7 @@ from ..model import GPT, GPTConfig, training_flops_per_sequence
 from ..outputs import content_digest
 from ..runtime import Backends, cpu_threads_for, progress_bar, step_progress, use_cpu_threads
 from ..schedule import RunOutcome, TrainConfig
-from .store import RunStore, provenance
+from .store import JobStore, RunStore, provenance
 from ..train import StopSignal, train_to_saturation
 from .workers import Job, run_jobs, workers_for
 
@@ -139,7 +139,7 @@ def training_flops(run: Run) -> float:
     return training_flops_per_sequence(run.model) * batch_rows(run) * run.train.max_steps
 
 
-def run_job(run: Run, workload: Workload, store: RunStore, device: torch.device, threads: int | None = None) -> Job:
+def run_job(run: Run, workload: Workload, store: JobStore, device: torch.device, threads: int | None = None) -> Job:
     """One run, trained alone, as a job (on `threads` CPU threads where given): its row recorded as it finishes."""
     def train(progress: SweepProgress) -> None:
         on_step, close_bar = progress.run_started(run)
