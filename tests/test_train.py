@@ -1,5 +1,4 @@
 import inspect
-import math
 from collections import deque
 
 import numpy as np
