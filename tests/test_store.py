@@ -115,6 +115,18 @@ def test_temporaries_left_by_a_kill_mid_write_are_removed(tmp_path):
         assert (tmp_path / "checkpoints" / "x.pt").exists()
 
 
+def test_a_finished_runs_checkpoint_left_by_a_kill_inside_record_is_removed_on_resume(tmp_path):
+    with RunStore(tmp_path, "capacity") as store:
+        store.record({"run_id": "a", "bits": 1.5})
+        # killed between the row's write and the checkpoint's removal: the row is there, and so is this
+        store.checkpoint_path("a").write_bytes(b"the last evaluation's checkpoint")
+        store.checkpoint_path("b").write_bytes(b"a run still in progress")
+    with RunStore(tmp_path, "capacity") as store:
+        assert not store.checkpoint_path("a").exists()  # nothing would ever read it again
+        assert store.checkpoint_path("b").read_bytes() == b"a run still in progress"
+        assert [r.run_id for r in store.todo([Planned("a"), Planned("b")])] == ["b"]
+
+
 @pytest.mark.parametrize("written", [{"experiment": "capacity"}, {"precisions": ["float32"], "models": []}])
 def test_a_folder_of_the_other_experiment_is_refused(tmp_path, written):
     (tmp_path / "experiment.json").write_text(json.dumps(written))

@@ -208,6 +208,7 @@ class RunStore:
             self._check_kind()
             remove_temporaries(self.folder)  # ours alone to remove: we hold the lock
             self.rows = self._load_rows()
+            self._drop_finished_checkpoints()
             failures = self.read_json(FAILURES, then="and the failures it listed are forgotten")
             self.failures = failures if isinstance(failures, dict) else {}
         except BaseException as e:
@@ -328,6 +329,13 @@ class RunStore:
 
     def checkpoint_path(self, name: str) -> Path:
         return self.folder / CHECKPOINTS / f"{name}.pt"
+
+    def _drop_finished_checkpoints(self) -> None:
+        """Remove the checkpoint of every run with a row: one killed between record's two writes
+        (its row, then its checkpoint's removal) leaves it, and nothing would ever read it again."""
+        for row in self.rows:
+            if isinstance(row.get("run_id"), str):
+                self.checkpoint_path(row["run_id"]).unlink(missing_ok=True)
 
     def row_of(self, run: PlannedRun) -> dict | None:
         """The finished row of this run: by its id, or by the id memk gave it before the
