@@ -1,4 +1,4 @@
-"""A run's training step on the CPU in each precision, and where its time goes (issue 25).
+"""A run's training step and its bits on the CPU in each precision, and where the step's time goes (issue 25).
 
     python -m memk.bench.precision_step [--json bench/results/precision-step-cpu-2core.json] [--quick]
 
@@ -8,7 +8,9 @@ weights), its autocast, forward, backward, clip by norm, optimizer step. Each mo
 timed in float32, bfloat16-autocast and bfloat16 (weights) by turns in one process (medians
 of many calls, so a change in load hits all alike), at the threads memk's policy gives the
 run, and then profiled once per precision (torch.profiler): the ops that take the most time,
-grouped into what memk owns (its attention and log-prob kernels) and what torch does.
+grouped into what memk owns (its log-prob kernels and the tied head) and what torch does.
+The bits (memorize.bits.model_sequence_bits over BITS_SEQUENCES sequences: what every
+evaluation of a run measures) are timed the same way.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ MODELS = {  # name -> (n_layer, d_model, n_head, V, S, batch): the step of ...
     "4x128": (4, 128, 4, 2048, 64, 32),  # the train suite's largest CPU model (docs/benchmarks.md)
 }
 PRECISIONS = ("float32", "bfloat16-autocast", "bfloat16")
+BITS_SEQUENCES = 1024  # a dataset of the size the default preset's runs evaluate (185 to 1,226 sequences)
 
 
 def step_function(shape, precision: str):
-    """One training step of a fresh seeded run of this shape and precision, as memk trains it."""
+    """One training step of a fresh seeded run of this shape and precision, as memk trains it, and
+    one evaluation of its bits (over BITS_SEQUENCES random sequences); with its config, batch, backends."""
     from memk.memorize.model import GPTConfig
     from memk.memorize.precision import autocast_context, optimizer_for, weights_dtype
     from memk.memorize.runtime import resolve_backends
@@ -54,7 +58,13 @@ def step_function(shape, precision: str):
         optimizer.step()
         return float(loss.detach())
 
-    return step, config, batch, backends
+    def bits():
+        from memk.memorize.bits import model_sequence_bits
+
+        return model_sequence_bits(gpt, dataset, precision)
+
+    dataset = torch.randint(0, vocab, (BITS_SEQUENCES, seq), generator=torch.Generator().manual_seed(1))
+    return step, bits, config, batch, backends
 
 
 def interleaved_medians(steps: list, seconds: float, most: int = 400) -> list[float]:
@@ -115,19 +125,24 @@ def main(json_path, quick, seconds, no_profile):
     models = {"default 1x32": MODELS["default 1x32"]} if quick else MODELS
     for name, shape in models.items():
         built = {p: step_function(shape, p) for p in PRECISIONS}
-        config, batch, backends = built["float32"][1:]
+        config, batch, backends = built["float32"][2:]
         threads = cpu_threads_for(config, batch)
         torch.set_num_threads(threads)
         medians = interleaved_medians([built[p][0] for p in PRECISIONS], 1.0 if quick else seconds)
+        bits = interleaved_medians([built[p][1] for p in PRECISIONS], 1.0 if quick else seconds / 2)
         entry = {"shape": dict(zip(("n_layer", "d_model", "n_head", "vocab_size", "seq_len", "batch"), shape)),
                  "backends": backends._asdict(), "threads": threads,
                  "step_ms": {p: round(1e3 * s, 3) for p, s in zip(PRECISIONS, medians)},
-                 "against_float32": {p: round(s / medians[0], 3) for p, s in zip(PRECISIONS, medians)}}
+                 "against_float32": {p: round(s / medians[0], 3) for p, s in zip(PRECISIONS, medians)},
+                 "bits_sequences": BITS_SEQUENCES,
+                 "bits_ms": {p: round(1e3 * s, 3) for p, s in zip(PRECISIONS, bits)},
+                 "bits_against_float32": {p: round(s / bits[0], 3) for p, s in zip(PRECISIONS, bits)}}
         if not no_profile:
             entry["profile"] = {p: profile(built[p][0], 3 if quick else 20) for p in PRECISIONS}
         report["models"][name] = entry
         click.echo(f"{name} ({threads} thread{'s' * (threads > 1)}): "
-                   + ", ".join(f"{p} {1e3 * s:.2f} ms" for p, s in zip(PRECISIONS, medians)), err=True)
+                   + ", ".join(f"{p} {1e3 * s:.2f} ms" for p, s in zip(PRECISIONS, medians))
+                   + "; bits: " + ", ".join(f"{p} {1e3 * s:.1f} ms" for p, s in zip(PRECISIONS, bits)), err=True)
         assert all(math.isfinite(built[p][0]()) for p in PRECISIONS)
     report["load_1_5_15_after"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(report, indent=1) + "\n"
