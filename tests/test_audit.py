@@ -16,31 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from memk.bench.audit_demo import build_demo, new_gpt2, random_texts
+from memk.bench.audit_demo import new_gpt2, random_texts
 from memk.cli.main import main as memk_main
 from memk.memorize.audit import audit as audit_module
 from memk.memorize.audit.audit import AuditSettings, audit
-from memk.memorize.audit.texts import read_texts
 from memk.memorize.errors import ConfigError
 
 transformers = pytest.importorskip("transformers")
 SCRIPT = "<script>alert('memorized')</script> & co"
 FAST = AuditSettings(bootstrap=200)
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """memk.bench.audit_demo's models and texts, built once a session: the audit's test files share them."""
-    torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine may be busy
-    folder = tmp_path_factory.getbasetemp() / "audit-demo"
-    paths = {"base": folder / "base", "finetuned": folder / "finetuned", "members": folder / "members.txt",
-             "non_members": folder / "non_members.txt"}
-    return paths if paths["non_members"].is_file() else build_demo(folder)  # non_members.txt: written last
-
-
-@pytest.fixture(scope="module")
-def texts(demo):
-    return read_texts(str(demo["members"])), read_texts(str(demo["non_members"]), what="non-members")
 
 
 @pytest.fixture(scope="module")

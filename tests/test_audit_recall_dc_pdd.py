@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from memk.bench.audit_demo import build_demo, char_tokenizer, new_gpt2, random_texts
+from memk.bench.audit_demo import char_tokenizer, new_gpt2, random_texts
 from memk.memorize.audit.audit import AuditSettings, audit
-from memk.memorize.audit.texts import read_texts
 from memk.memorize.errors import ConfigError
 
 transformers = pytest.importorskip("transformers")
@@ -140,21 +139,6 @@ def test_on_cuda_recall_and_dc_pdd_score_as_on_the_cpu(tiny, audited):
         for name in ("recall", "dc_pdd"):
             if name in cpu["attacks"]:
                 assert gpu["attacks"][name] == pytest.approx(cpu["attacks"][name], rel=1e-4), name
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """memk.bench.audit_demo's models and texts, built once a session: the audit's test files share them."""
-    torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine may be busy
-    folder = tmp_path_factory.getbasetemp() / "audit-demo"
-    paths = {"base": folder / "base", "finetuned": folder / "finetuned", "members": folder / "members.txt",
-             "non_members": folder / "non_members.txt"}
-    return paths if paths["non_members"].is_file() else build_demo(folder)  # non_members.txt: written last
-
-
-@pytest.fixture(scope="module")
-def texts(demo):
-    return read_texts(str(demo["members"])), read_texts(str(demo["non_members"]), what="non-members")
 
 
 def test_recall_and_dc_pdd_tell_the_memorized_members_from_non_members(demo, texts):

@@ -7,27 +7,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
-from memk.bench.audit_demo import build_demo
 from memk.memorize.audit import references
 from memk.memorize.audit.audit import AuditSettings, audit
-from memk.memorize.audit.texts import read_texts
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """memk.bench.audit_demo's models and texts, built once a session: the audit's test files share them."""
-    torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine may be busy
-    folder = tmp_path_factory.getbasetemp() / "audit-demo"
-    paths = {"base": folder / "base", "finetuned": folder / "finetuned", "members": folder / "members.txt",
-             "non_members": folder / "non_members.txt"}
-    return paths if paths["non_members"].is_file() else build_demo(folder)  # non_members.txt: written last
-
-
-@pytest.fixture(scope="module")
-def texts(demo):
-    return read_texts(str(demo["members"])), read_texts(str(demo["non_members"]), what="non-members")
 
 
 def test_several_references_code_each_sample_with_the_best_and_report_each(demo, texts, tmp_path):
