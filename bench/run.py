@@ -63,6 +63,18 @@ class InputCache:
             torch.cuda.empty_cache()
 
 
+def command_line(argv: list[str]) -> str:
+    """The command as a result file records it, with no path of this machine: the program, and every
+    absolute path given (`--json /x/y.json` or `--json=/x/y.json`), by its file name."""
+    def shown(arg: str) -> str:
+        option, equals, value = arg.partition("=")
+        if equals and option.startswith("--") and os.path.isabs(value):
+            return f"{option}={os.path.basename(value)}"
+        return os.path.basename(arg) if os.path.isabs(arg) else arg
+
+    return " ".join([os.path.basename(argv[0]), *map(shown, argv[1:])])
+
+
 def check_outputs(group: Group, inputs: dict, runner: Runner) -> dict:
     """{name: (error, tolerance)} of the variant's answer; raises Refused if any is out of tolerance or NaN."""
     check = group.check(inputs, runner.outputs())
@@ -245,7 +257,7 @@ def run_groups(groups: list[Group], device: torch.device, options: RunOptions | 
     return {
         "schema": SCHEMA,
         "env": env,
-        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),  # no path of this machine
+        "command": command_line(sys.argv),
         "options": {"max_time_s": options.max_time},
         "wall_s": time.time() - started,
         "suites": sorted({g.suite for g in groups}),

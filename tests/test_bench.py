@@ -587,3 +587,12 @@ def test_memk_backward_memory_counts_the_gradient_it_writes(quick_report):
         for size in r["params"]["logits_shape"]:
             n *= size
         assert r["memory"]["peak_bytes"] >= 0.9 * 4 * n, r["id"]
+
+
+def test_a_result_file_records_its_command_without_this_machines_paths():
+    from memk.bench.run import command_line
+
+    argv = ["/home/me/venv/bin/memk", "bench", "--suite", "train", "--json", "/work/study/cpu.json",
+            "--filter", "train step", "--json=/tmp/x/other.json", "relative/out.json"]
+    assert command_line(argv) == ("memk bench --suite train --json cpu.json --filter train step "
+                                  "--json=other.json relative/out.json")
