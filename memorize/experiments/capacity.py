@@ -31,13 +31,12 @@ from ..data import uniform_random_sequences
 from ..model import GPT, GPTConfig, count_parameters
 from ..runtime import Backends, check_fits, training_memory_bytes
 from ..schedule import SATURATED_BELOW, RunOutcome, TrainConfig, doubling_gain, saturated
-from ..runs.launchers import executor_from_options
 from ..runs.store import RunStore
 from ..runs.sweep import Executor, LocalExecutor, Run, SweepProgress, require_rows
 from ..train import StopSignal, uniform_code_signal
 from .knobs import CapacityKnobs, ExecutionKnobs
 from .options import (
-    Checked, CommandResult, check_experiment, choose_sizes, output_folder, override_common, override_training,
+    Checked, CommandResult, check_experiment, choose_sizes, executor_for, output_folder, override_common, override_training,
     parse_models, pick_preset, reshape_models,
 )
 
@@ -374,9 +373,7 @@ def from_command_line(preset_name: str, knobs: CapacityKnobs) -> tuple[Checked[C
 def run_command(preset_name: str, knobs: CapacityKnobs, execution: ExecutionKnobs) -> CommandResult:
     """`memk run-capacity`: the experiment trained by the executor the command line asks for, and its table."""
     checked, out = from_command_line(preset_name, knobs)
-    executor = executor_from_options(execution.executor_name, checked.device, execution.ensemble,
-                                     execution.ray_address, execution.gpus_per_task, execution.cpus_per_task,
-                                     execution.workers)
+    executor = executor_for(execution, checked.device)
     summary = run_capacity(checked, out, execution.progress, executor)
     text = (f"{format_table(summary)}\n"
             f"results in {out}/: runs.jsonl, summary.json, capacity_curves.png, capacity_vs_params.png")

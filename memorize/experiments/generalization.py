@@ -50,7 +50,6 @@ from ..outputs import content_digest
 from ..runtime import Backends, check_fits, training_memory_bytes, use_cpu_threads
 from ..schedule import RunOutcome
 from ..sources import SourceData, load_source, read_documents
-from ..runs.launchers import executor_from_options
 from ..runs.store import RunStore
 from ..runs.sweep import Executor, LocalExecutor, Run, SweepProgress, require_rows
 from ..train import StopSignal, uniform_code_signal
@@ -59,7 +58,7 @@ from .generalization_experiment import (  # noqa: F401  (DEFAULT_ALPHA, PRESETS,
 )
 from .generalization_summary import GeneralizationRow, fit_law, format_summary, summarize
 from .knobs import ExecutionKnobs, GeneralizationKnobs
-from .options import Checked, CommandResult, output_folder
+from .options import Checked, CommandResult, executor_for, output_folder
 from .reference import Reference, reference_id, train_reference
 
 
@@ -309,9 +308,7 @@ def from_command_line(preset_name: str, knobs: GeneralizationKnobs) -> tuple[Che
 def run_command(preset_name: str, knobs: GeneralizationKnobs, execution: ExecutionKnobs) -> CommandResult:
     """`memk run-generalization`: the experiment trained by the executor the command line asks for, and its summary."""
     checked, out = from_command_line(preset_name, knobs)
-    executor = executor_from_options(execution.executor_name, checked.device, execution.ensemble,
-                                     execution.ray_address, execution.gpus_per_task, execution.cpus_per_task,
-                                     execution.workers)
+    executor = executor_for(execution, checked.device)
     summary = run_generalization(checked, out, execution.progress, executor)
     text = f"{format_summary(summary)}\nresults in {out}/: runs.jsonl, summary.json, prediction.json, reference/, *.png"
     return CommandResult(text, out, summary)

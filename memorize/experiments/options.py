@@ -20,7 +20,8 @@ from ..model import GPTConfig
 from ..precision import bfloat16_cpu_note
 from ..runtime import Backends, check_backends, resolve_backends, resolve_device
 from ..schedule import TrainConfig
-from .knobs import TrainingKnobs
+from ..runs.launchers import executor_from_options
+from .knobs import ExecutionKnobs, TrainingKnobs
 
 E = TypeVar("E")
 SEED_LIMIT = 2**32  # seeds feed numpy's and torch's generators, and batch seeds scale them by ~10^6
@@ -186,3 +187,9 @@ class CommandResult:
     text: str
     out: Path
     summary: dict
+
+
+def executor_for(execution: ExecutionKnobs, device: torch.device):
+    """The executor a command's execution knobs ask for, on the device its one check resolved."""
+    return executor_from_options(execution.executor_name, device, execution.ensemble, execution.ray_address,
+                                 execution.gpus_per_task, execution.cpus_per_task, execution.workers)
